@@ -1,0 +1,2 @@
+"""The ``ember`` command: one module per group of commands, all thin layers over
+the library."""

@@ -1,0 +1,68 @@
+"""Errors users can cause. Every one carries a message that names the file, field
+or line and says what to do; the CLI prints it on one line and exits 1, the
+server answers ``{"error": message}`` with ``status``."""
+
+from __future__ import annotations
+
+
+class EmberError(Exception):
+    """Base of every error Ember raises on purpose."""
+
+    status: int = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidFileError(EmberError):
+    """A file (GGUF, safetensors, config, tokenizer) is missing, truncated or malformed."""
+
+
+class ModelfileError(EmberError):
+    """A Modelfile does not parse or names something that does not exist."""
+
+
+class TemplateError(EmberError):
+    """A chat template (Go or Jinja) does not parse or fails to render."""
+
+
+class InvalidNameError(EmberError):
+    """A model name breaks Ollama's naming rules."""
+
+
+class ModelNotFoundError(EmberError):
+    """No model of that name in the registry and no such file."""
+
+    status = 404
+
+
+class OptionError(EmberError):
+    """An unknown option name or a value of the wrong type or range."""
+
+
+class ConversionError(EmberError):
+    """A Hugging Face checkpoint cannot be converted (unsupported, inconsistent)."""
+
+
+class QuantizationError(EmberError):
+    """A quantization type or its arguments are wrong, or llama.cpp refused."""
+
+
+class EngineError(EmberError):
+    """llama.cpp could not load a model or create a context."""
+
+    status = 500
+
+
+class ContextOverflowError(EmberError):
+    """A prompt does not fit in the context window."""
+
+
+class DownloadError(EmberError):
+    """A pull failed: unreachable hub, missing repository or file."""
+
+    status = 502

@@ -1,0 +1,151 @@
+"""Ollama's option names, types and defaults: one table used by the Modelfile
+parser (PARAMETER), ``ember run --param``, ``/set parameter``, the HTTP APIs
+and the engine, so every entry point accepts exactly the same options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ember.errors import OptionError
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    type: type  # int, float, bool, str, or list (of str: only ``stop``)
+    default: Any
+    load: bool  # True: changes how the model is loaded (needs a reload), else per request
+    help: str
+
+
+_SPECS = [
+    # Load-time options (Ollama's Runner options, plus llama.cpp's KV type and flash attention).
+    OptionSpec("num_ctx", int, 0, True, "context length in tokens (0: the smaller of 4096 and the model's training context)"),
+    OptionSpec("num_batch", int, 512, True, "logical batch size for prompt processing"),
+    OptionSpec("num_gpu", int, -1, True, "layers to offload to the GPU (-1: all; ignored on CPU-only builds)"),
+    OptionSpec("main_gpu", int, 0, True, "GPU that holds the main buffers"),
+    OptionSpec("num_thread", int, 0, True, "CPU threads (0: the number of physical cores)"),
+    OptionSpec("use_mmap", bool, True, True, "map the model file instead of reading it into memory"),
+    OptionSpec("use_mlock", bool, False, True, "lock the model in RAM"),
+    OptionSpec("numa", bool, False, True, "NUMA optimizations"),
+    OptionSpec("low_vram", bool, False, True, "accepted for compatibility; no effect"),
+    OptionSpec("flash_attn", bool, False, True, "use flash attention"),
+    OptionSpec("kv_cache_type", str, "f16", True, "KV cache type: f16, q8_0 or q4_0"),
+    # Per-request options (Ollama's Options).
+    OptionSpec("num_keep", int, 4, False, "tokens of the prompt kept when the context is shifted"),
+    OptionSpec("seed", int, -1, False, "random seed (-1: random)"),
+    OptionSpec("num_predict", int, -1, False, "maximum tokens to generate (-1: until the context is full)"),
+    OptionSpec("top_k", int, 40, False, "keep only the k most likely tokens (0: all)"),
+    OptionSpec("top_p", float, 0.9, False, "nucleus sampling threshold"),
+    OptionSpec("min_p", float, 0.0, False, "drop tokens less likely than min_p x the top token"),
+    OptionSpec("typical_p", float, 1.0, False, "locally typical sampling"),
+    OptionSpec("tfs_z", float, 1.0, False, "accepted for compatibility; no effect"),
+    OptionSpec("repeat_last_n", int, 64, False, "tokens looked back for penalties (0: off, -1: num_ctx)"),
+    OptionSpec("temperature", float, 0.8, False, "sampling temperature (0: greedy)"),
+    OptionSpec("repeat_penalty", float, 1.1, False, "penalty for repeated tokens"),
+    OptionSpec("presence_penalty", float, 0.0, False, "penalty for tokens already present"),
+    OptionSpec("frequency_penalty", float, 0.0, False, "penalty proportional to a token's count"),
+    OptionSpec("mirostat", int, 0, False, "Mirostat sampling (0: off, 1: Mirostat, 2: Mirostat 2.0)"),
+    OptionSpec("mirostat_tau", float, 5.0, False, "Mirostat target entropy"),
+    OptionSpec("mirostat_eta", float, 0.1, False, "Mirostat learning rate"),
+    OptionSpec("penalize_newline", bool, True, False, "accepted for compatibility; no effect"),
+    OptionSpec("stop", list, [], False, "stop sequences (repeatable)"),
+]
+
+SPECS: dict[str, OptionSpec] = {s.name: s for s in _SPECS}
+LOAD_OPTIONS = frozenset(s.name for s in _SPECS if s.load)
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0", "bf16", "f32", "q4_1", "q5_0", "q5_1", "iq4_nl")
+
+
+def spec(name: str) -> OptionSpec:
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise OptionError(f"unknown parameter {name!r}; known parameters: {', '.join(SPECS)}") from None
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Parse a textual value (Modelfile PARAMETER, ``--param``, ``/set parameter``).
+
+    For ``stop`` the result is a single string; callers accumulate them.
+    """
+    s = spec(name)
+    text = text.strip()
+    try:
+        if s.type is bool:
+            low = text.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if s.type is int:
+            return int(text)
+        if s.type is float:
+            return float(text)
+    except ValueError:
+        raise OptionError(f"parameter {name!r} needs a {s.type.__name__} value, got {text!r}") from None
+    if s.type is list:
+        if len(text) >= 2 and text[0] == text[-1] == '"':
+            text = text[1:-1]
+        return text
+    return _check(name, text)
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check a JSON value (HTTP ``options``, Python keyword) and return it typed."""
+    s = spec(name)
+    if s.type is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise OptionError(f"parameter 'stop' needs a string or a list of strings, got {value!r}")
+    if s.type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return parse_value(name, value)
+        raise OptionError(f"parameter {name!r} needs true or false, got {value!r}")
+    if s.type is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, str):
+                return parse_value(name, value)
+            raise OptionError(f"parameter {name!r} needs an integer, got {value!r}")
+        return _check(name, int(value))
+    if s.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                return parse_value(name, value)
+            raise OptionError(f"parameter {name!r} needs a number, got {value!r}")
+        return _check(name, float(value))
+    if not isinstance(value, str):
+        raise OptionError(f"parameter {name!r} needs a string, got {value!r}")
+    return _check(name, value)
+
+
+def _check(name: str, value: Any) -> Any:
+    if name == "kv_cache_type" and value not in KV_CACHE_TYPES:
+        raise OptionError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}")
+    if name in ("num_ctx", "num_batch") and value < 0:
+        raise OptionError(f"parameter {name!r} must not be negative, got {value}")
+    if name == "temperature" and value < 0:
+        raise OptionError(f"temperature must not be negative, got {value}")
+    if name in ("top_p", "min_p", "typical_p") and not 0.0 <= value <= 1.0:
+        raise OptionError(f"parameter {name!r} must be between 0 and 1, got {value}")
+    return value
+
+
+def coerce_all(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate a whole options mapping (unknown names are errors)."""
+    return {k: coerce(k, v) for k, v in (options or {}).items()}
+
+
+def merged(*layers: dict[str, Any] | None) -> dict[str, Any]:
+    """Later layers override earlier ones; missing names take the defaults."""
+    out = {name: (list(s.default) if s.type is list else s.default) for name, s in SPECS.items()}
+    for layer in layers:
+        if layer:
+            out.update(layer)
+    return out
