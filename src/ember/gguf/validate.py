@@ -276,7 +276,7 @@ def _parse(buf: Any, size: int, path: Path) -> GGUFHeader:
     if n_kv * 14 + n_tensors * 33 > size - cur.pos:
         raise _err(
             path,
-            f"{n_kv} keys and {n_tensors} tensors (offset 8) cannot fit in a {size}-byte file: header counts are corrupt",
+            f"{n_kv} keys and {n_tensors} tensors (offset 8) cannot fit in a {size}-byte file: the file is truncated or its header counts are corrupt",
         )
 
     kv: dict[str, KeyValue] = {}
