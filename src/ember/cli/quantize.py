@@ -1,5 +1,181 @@
-"""`ember` commands: see the module owner's docstring once implemented."""
+"""`ember quantize`, `ember merge-lora` and `ember eval`: thin wrappers over
+ember.quantize, ember.lora_merge and ember.evaluate."""
 
 from __future__ import annotations
 
-from ember.cli.app import app  # noqa: F401
+from pathlib import Path
+
+import typer
+
+from ember.cli.app import app
+from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
+from ember.errors import OptionError, QuantizationError
+
+
+def _parse_tensor_types(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        pattern, sep, qtype = item.partition("=")
+        if not sep or not pattern.strip() or not qtype.strip():
+            raise OptionError(f"--tensor-type {item!r}: use PATTERN=TYPE, e.g. attn_v=q8_0")
+        out[pattern.strip()] = qtype.strip()
+    return out
+
+
+@app.command("quantize")
+def quantize_cmd(
+    input: Path = typer.Argument(None, help="GGUF model (F16/F32/BF16), or the first shard of a split model.", show_default=False),
+    output: Path = typer.Argument(None, help="Output GGUF file.", show_default=False),
+    qtype: str = typer.Argument(None, metavar="TYPE", help="Quantization type, e.g. Q4_K_M (see --list).", show_default=False),
+    imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat); required for IQ1/IQ2/IQ3_XXS/IQ3_XS/Q2_K_S."),
+    output_tensor_type: str = typer.Option(None, "--output-tensor-type", help="ggml type for output.weight, e.g. q8_0."),
+    token_embedding_type: str = typer.Option(None, "--token-embedding-type", help="ggml type for the token embeddings."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="PATTERN=TYPE (regex on tensor names), repeatable."),
+    pure: bool = typer.Option(False, "--pure", help="No K-quant mix: every tensor gets TYPE."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow re-quantizing quantized tensors (quality suffers)."),
+    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Leave output.weight as it is."),
+    keep_split: bool = typer.Option(False, "--keep-split", help="Write as many shards as the input has."),
+    threads: int = typer.Option(0, "--threads", "-t", help="Threads (0: all cores)."),
+    list_types: bool = typer.Option(False, "--list", help="List the types; with a MODEL, the size each would give."),
+    recommend: bool = typer.Option(False, "--recommend", help="Recommend a type for MODEL that fits --memory."),
+    memory: str = typer.Option(None, "--memory", help="Memory to fit in (with --recommend), e.g. 8G."),
+    num_ctx: int = typer.Option(4096, "--num-ctx", help="Context length to leave KV-cache room for (with --recommend)."),
+    quality: Path = typer.Option(None, "--quality", help="JSON of measured quality (bench/bench_quant_quality.py --json) for --recommend."),
+) -> None:
+    """Quantize a GGUF model with llama.cpp (every type llama-quantize knows)."""
+    from ember import quantize as q
+
+    if list_types:
+        _list(input)
+        return
+    if recommend:
+        if input is None or memory is None:
+            raise OptionError("use: ember quantize --recommend MODEL --memory 8G")
+        _recommend(input, parse_size(memory), num_ctx, quality)
+        return
+    if input is None or output is None or qtype is None:
+        raise OptionError("use: ember quantize INPUT OUTPUT TYPE (or --list [MODEL], --recommend MODEL --memory SIZE)")
+    name = q.parse_quant_type(qtype)
+    with progress_bar(byte_units=False) as bar:
+        files = q.quantize_model(
+            input,
+            output,
+            name,
+            imatrix=imatrix,
+            output_tensor_type=output_tensor_type,
+            token_embedding_type=token_embedding_type,
+            tensor_types=_parse_tensor_types(tensor_type) or None,
+            pure=pure,
+            allow_requantize=allow_requantize,
+            keep_split=keep_split,
+            leave_output_tensor=leave_output_tensor,
+            nthread=threads,
+            progress=bar,
+        )
+    size_in = input.stat().st_size
+    size_out = sum(f.stat().st_size for f in files)
+    for f in files:
+        console.print(f"wrote {f}")
+    console.print(f"{name}: {format_size(size_in)} -> {format_size(size_out)}")
+
+
+def _list(model: Path | None) -> None:
+    from rich.table import Table
+
+    from ember import quantize as q
+
+    table = Table(title="quantization types" + (f" for {model.name}" if model else ""))
+    table.add_column("type")
+    table.add_column("ftype", justify="right")
+    table.add_column("bits/weight", justify="right")
+    if model:
+        table.add_column("size", justify="right")
+    table.add_column("imatrix")
+    table.add_column("description")
+    for name, (ftype, desc, bpw, needs) in q.QUANT_TYPES.items():
+        bits = f"{bpw:.2f}" if bpw else "-"
+        row = [name, str(ftype) if name != "COPY" else "", bits]
+        if model:
+            try:
+                plan = q.plan_quantization(model, name)
+            except QuantizationError as e:
+                row += ["-"]
+                err_console.print(f"{name}: {e}")
+            else:
+                row[2] = f"{plan.bits_per_weight:.2f}"
+                row += [format_size(q.model_file_size_estimate(model, plan))]
+        row += ["required" if needs else "", desc]
+        table.add_row(*row)
+    console.print(table)
+    console.print("aliases: Q3_K=Q3_K_M, Q4_K=Q4_K_M, Q5_K=Q5_K_M, FP16=F16, FP32=F32; ftype numbers are accepted too")
+
+
+def _recommend(model: Path, memory: int, num_ctx: int, quality: Path | None) -> None:
+    from ember import quantize as q
+
+    rec = q.recommend(model, memory, num_ctx=num_ctx, quality_file=quality)
+    for line in rec.report_lines():
+        console.print(line)
+    if rec.choice is None:
+        raise typer.Exit(1)
+
+
+@app.command("merge-lora")
+def merge_lora_cmd(
+    base: Path = typer.Argument(..., help="Base model GGUF."),
+    adapter: Path = typer.Argument(..., help="LoRA adapter GGUF (ember convert-lora makes one)."),
+    output: Path = typer.Argument(..., help="Output GGUF with the adapter merged in."),
+    scale: float = typer.Option(1.0, "--scale", help="Adapter strength (like `ember run --lora FILE:SCALE`)."),
+    outtype: str = typer.Option(
+        "auto", "--outtype", help="Type of merged tensors: auto (keep each tensor's type where gguf-py can write it, else F16), f32, f16, bf16, q8_0."
+    ),
+) -> None:
+    """Write a new GGUF with a LoRA adapter merged into the weights."""
+    from ember.lora_merge import merge_lora
+
+    with progress_bar(byte_units=False) as bar:
+        result = merge_lora(base, adapter, output, scale=scale, outtype=outtype, progress=bar)
+    console.print(f"wrote {output}: {result.n_merged} tensors merged")
+    for note in result.notes:
+        console.print(note)
+
+
+eval_app = typer.Typer(help="Measure model quality: perplexity and KL divergence (as llama-perplexity does).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("perplexity")
+def perplexity_cmd(
+    model: Path = typer.Argument(..., help="GGUF model."),
+    file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text file to score."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
+    chunks: int = typer.Option(0, "--chunks", help="Score at most this many chunks (0: all)."),
+    threads: int = typer.Option(0, "--threads", "-t", help="Threads (0: physical cores)."),
+) -> None:
+    """Perplexity of MODEL on a text, computed exactly as llama-perplexity does."""
+    from ember.evaluate import perplexity
+
+    with progress_bar(byte_units=False) as bar:
+        r = perplexity(model, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
+    console.print(f"perplexity: {r.ppl:.4f} +/- {r.ppl_stderr:.4f} ({r.n_chunks} chunks of {r.n_ctx} tokens, {r.n_scored} tokens scored)")
+
+
+@eval_app.command("kld")
+def kld_cmd(
+    base: Path = typer.Argument(..., help="Reference model (e.g. the F16 GGUF)."),
+    quant: Path = typer.Argument(..., help="Model to compare (e.g. a quantization of BASE)."),
+    file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text file."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk."),
+    chunks: int = typer.Option(0, "--chunks", help="At most this many chunks (0: all)."),
+    threads: int = typer.Option(0, "--threads", "-t", help="Threads (0: physical cores)."),
+) -> None:
+    """KL divergence of QUANT from BASE and how often their top token agrees
+    (like llama-perplexity --kl-divergence)."""
+    from ember.evaluate import kl_divergence
+
+    with progress_bar(byte_units=False) as bar:
+        r = kl_divergence(base, quant, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
+    console.print(f"mean KLD:        {r.kld_mean:.6f} +/- {r.kld_stderr:.6f}")
+    console.print(f"same top token:  {100 * r.same_top:.2f}% +/- {100 * r.same_top_stderr:.2f}%")
+    console.print(f"perplexity base: {r.ppl_base:.4f}   quant: {r.ppl_quant:.4f}   ratio: {r.ppl_quant / r.ppl_base:.4f}")
+    console.print(f"({r.n_chunks} chunks of {r.n_ctx} tokens, {r.n_scored} tokens scored)")
