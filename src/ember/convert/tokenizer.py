@@ -1,0 +1,311 @@
+"""Tokenizer -> GGUF vocabulary.
+
+Two kinds: SentencePiece (``tokenizer.model``: pieces, scores, token types) and
+byte-level BPE (``tokenizer.json``: vocab, merges). For BPE, llama.cpp needs the
+name of its pre-tokenizer (``tokenizer.ggml.pre``); llama.cpp's own converter
+finds it by hashing the token ids of a test string, which fails for every
+fine-tune that changed the vocabulary. Here it is recognised from the
+pre-tokenizer definition itself (the split regexes in tokenizer.json), which a
+fine-tune keeps. Special tokens, add_bos/add_eos and the chat template come
+from gguf-py's ``SpecialVocab`` (tokenizer_config.json, chat_template.jinja,
+chat_template.json, config.json), completed with end-of-generation tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from ember.errors import ConversionError, InvalidFileError
+
+T = gguf.TokenType
+
+# Pre-tokenizer split regexes (as written in tokenizer.json) -> llama.cpp name.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN35 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+    r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DIGIT = r"\p{N}"
+
+KNOWN_PRE: dict[tuple[str, ...], str] = {
+    (_LLAMA3,): "llama-bpe",
+    (_QWEN2,): "qwen2",
+    (_QWEN35,): "qwen35",
+    (_GPT2,): "gpt-2",
+    (_DIGIT, _GPT2): "starcoder",
+    (_GPT4O,): "gpt-4o",
+    (_TEKKEN,): "tekken",
+}
+
+#: Tokens that end a turn in common chat formats (llama.cpp also treats them as EOG).
+EOT_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|eom_id|>")
+
+
+def _norm_regex(p: str) -> str:
+    return p.replace("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])", "(?i:'s|'t|'re|'ve|'m|'ll|'d)")
+
+
+def _pre_patterns(pre: Any, where: Path) -> list[str]:
+    """The split regexes a tokenizer.json pre_tokenizer applies, in order."""
+    if pre is None:
+        return []
+    if not isinstance(pre, dict):
+        raise InvalidFileError(f"{where}: 'pre_tokenizer' is not an object; the tokenizer file is malformed")
+    kind = pre.get("type")
+    if kind == "Sequence":
+        out: list[str] = []
+        for sub in pre.get("pretokenizers") or []:
+            out += _pre_patterns(sub, where)
+        return out
+    if kind == "Split":
+        pat = pre.get("pattern") or {}
+        if "Regex" in pat:
+            return [_norm_regex(str(pat["Regex"]))]
+        if "String" in pat:
+            return ["STRING:" + str(pat["String"])]
+        return []
+    if kind == "ByteLevel":
+        return [_GPT2] if pre.get("use_regex", True) else []
+    if kind == "Digits":
+        return [_DIGIT] if pre.get("individual_digits") else [r"\p{N}+"]
+    return [f"UNKNOWN:{kind}"]
+
+
+def detect_pre(tokenizer_json: dict[str, Any], where: Path) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json."""
+    pats = tuple(_pre_patterns(tokenizer_json.get("pre_tokenizer"), where))
+    if pats in KNOWN_PRE:
+        return KNOWN_PRE[pats]
+    if not pats:
+        return "default"
+    shown = " then ".join(repr(p if len(p) < 90 else p[:87] + "...") for p in pats)
+    raise ConversionError(
+        f"{where}: the BPE pre-tokenizer {shown} matches none llama.cpp implements "
+        f"({', '.join(sorted(set(KNOWN_PRE.values())))}); this tokenizer cannot be converted faithfully"
+    )
+
+
+def _looks_special(text: str) -> bool:
+    return (
+        (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<｜") and text.endswith("｜>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+        or text in ("<pad>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<s>", "</s>", "<unk>")
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidFileError(f"{path}: not valid JSON ({e}); download it again") from None
+
+
+def tokenizer_kind(model_dir: Path) -> str:
+    if (model_dir / "tokenizer.model").is_file():
+        return "spm"
+    if (model_dir / "tokenizer.json").is_file():
+        tj = _read_json(model_dir / "tokenizer.json")
+        model = tj.get("model") or {}
+        if model.get("type") == "BPE" and model.get("byte_fallback") and not _is_byte_level(tj):
+            return "hf-spm"
+        if model.get("type") == "BPE":
+            return "bpe"
+        raise ConversionError(f"{model_dir / 'tokenizer.json'}: tokenizer model type {model.get('type')!r} is not supported (BPE or a SentencePiece tokenizer.model)")
+    raise ConversionError(f"{model_dir}: no tokenizer found (tokenizer.json or tokenizer.model); copy the tokenizer files of the base model into this folder")
+
+
+def _is_byte_level(tj: dict[str, Any]) -> bool:
+    return "ByteLevel" in json.dumps(tj.get("pre_tokenizer")) or "ByteLevel" in json.dumps(tj.get("decoder"))
+
+
+def bpe_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[str], list[int], str, dict[str, Any]]:
+    path = model_dir / "tokenizer.json"
+    tj = _read_json(path)
+    vocab: dict[str, int] = (tj.get("model") or {}).get("vocab") or {}
+    if not isinstance(vocab, dict) or not vocab:
+        raise InvalidFileError(f"{path}: no 'model.vocab' table; the tokenizer file is malformed")
+    pre = detect_pre(tj, path)
+    added = {int(a["id"]): a for a in tj.get("added_tokens") or []}
+    rev: dict[int, str] = {i: t for t, i in vocab.items()}
+    for i, a in added.items():
+        rev[i] = a["content"]
+    n = max(rev) + 1
+    if vocab_size is not None:
+        if n > vocab_size:
+            raise ConversionError(f"{path}: token id {n - 1} does not fit the model's vocab_size {vocab_size} (config.json); the tokenizer does not belong to this model")
+        n = vocab_size
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(n):
+        if i not in rev:
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+            continue
+        text = rev[i]
+        if i in added:
+            if added[i].get("special") or _looks_special(text):
+                types.append(T.CONTROL)
+            else:
+                text = text.replace("\u2581", " ")
+                types.append(T.USER_DEFINED)
+        else:
+            types.append(T.NORMAL)
+        tokens.append(text)
+    return tokens, types, pre, tj
+
+
+def spm_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], list[float], list[int], bool]:
+    from sentencepiece import SentencePieceProcessor
+
+    path = model_dir / "tokenizer.model"
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as e:
+        raise InvalidFileError(f"{path}: not a SentencePiece model ({e}); download it again") from None
+    add_prefix = True
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+        add_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
+    except Exception:  # protobuf missing or an unusual proto: keep the default
+        pass
+    n_sp = sp.vocab_size()
+    n = vocab_size if vocab_size is not None else n_sp
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    scores = [-1000.0] * n
+    types = [int(T.UNUSED)] * n
+    for i in range(min(n, n_sp)):
+        piece = sp.IdToPiece(i)
+        tokens[i] = piece.encode("utf-8")
+        scores[i] = sp.GetScore(i)
+        if sp.IsUnknown(i):
+            types[i] = T.UNKNOWN
+        elif sp.IsControl(i):
+            types[i] = T.CONTROL
+        elif sp.IsUnused(i):
+            types[i] = T.UNUSED
+        elif sp.IsByte(i):
+            types[i] = T.BYTE
+        else:
+            types[i] = T.NORMAL
+    # tokens added on top of the SentencePiece model
+    added: list[tuple[int, str, bool]] = []
+    if (f := model_dir / "added_tokens.json").is_file():
+        for text, i in (_read_json(f) or {}).items():
+            added.append((int(i), text, _looks_special(text)))
+    if (f := model_dir / "tokenizer_config.json").is_file():
+        for i, d in ((_read_json(f) or {}).get("added_tokens_decoder") or {}).items():
+            added.append((int(i), d["content"], bool(d.get("special"))))
+    if (f := model_dir / "tokenizer.json").is_file():
+        for d in _read_json(f).get("added_tokens") or []:
+            added.append((int(d["id"]), d["content"], bool(d.get("special"))))
+    for i, text, special in added:
+        if i >= n:
+            raise ConversionError(f"{model_dir}: added token {text!r} has id {i}, outside the model's vocab_size {n}; the tokenizer does not belong to this model")
+        if i < n_sp and tokens[i] == text.encode("utf-8") and types[i] in (T.CONTROL, T.UNKNOWN):
+            continue  # already a control piece of the model
+        tokens[i] = text.encode("utf-8") if special else text.replace("\u2581", " ").encode("utf-8")
+        scores[i] = -1000.0
+        types[i] = T.CONTROL if (special or _looks_special(text)) else T.USER_DEFINED
+    return tokens, scores, types, add_prefix
+
+
+def special_vocab(model_dir: Path, tokens: list[str] | list[bytes], *, merges: bool, spm: Any = None) -> gguf.SpecialVocab:
+    sv = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=len(tokens))
+    index = {(t.decode("utf-8", "replace") if isinstance(t, bytes) else t): i for i, t in enumerate(tokens)}
+    cfg_file = model_dir / "tokenizer_config.json"
+    cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+    for typ in ("bos", "eos", "unk", "pad"):
+        if typ in sv.special_token_ids:
+            continue
+        entry = cfg.get(f"{typ}_token")
+        text = entry.get("content") if isinstance(entry, dict) else entry
+        if isinstance(text, str) and text in index:
+            sv._set_special_token(typ, index[text])
+        elif spm is not None:
+            tid = {"bos": spm.bos_id, "eos": spm.eos_id, "unk": spm.unk_id, "pad": spm.pad_id}[typ]()
+            if tid >= 0:
+                sv._set_special_token(typ, tid)
+    for text in EOT_TOKENS:
+        if text in index and text != "<|endoftext|>":
+            sv.special_token_ids.setdefault("eot", index[text])
+            break
+    return sv
+
+
+def write_vocab(
+    w: gguf.GGUFWriter,
+    model_dir: Path,
+    hparams: dict[str, Any],
+    *,
+    eos_override: str | None = None,
+    add_space_prefix: bool | None = None,
+    null_piece: str | None = None,
+) -> None:
+    """Write the model's tokenizer into ``w``: tokens, types, scores or merges,
+    special ids, add_bos/add_eos and the chat template."""
+    vocab_size = hparams.get("vocab_size")
+    kind = tokenizer_kind(model_dir)
+    if kind == "spm":
+        from sentencepiece import SentencePieceProcessor
+
+        tokens, scores, types, add_prefix = spm_vocab(model_dir, vocab_size)
+        if add_space_prefix is not None:
+            add_prefix = add_space_prefix
+        if null_piece is not None:
+            tokens = [null_piece.encode() if t == b"\x00" else t for t in tokens]
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(add_prefix)
+        sp = SentencePieceProcessor()
+        sp.LoadFromFile(str(model_dir / "tokenizer.model"))
+        sv = special_vocab(model_dir, tokens, merges=False, spm=sp)
+    elif kind == "hf-spm":
+        hv = gguf.LlamaHfVocab(model_dir)
+        btoks, bscores, btypes = [], [], []
+        for text, score, tt in hv.all_tokens():
+            btoks.append(text)
+            bscores.append(score)
+            btypes.append(tt)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(btoks)
+        w.add_token_scores(bscores)
+        w.add_token_types(btypes)
+        sv = special_vocab(model_dir, btoks, merges=False)
+        tokens = btoks
+    else:
+        stoks, stypes, pre, _ = bpe_vocab(model_dir, vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(stoks)
+        w.add_token_types(stypes)
+        sv = special_vocab(model_dir, stoks, merges=True)
+        if not sv.merges:
+            raise InvalidFileError(f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; download the tokenizer again")
+        tokens = stoks
+    if eos_override is not None:
+        texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in tokens]
+        if eos_override in texts:
+            sv.special_token_ids["eos"] = texts.index(eos_override)
+    sv.add_to_gguf(w, quiet=True)
