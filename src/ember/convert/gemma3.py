@@ -49,6 +49,9 @@ class Gemma3Model(Model):
             w.add_final_logit_softcapping(float(hp["final_logit_softcapping"]))
         if hp.get("sliding_window"):
             w.add_sliding_window(int(hp["sliding_window"]))
+            layer_types = hp.get("layer_types")
+            if isinstance(layer_types, list) and len(layer_types) == self.block_count:
+                w.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
         rp = hp.get("rope_parameters") or {}
         local = (rp.get("sliding_attention") or {}).get("rope_theta") if isinstance(rp, dict) else None
         local = local or hp.get("rope_local_base_freq")
