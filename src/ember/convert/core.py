@@ -143,6 +143,9 @@ class Model:
     def map_name(self, name: str) -> str:
         new = self.tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
+            bid = next((int(x) for x in name.split(".") if x.isdecimal()), None)
+            if bid is not None and bid >= self.block_count:
+                raise ConversionError(f"{self.config_file}: num_hidden_layers is {self.block_count} but the checkpoint has layer {bid}; the config does not match the weights")
             raise ConversionError(f"{self.model_dir}: tensor {name!r} is not known for architecture {self.hf_arch}; the checkpoint has extra weights this converter does not support")
         return new
 
@@ -167,7 +170,30 @@ class Model:
             if p.name in seen:
                 raise ConversionError(f"{self.model_dir}: two source tensors map to {p.name!r}; the checkpoint has duplicate weights")
             seen.add(p.name)
+        self.validate(out)
         return out
+
+    def validate(self, plan: list[Planned]) -> None:
+        """Catch a config that does not match the weights before writing anything."""
+        by_name = {p.name: p for p in plan}
+        hidden = self.hp("hidden_size", "n_embd", "dim", default=None)
+        vocab = self.hparams.get("vocab_size")
+        emb = by_name.get("token_embd.weight")
+        if emb is None:
+            raise ConversionError(f"{self.model_dir}: no token embedding tensor in the checkpoint; the weights are incomplete")
+        if hidden is not None and emb.shape[-1] != int(hidden):
+            raise ConversionError(f"{self.config_file}: hidden_size is {hidden} but the token embedding has width {emb.shape[-1]}; the config does not match the weights")
+        if vocab is not None and emb.shape[0] != int(vocab):
+            raise ConversionError(f"{self.config_file}: vocab_size is {vocab} but the token embedding has {emb.shape[0]} rows; the config does not match the weights")
+        for p in plan:
+            parts = p.name.split(".")
+            if parts[0] == "blk" and int(parts[1]) >= self.block_count:
+                raise ConversionError(f"{self.config_file}: num_hidden_layers is {self.block_count} but the checkpoint has layer {parts[1]}; the config does not match the weights")
+        if hidden is not None and f"blk.{self.block_count - 1}.attn_norm.weight" not in by_name and "blk.0.attn_norm.weight" in by_name:
+            raise ConversionError(f"{self.config_file}: num_hidden_layers is {self.block_count} but the checkpoint has fewer layers; the config does not match the weights")
+        q = by_name.get("blk.0.attn_q.weight")
+        if q is not None and q.shape[0] != self.n_head * self.head_dim:
+            raise ConversionError(f"{self.config_file}: {self.n_head} heads of {self.head_dim} need {self.n_head * self.head_dim} query rows, the weights have {q.shape[0]}; the config does not match the weights")
 
     # -- metadata -------------------------------------------------------
     def set_parameters(self, w: gguf.GGUFWriter) -> None:
@@ -454,29 +480,29 @@ def _convert_then_quantize(
 ) -> Path:
     if vocab_only:
         raise ConversionError(f"--vocab-only writes no weights, so --outtype {qtype} makes no sense; use --outtype f16")
+    if split_max_size:
+        raise ConversionError(f"--split-max-size with --outtype {qtype}: quantize first, then split with `ember split`")
     try:
-        from ember.quantize import quantize_model
+        from ember.quantize import parse_quant_type, quantize_model
     except ImportError:
         raise ConversionError(f"--outtype {qtype}: quantization is not available in this installation; use f32, f16, bf16 or q8_0") from None
+    name = parse_quant_type(qtype)  # unknown names fail here, before any work
     if outfile is None or Path(outfile).is_dir():
-        probe = convert_model(model_dir, None, outtype="f16", dry_run=True, vocab_only=False)
-        name = probe.name.replace("-F16.gguf", f"-{qtype.upper()}.gguf")
-        if name == probe.name:
-            name = probe.stem + f"-{qtype.upper()}.gguf"
-        dest = (Path(outfile) if outfile is not None else probe.parent) / name
+        probe = convert_model(model_dir, outfile, outtype="f16", dry_run=True)
+        stem = probe.name.removesuffix(".gguf")
+        stem = stem[: -len("-F16")] if stem.endswith("-F16") else stem
+        dest = probe.parent / f"{stem}-{name}.gguf"
     else:
         dest = Path(outfile)
     if dry_run:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.stem}.f16-tmp.gguf"
+    # the f16 intermediate lives beside the output (same filesystem) and never survives
+    tmp = dest.parent / f".{dest.name}.f16-{os.getpid()}.tmp.gguf"
     try:
         convert_model(model_dir, tmp, outtype="f16", progress=progress)
-        kwargs: dict[str, Any] = {"progress": progress}
-        if split_max_size:
-            raise ConversionError("--split-max-size with a quantized --outtype: quantize first, then split with `ember split`")
-        out = quantize_model(tmp, dest, qtype, **kwargs)
-        return Path(out) if out is not None else dest
+        files = quantize_model(tmp, dest, name, progress=progress)
+        return Path(files[0]) if files else dest
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
