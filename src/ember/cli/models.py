@@ -1,5 +1,216 @@
-"""`ember` commands: see the module owner's docstring once implemented."""
+"""`ember create`, `list`, `show`, `cp`, `rm`, `pull`: the registry, as Ollama's
+commands do it (thin layer over :mod:`ember.registry`)."""
 
 from __future__ import annotations
 
-from ember.cli.app import app  # noqa: F401
+import contextlib
+import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ember.cli.app import app
+from ember.cli.common import console, err_console, format_size, progress_bar
+from ember.errors import ModelfileError
+from ember.progress import ProgressCallback
+
+
+@contextlib.contextmanager
+def _lazy_progress() -> Iterator[ProgressCallback]:
+    """A progress bar that appears on the first report, so an error found
+    before any work prints as one line with nothing around it."""
+    with contextlib.ExitStack() as stack:
+        bar: ProgressCallback | None = None
+
+        def callback(description: str, completed: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = stack.enter_context(progress_bar())
+            bar(description, completed, total)
+
+        yield callback
+
+
+def _ago(t: datetime | None) -> str:
+    if t is None:
+        return ""
+    s = (datetime.now(timezone.utc) - t).total_seconds()
+    if s < 1:
+        return "Less than a second ago"
+    for limit, unit, size in ((60, "second", 1), (3600, "minute", 60), (86400, "hour", 3600),
+                              (86400 * 7, "day", 86400), (86400 * 30, "week", 86400 * 7),
+                              (86400 * 365, "month", 86400 * 30), (float("inf"), "year", 86400 * 365)):
+        if s < limit:
+            n = int(s // size)
+            if n == 1:
+                return f"About a{'n' if unit == 'hour' else ''} {unit} ago"
+            return f"{n} {unit}s ago"
+    return ""
+
+
+@app.command()
+def create(
+    name: str = typer.Argument(..., help="Model name, e.g. qwen2.5:7b or me/mymodel:v1."),
+    file: Path = typer.Option(None, "-f", "--file", help="Modelfile (default: ./Modelfile)."),
+    from_: str = typer.Option(None, "--from", help="Shortcut for a Modelfile with just 'FROM <this>' (a GGUF file, folder or model)."),
+    quantize: str = typer.Option(None, "-q", "--quantize", help="Quantize while creating (Q4_K_M, Q8_0, ...)."),
+) -> None:
+    """Create a model from a Modelfile (FROM a GGUF file or shard, a Hugging Face folder or another model)."""
+    from ember.registry import create_model
+    from ember.registry.modelfile import Modelfile, parse_modelfile
+
+    mf: Modelfile | Path
+    if from_ is not None:
+        if file is not None:
+            raise ModelfileError("give either -f MODELFILE or --from SOURCE, not both")
+        mf = parse_modelfile(f"FROM {_quote(from_)}\n", base_dir=Path.cwd(), filename="--from")
+    else:
+        mf = file if file is not None else Path("Modelfile")
+    with _lazy_progress() as progress:
+        result = create_model(name, mf, quantize=quantize, progress=progress)
+    console.print(f"created '{result.name}'", highlight=False)
+
+
+def _quote(value: str) -> str:
+    from ember.registry.modelfile import quote
+
+    return quote(value)
+
+
+@app.command("list")
+def list_(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the models in the registry."""
+    from ember.registry import list_models
+
+    models = list_models()
+    if as_json:
+        print(json.dumps([
+            {"name": m.name, "digest": m.digest, "size": m.size, "modified_at": m.modified_at.isoformat(), "details": m.details}
+            for m in models
+        ], indent=2))
+        return
+    rows = [("NAME", "ID", "SIZE", "MODIFIED")]
+    for m in models:
+        rows.append((m.name, m.digest.removeprefix("sha256:")[:12], format_size(m.size), _ago(m.modified_at)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        line = "    ".join(c.ljust(widths[i]) for i, c in enumerate(r[:3])) + "    " + r[3]
+        typer.echo(line.rstrip())
+
+
+@app.command()
+def show(
+    name: str = typer.Argument(..., help="Model name."),
+    modelfile: bool = typer.Option(False, "--modelfile", help="Print the Modelfile (it creates the same model again)."),
+    template: bool = typer.Option(False, "--template", help="Print the template."),
+    system: bool = typer.Option(False, "--system", help="Print the system message."),
+    parameters: bool = typer.Option(False, "--parameters", help="Print the parameters."),
+    license_: bool = typer.Option(False, "--license", help="Print the license(s)."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Also print every GGUF metadata key."),
+) -> None:
+    """Show a model's details, or one part of it."""
+    from ember.registry import show_model
+
+    d = show_model(name)
+    if modelfile:
+        typer.echo(d.modelfile, nl=False)
+        return
+    if template:
+        typer.echo(d.template or "")
+        return
+    if system:
+        typer.echo(d.system or "")
+        return
+    if parameters:
+        if d.parameters:
+            typer.echo(d.parameters)
+        return
+    if license_:
+        typer.echo("\n\n".join(d.license))
+        return
+    info = d.model_info
+    arch = info.get("general.architecture") or d.details.get("family") or ""
+
+    def key(suffix: str) -> Any:
+        return info.get(f"{arch}.{suffix}")
+
+    model_rows = [
+        ("architecture", arch),
+        ("parameters", d.details.get("parameter_size")),
+        ("context length", key("context_length")),
+        ("embedding length", key("embedding_length")),
+        ("quantization", d.details.get("quantization_level")),
+        ("files", str(len(d.resolved.model_paths)) if len(d.resolved.model_paths) > 1 else None),
+    ]
+    _section("Model", [(k, str(v)) for k, v in model_rows if v not in (None, "")])
+    if d.resolved.projector_paths:
+        _section("Projector", [("files", str(len(d.resolved.projector_paths)))])
+    if d.resolved.adapter_paths:
+        _section("Adapters", [(p.name[:19], format_size(p.stat().st_size)) for p in d.resolved.adapter_paths])
+    if d.parameters:
+        _section("Parameters", [tuple(line.split(None, 1)) for line in d.parameters.splitlines()])  # type: ignore[misc]
+    if d.system:
+        _text_section("System", d.system)
+    if d.license:
+        _text_section("License", d.license[0])
+    if verbose:
+        _section("Metadata", [(k, json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v) for k, v in sorted(info.items())])
+
+
+def _section(title: str, rows: list[tuple[str, str]]) -> None:
+    typer.echo(f"  {title}")
+    width = max((len(k) for k, _ in rows), default=0)
+    for k, v in rows:
+        typer.echo(f"    {k.ljust(width)}    {v}")
+    typer.echo("")
+
+
+def _text_section(title: str, text: str, max_lines: int = 2) -> None:
+    typer.echo(f"  {title}")
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    for line in lines[:max_lines]:
+        typer.echo(f"    {line.strip()}")
+    if len(lines) > max_lines:
+        typer.echo("    ...")
+    typer.echo("")
+
+
+@app.command()
+def cp(
+    source: str = typer.Argument(..., help="Existing model."),
+    destination: str = typer.Argument(..., help="New name."),
+) -> None:
+    """Copy a model to a new name (no data is duplicated)."""
+    from ember.registry import copy_model
+
+    copy_model(source, destination)
+    typer.echo(f"copied '{source}' to '{destination}'")
+
+
+@app.command()
+def rm(names: list[str] = typer.Argument(..., help="Models to remove.")) -> None:
+    """Remove models (and the files no other model uses)."""
+    from ember.registry import delete_model
+
+    for name in names:
+        delete_model(name)
+        typer.echo(f"deleted '{name}'")
+
+
+@app.command()
+def pull(ref: str = typer.Argument(..., help="hf.co/USER/REPO[:QUANT], USER/REPO[:QUANT] or modelscope.cn/USER/REPO[:QUANT].")) -> None:
+    """Download a model from Hugging Face (GGUF, or safetensors converted) or ModelScope.
+
+    Honours HF_ENDPOINT (mirrors) and HF_TOKEN; EMBER_PULL_SOURCE=modelscope
+    uses ModelScope instead. Interrupted downloads resume."""
+    from ember.registry import pull_model
+
+    with _lazy_progress() as progress:
+        result = pull_model(ref, progress=progress)
+    err_console.print(f"pulled '{result.name}' ({format_size(result.size)})", highlight=False)
+    typer.echo("success")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -67,7 +68,15 @@ def check_template(mf: Modelfile) -> None:
     try:
         ChatTemplate.parse(mf.template)
     except TemplateError as e:
-        raise ModelfileError(f"{mf.where('template')}: TEMPLATE does not parse: {e}") from None
+        msg = str(e)
+        line = mf.line_of("template")
+        m = re.match(r"template line (\d+):\s*(.*)", msg)
+        if m and line:
+            # The template's text starts on the TEMPLATE line: report the Modelfile's line.
+            line += int(m.group(1)) - 1
+            msg = m.group(2)
+        where = f"{mf.filename} line {line}" if line else mf.filename
+        raise ModelfileError(f"{where}: TEMPLATE does not parse: {msg}") from None
 
 
 def _looks_like_path(value: str) -> bool:
@@ -151,8 +160,14 @@ def plan(mf: Modelfile) -> _Plan:
         counts = {i.split_count for i, _ in models}
         nos = sorted(i.split_no for i, _ in models)
         line = models[1][1]
-        if counts == {1}:
-            raise ModelfileError(f"{mf.filename} line {line}: a second model file; FROM may repeat only for the shards of one split model or a projector")
+        if 1 in counts:
+            single = next(i for i, _ in models if i.split_count == 1)
+            other = next(x for x in models if x[0] is not single) if models[0][0] is single else models[0]
+            line = max(other[1], next(ln for i, ln in models if i is single))
+            raise ModelfileError(
+                f"{mf.filename} line {line}: a second model file ({single.path.name} and {other[0].path.name}); "
+                "FROM may repeat only for the shards of one split model or a projector"
+            )
         if len(counts) > 1 or nos != list(range(models[0][0].split_count)):
             raise ModelfileError(
                 f"{mf.filename} line {line}: the FROM files are not the complete shards of one split model "

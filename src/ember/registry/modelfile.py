@@ -269,7 +269,8 @@ def _apply(mf: Modelfile, cmd: Command, err: Any) -> None:
             mf.parameters.setdefault(pname, []).append(value)
             return
         try:
-            parsed = options.parse_value(pname, value)
+            # coerce() applies the range checks parse_value() leaves out for numbers.
+            parsed = options.coerce(pname, options.parse_value(pname, value))
         except OptionError as e:
             raise err(str(e)) from None
         mf.parameters[pname] = parsed

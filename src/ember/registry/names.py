@@ -110,7 +110,7 @@ def _check_part(shown: str, kind: str, value: str) -> None:
     if not value:
         raise InvalidNameError(f"invalid model name {shown!r}: empty {kind}")
     if len(value) > limit:
-        raise InvalidNameError(f"invalid model name {shown!r}: {kind} longer than {limit} characters")
+        raise InvalidNameError(f"invalid model name {shown!r}: {kind} too long ({len(value)} characters; at most {limit})")
     if ".." in value:
         raise InvalidNameError(f"invalid model name {shown!r}: '..' is not allowed in a {kind}")
     if not _PART[kind].fullmatch(value):
