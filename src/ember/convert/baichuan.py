@@ -43,7 +43,7 @@ class BaichuanModel(Model):
         if name.endswith("self_attn.W_pack.weight"):
             n_embd = int(self.hp("hidden_size"))
             check_divisible(self, "hidden_size / num_attention_heads", n_embd, self.n_head)
-            if ref.shape != (3 * n_embd, n_embd):
+            if len(ref.shape) != 2 or ref.shape[0] != 3 * n_embd:
                 raise ConversionError(f"{ref.file}: {name} has shape {list(ref.shape)}, expected {[3 * n_embd, n_embd]} from hidden_size {n_embd} in config.json; the config does not match the weights")
             bid = int(name.split(".")[2])
             n_head = self.n_head
@@ -59,7 +59,7 @@ class BaichuanModel(Model):
                     w = ref.load()[i * n_embd : (i + 1) * n_embd]
                     return permute_qk(w, n_head, n_head) if perm else np.ascontiguousarray(w)
 
-                yield Planned(fmt[key].format(bid=bid) + ".weight", (n_embd, n_embd), ref.dtype, load)
+                yield Planned(fmt[key].format(bid=bid) + ".weight", (n_embd, ref.shape[1]), ref.dtype, load)
         elif name == "lm_head.weight" and self.norm_head:
             yield Planned(self.map_name(name), ref.shape, np.dtype(np.float32), lazy(normalize_rows, ref))
         else:

@@ -26,11 +26,12 @@ class InternLM2Model(Model):
             return
         n_head, n_kv = self.n_head, self.n_head_kv
         n_embd = int(self.hp("hidden_size"))
+        cols = ref.shape[-1]  # n_embd, or the rank for a LoRA B matrix
         check_divisible(self, "num_attention_heads / num_key_value_heads", n_head, n_kv)
         q_per_kv = n_head // n_kv
         head_dim = n_embd // n_head
         rows = n_kv * (q_per_kv + 2) * head_dim
-        if ref.shape != (rows, n_embd):
+        if len(ref.shape) != 2 or ref.shape[0] != rows:
             raise ConversionError(
                 f"{ref.file}: {name} has shape {list(ref.shape)} but config.json (heads {n_head}, kv heads {n_kv}, hidden {n_embd}) needs {[rows, n_embd]}; the config does not match the weights"
             )
@@ -40,15 +41,15 @@ class InternLM2Model(Model):
         def part(which: str) -> np.ndarray[Any, Any]:
             if which not in cache:
                 cache.clear()
-                qkv = ref.load().reshape(n_kv, q_per_kv + 2, head_dim, n_embd)
-                cache["q"] = permute_qk(qkv[:, :q_per_kv].reshape(-1, n_embd), n_head, n_head)
-                cache["k"] = permute_qk(qkv[:, -2].reshape(-1, n_embd), n_head, n_kv)
-                cache["v"] = np.ascontiguousarray(qkv[:, -1].reshape(-1, n_embd))
+                qkv = ref.load().reshape(n_kv, q_per_kv + 2, head_dim, cols)
+                cache["q"] = permute_qk(qkv[:, :q_per_kv].reshape(-1, cols), n_head, n_head)
+                cache["k"] = permute_qk(qkv[:, -2].reshape(-1, cols), n_head, n_kv)
+                cache["v"] = np.ascontiguousarray(qkv[:, -1].reshape(-1, cols))
             return cache.pop(which)
 
         fmt = gguf.TENSOR_NAMES
         for which, key, r in (("q", gguf.MODEL_TENSOR.ATTN_Q, n_head), ("k", gguf.MODEL_TENSOR.ATTN_K, n_kv), ("v", gguf.MODEL_TENSOR.ATTN_V, n_kv)):
-            yield Planned(fmt[key].format(bid=bid) + ".weight", (r * head_dim, n_embd), ref.dtype, lambda which=which: part(which))
+            yield Planned(fmt[key].format(bid=bid) + ".weight", (r * head_dim, cols), ref.dtype, lambda which=which: part(which))
 
     def set_parameters(self, w: gguf.GGUFWriter) -> None:
         super().set_parameters(w)
