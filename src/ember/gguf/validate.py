@@ -184,13 +184,14 @@ class _Cursor:
         for i in range(count):
             if end - pos < 8:
                 self.pos = pos
-                raise _err(self.path, f"{what}: element {i} at offset {pos} runs past the end of the file")
+                raise _err(self.path, f"{what}: element {i} at offset {pos} runs past the end of the file: the file is truncated or corrupt")
             (n,) = unpack(buf, pos)
             pos += 8
             if n > end - pos:
                 raise _err(
                     self.path,
-                    f"{what}: element {i} at offset {pos - 8} has length {n} but only {end - pos} bytes remain",
+                    f"{what}: element {i} at offset {pos - 8} has length {n} but only {end - pos} bytes remain: "
+                    "the file is truncated or corrupt",
                 )
             pos += n
         self.pos = pos
@@ -200,13 +201,14 @@ class _Cursor:
         buf, pos, end, unpack = self.buf, self.pos, self.end, _U64.unpack_from
         for i in range(count):
             if end - pos < 8:
-                raise _err(self.path, f"{what}: element {i} at offset {pos} runs past the end of the file")
+                raise _err(self.path, f"{what}: element {i} at offset {pos} runs past the end of the file: the file is truncated or corrupt")
             (n,) = unpack(buf, pos)
             pos += 8
             if n > end - pos:
                 raise _err(
                     self.path,
-                    f"{what}: element {i} at offset {pos - 8} has length {n} but only {end - pos} bytes remain",
+                    f"{what}: element {i} at offset {pos - 8} has length {n} but only {end - pos} bytes remain: "
+                    "the file is truncated or corrupt",
                 )
             out.append(bytes(buf[pos : pos + n]).decode("utf-8", "surrogateescape"))
             pos += n
