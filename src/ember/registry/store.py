@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -381,6 +382,12 @@ def _prune(min_age: float) -> list[str]:
     used = referenced_digests()
     now = time.time()
     removed = []
+    work = root() / "tmp"  # work folders of creates (conversions, quantizations)
+    if work.is_dir():
+        for d in work.iterdir():
+            with contextlib.suppress(OSError):
+                if now - d.stat().st_mtime >= min_age:
+                    shutil.rmtree(d) if d.is_dir() else d.unlink()
     for b in blobs_dir().iterdir():
         try:
             if now - b.stat().st_mtime < min_age:
