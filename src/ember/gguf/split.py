@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from ember.gguf.validate import (
     KeyValue,
     TensorRecord,
     check_shards,
-    read_array,
+    read_raw,
     read_header,
 )
 from ember.progress import ProgressCallback, noop
@@ -220,17 +219,28 @@ class _Progress:
         self.callback(self.description, self.total, self.total)
 
 
+@dataclass(frozen=True)
+class _RawArray:
+    """An array value kept as its stored element bytes (already walked and
+    bounds-checked by the validator): a 262k-token vocabulary is copied as
+    4 MB of bytes instead of half a million Python objects."""
+
+    sub_type: GGUFValueType
+    count: int
+    payload: bytes
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def _kv_items(header: GGUFHeader, kvs: Sequence[KeyValue]) -> list[tuple[str, GGUFValueType, Any, GGUFValueType | None]]:
     """(key, type, value, element type) with values exactly as stored: strings
-    back to their original bytes, arrays decoded in full."""
+    as their original bytes, arrays as their stored element bytes."""
     out: list[tuple[str, GGUFValueType, Any, GGUFValueType | None]] = []
     for kv in kvs:
         if kv.is_array:
             assert kv.sub_type is not None
-            values = read_array(header, kv.key)
-            if kv.sub_type == GGUFValueType.STRING:
-                values = [_raw(s) for s in values]
-            out.append((kv.key, kv.type, values, kv.sub_type))
+            out.append((kv.key, kv.type, _RawArray(kv.sub_type, kv.count, read_raw(header, kv)), kv.sub_type))
         elif kv.type == GGUFValueType.STRING:
             out.append((kv.key, kv.type, _raw(kv.value), None))
         else:
@@ -242,40 +252,14 @@ def _raw(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-_NUMPY = {
-    GGUFValueType.UINT8: "<u1",
-    GGUFValueType.INT8: "<i1",
-    GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2",
-    GGUFValueType.UINT32: "<u4",
-    GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4",
-    GGUFValueType.BOOL: "<u1",
-    GGUFValueType.UINT64: "<u8",
-    GGUFValueType.INT64: "<i8",
-    GGUFValueType.FLOAT64: "<f8",
-}
-
-
 class _Writer(GGUFWriter):
-    """gguf-py's writer with one shortcut: long arrays of numbers and strings
-    are packed in one go instead of element by element (same bytes; a
-    262k-token vocabulary otherwise takes seconds)."""
+    """gguf-py's writer, taught to emit a :class:`_RawArray` (same bytes as
+    packing its elements one by one, without the Python objects)."""
 
     def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
-        if vtype == GGUFValueType.ARRAY and sub_type is not None and len(val) > 0:
+        if isinstance(val, _RawArray):
             head = self._pack("I", vtype) if add_vtype else b""
-            head += self._pack("I", sub_type) + self._pack("Q", len(val))
-            if sub_type == GGUFValueType.STRING:
-                pack = struct.Struct("<Q").pack
-                parts: list[bytes] = []
-                for v in val:
-                    b = v if isinstance(v, bytes) else str(v).encode("utf-8")
-                    parts.append(pack(len(b)))
-                    parts.append(b)
-                return head + b"".join(parts)
-            if sub_type in _NUMPY:
-                return head + np.asarray(val, dtype=_NUMPY[sub_type]).tobytes()
+            return head + self._pack("I", val.sub_type) + self._pack("Q", val.count) + val.payload
         return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
@@ -292,8 +276,6 @@ def _write_gguf(
     w.kv_data = [{}]  # drop the general.architecture key GGUFWriter adds itself
     w.data_alignment = alignment
     for key, vtype, value, sub in kvs:
-        if vtype == GGUFValueType.ARRAY and len(value) == 0:
-            raise InvalidFileError(f"{path}: key {key!r} is an empty array, which gguf-py cannot write")
         w.add_key_value(key, value, vtype, sub_type=sub)
     for _, t in tensors:
         name: Any = t.name if t.name.isascii() else _raw(t.name)

@@ -513,6 +513,15 @@ def read_array(header: GGUFHeader, key: str) -> list[Any]:
         return list(out)
 
 
+def read_raw(header: GGUFHeader, kv: KeyValue) -> bytes:
+    """The stored bytes of a value (for arrays: the elements, without the
+    type and length fields). The bounds were checked by :func:`read_header`."""
+    with _mapped(header.path) as (mm, size):
+        if size != header.file_size:
+            raise _err(header.path, "the file changed while being read")
+        return bytes(mm[kv.value_offset : kv.end])
+
+
 def check_shards(headers: list[GGUFHeader]) -> None:
     """Cross-shard checks: split.no/split.count/split.tensors.count agree with
     the list of files, tensor names are unique across shards."""
