@@ -491,35 +491,17 @@ def _explain_failure(src: Path, state: _LogState) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _shard_info(src: Path) -> tuple[int, str | None]:
-    """(number of shards, architecture) read from the first shard's header."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(src)
-    except Exception as e:  # noqa: BLE001
-        raise InvalidFileError(f"{src}: not a readable GGUF file ({e})") from None
-    count = reader.get_field("split.count")
-    arch = reader.get_field("general.architecture")
-    n = int(count.contents()) if count is not None else 1
-    return n, (str(arch.contents()) if arch is not None else None)
-
-
-def _validate_input(src: Path) -> None:
+def _validate_input(src: Path) -> list[Path]:
+    """Validate the whole model (every shard) before llama.cpp opens it;
+    return its shards, first one first (llama.cpp wants the first)."""
     if not src.exists():
         raise InvalidFileError(f"{src}: no such file")
     if src.is_dir():
         raise InvalidFileError(f"{src}: is a folder; give the .gguf file (the first shard of a split model)")
-    try:
-        from ember.gguf import validate_model  # type: ignore[attr-defined]
-    except ImportError:
-        validate_model = None
-    if validate_model is not None:
-        validate_model(src)
-    else:
-        with open(src, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise InvalidFileError(f"{src}: not a GGUF file (no GGUF magic)")
+    from ember.gguf import validate_model
+
+    shards = validate_model(src)
+    return [Path(p) for p in shards] or [src]
 
 
 def _split_name(prefix: str, index: int, count: int) -> str:
@@ -552,8 +534,8 @@ def quantize_model(
     """
     src, dst = Path(src), Path(dst)
     qtype = parse_quant_type(qtype)
-    _validate_input(src)
-    n_shards, _arch = _shard_info(src)
+    shards = _validate_input(src)
+    src, n_shards = shards[0], len(shards)
     if dst.exists() and dst.is_dir():
         raise QuantizationError(f"{dst}: is a folder; give the output file name")
     with contextlib.suppress(OSError):

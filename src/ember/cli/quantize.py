@@ -3,6 +3,8 @@ ember.quantize, ember.lora_merge and ember.evaluate."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -10,6 +12,22 @@ import typer
 from ember.cli.app import app
 from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
 from ember.errors import OptionError, QuantizationError
+from ember.progress import ProgressCallback
+
+
+@contextlib.contextmanager
+def _lazy_bar() -> Iterator[ProgressCallback]:
+    """A progress bar that appears on the first report, so an error raised
+    before any progress prints as one clean line."""
+    with contextlib.ExitStack() as stack:
+        bar: list[ProgressCallback] = []
+
+        def callback(description: str, completed: int, total: int) -> None:
+            if not bar:
+                bar.append(stack.enter_context(progress_bar(byte_units=False)))
+            bar[0](description, completed, total)
+
+        yield callback
 
 
 def _parse_tensor_types(items: list[str]) -> dict[str, str]:
@@ -56,7 +74,7 @@ def quantize_cmd(
     if input is None or output is None or qtype is None:
         raise OptionError("use: ember quantize INPUT OUTPUT TYPE (or --list [MODEL], --recommend MODEL --memory SIZE)")
     name = q.parse_quant_type(qtype)
-    with progress_bar(byte_units=False) as bar:
+    with _lazy_bar() as bar:
         files = q.quantize_model(
             input,
             output,
@@ -133,7 +151,7 @@ def merge_lora_cmd(
     """Write a new GGUF with a LoRA adapter merged into the weights."""
     from ember.lora_merge import merge_lora
 
-    with progress_bar(byte_units=False) as bar:
+    with _lazy_bar() as bar:
         result = merge_lora(base, adapter, output, scale=scale, outtype=outtype, progress=bar)
     console.print(f"wrote {output}: {result.n_merged} tensors merged")
     for note in result.notes:
@@ -155,7 +173,7 @@ def perplexity_cmd(
     """Perplexity of MODEL on a text, computed exactly as llama-perplexity does."""
     from ember.evaluate import perplexity
 
-    with progress_bar(byte_units=False) as bar:
+    with _lazy_bar() as bar:
         r = perplexity(model, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
     console.print(f"perplexity: {r.ppl:.4f} +/- {r.ppl_stderr:.4f} ({r.n_chunks} chunks of {r.n_ctx} tokens, {r.n_scored} tokens scored)")
 
@@ -173,7 +191,7 @@ def kld_cmd(
     (like llama-perplexity --kl-divergence)."""
     from ember.evaluate import kl_divergence
 
-    with progress_bar(byte_units=False) as bar:
+    with _lazy_bar() as bar:
         r = kl_divergence(base, quant, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
     console.print(f"mean KLD:        {r.kld_mean:.6f} +/- {r.kld_stderr:.6f}")
     console.print(f"same top token:  {100 * r.same_top:.2f}% +/- {100 * r.same_top_stderr:.2f}%")
