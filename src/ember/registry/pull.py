@@ -295,7 +295,7 @@ class _ModelScope(_Source):
                     mode = "ab" if r.status_code == 206 else "wb"
                     done = have if r.status_code == 206 else 0
                     with open(part, mode) as out:
-                        for chunk in r.iter_bytes(1 << 20):
+                        for chunk in r.iter_bytes():  # as received, so a cut keeps what arrived
                             out.write(chunk)
                             done += len(chunk)
                             if progress:
