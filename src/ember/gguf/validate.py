@@ -129,6 +129,11 @@ class GGUFHeader:
         return int(self.get(KEY_SPLIT_COUNT, 0) or 0)
 
 
+def _q(name: str) -> str:
+    """A key or tensor name for a message: quoted, escaped, at most ~60 chars."""
+    return repr(name if len(name) <= 60 else name[:57] + "...")
+
+
 def _err(path: Path | str, what: str) -> InvalidFileError:
     return InvalidFileError(f"{path}: {what}")
 
@@ -292,8 +297,8 @@ def _parse(buf: Any, size: int, path: Path) -> GGUFHeader:
         if not key:
             raise _err(path, f"key #{i} at offset {start} has an empty name")
         if key in kv:
-            raise _err(path, f"duplicate key {key!r} (key #{i} at offset {start})")
-        what = f"key {key!r} (#{i})"
+            raise _err(path, f"duplicate key {_q(key)} (key #{i} at offset {start})")
+        what = f"key {_q(key)} (#{i})"
         at = cur.pos
         vtype = _value_type(cur.u32(f"{what} type"), cur, what, at)
         sub: GGUFValueType | None = None
@@ -342,9 +347,9 @@ def _parse(buf: Any, size: int, path: Path) -> GGUFHeader:
         if not name:
             raise _err(path, f"tensor #{i} at offset {start} has an empty name")
         if name in names:
-            raise _err(path, f"duplicate tensor name {name!r} (tensor #{i} at offset {start})")
+            raise _err(path, f"duplicate tensor name {_q(name)} (tensor #{i} at offset {start})")
         names.add(name)
-        what = f"tensor {name!r} (#{i}, offset {start})"
+        what = f"tensor {_q(name)} (#{i}, offset {start})"
         n_dims = cur.u32(f"{what} dimension count")
         if not 1 <= n_dims <= MAX_DIMS:
             raise _err(path, f"{what} has {n_dims} dimensions (must be 1 to {MAX_DIMS})")
@@ -381,13 +386,13 @@ def _parse(buf: Any, size: int, path: Path) -> GGUFHeader:
     expected = 0
     prev: TensorRecord | None = None
     for name, ttype, shape, n_elements, nbytes, offset, info_offset in records:
-        what = f"tensor {name!r} (info at offset {info_offset})"
+        what = f"tensor {_q(name)} (info at offset {info_offset})"
         if offset % alignment:
             raise _err(path, f"{what} data offset {offset} is not a multiple of the alignment {alignment}")
         if offset < expected and prev is not None:
             raise _err(
                 path,
-                f"{what} data at offset {offset} overlaps tensor {prev.name!r} "
+                f"{what} data at offset {offset} overlaps tensor {_q(prev.name)} "
                 f"(which ends at {prev.offset + prev.nbytes})",
             )
         if offset != expected:
@@ -532,8 +537,6 @@ def check_shards(headers: list[GGUFHeader]) -> None:
         if count > 1:
             raise _err(first.path, f"is shard {first.get(KEY_SPLIT_NO, 0) + 1} of {count}: open the whole set of {count} files")
         return
-    total = sum(len(h.tensors) for h in headers)
-    seen: dict[str, int] = {}
     for i, h in enumerate(headers):
         c = h.split_count()
         if c != n:
@@ -541,10 +544,13 @@ def check_shards(headers: list[GGUFHeader]) -> None:
         no = h.get(KEY_SPLIT_NO)
         if no != i:
             raise _err(h.path, f"split.no is {no} but this file is shard {i + 1} of {n} (split.no should be {i})")
+    total = sum(len(h.tensors) for h in headers)
+    seen: dict[str, int] = {}
+    for i, h in enumerate(headers):
         tc = h.get(KEY_SPLIT_TENSORS)
         if tc != total:
             raise _err(h.path, f"split.tensors.count is {tc} but the {n} shards hold {total} tensors")
         for t in h.tensors:
             if t.name in seen:
-                raise _err(h.path, f"tensor {t.name!r} is also in shard {seen[t.name] + 1} ({headers[seen[t.name]].path})")
+                raise _err(h.path, f"tensor {_q(t.name)} is also in shard {seen[t.name] + 1} ({headers[seen[t.name]].path})")
             seen[t.name] = i
