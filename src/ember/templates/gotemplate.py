@@ -1367,7 +1367,7 @@ class _Parser:
                 self.next_non_space()
                 pipe.is_assign = nxt.typ == T_ASSIGN
                 if pipe.is_assign and v.val not in self.vars:
-                    raise self.error(v, f"undefined variable {v.val!r}")
+                    raise self.error(v, f"undefined variable \"{v.val}\"")
                 pipe.decl.append(v.val)
                 self.vars.append(v.val)
                 break
@@ -1464,7 +1464,7 @@ class _Parser:
         if t.typ == T_VARIABLE:
             name = t.val
             if name not in self.vars:
-                raise self.error(t, f"undefined variable {name!r}")
+                raise self.error(t, f"undefined variable \"{name}\"")
             return VariableNode(t.line, [name])
         if t.typ == T_FIELD:
             return FieldNode(t.line, [t.val[1:]])
