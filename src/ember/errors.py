@@ -66,3 +66,15 @@ class DownloadError(EmberError):
     """A pull failed: unreachable hub, missing repository or file."""
 
     status = 502
+
+
+class QueueFullError(EmberError):
+    """The server's request queue is full; retry later."""
+
+    status = 503
+
+
+class CancelledError(EmberError):
+    """A generation was cancelled (client gone, model unloaded)."""
+
+    status = 499

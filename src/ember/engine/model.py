@@ -80,6 +80,9 @@ class LoadedModel:
         num_gpu = self.options["num_gpu"]
         params.n_gpu_layers = 999 if num_gpu < 0 else num_gpu
         params.main_gpu = self.options["main_gpu"]
+        # llama.cpp's repacked CPU kernels switch between GEMM and GEMV paths by
+        # batch size, so a sequence's numbers can depend on what else is batched.
+        params.use_extra_bufts = not self.options["batch_invariant"]
         mmap, mlock = self.options["use_mmap"], self.options["use_mlock"]
         params.load_mode = (
             lc.LLAMA_LOAD_MODE_MMAP_MLOCK if mmap and mlock
@@ -273,9 +276,10 @@ class Context:
         params.n_threads_batch = threads
         params.embeddings = embeddings
         params.no_perf = False
-        # Sequences share one KV pool so a cached prefix can be copied between them
-        # cheaply; sliding-window models keep full caches so prefixes can be reused.
-        params.kv_unified = True
+        # One KV stream per sequence: a sequence's cells sit where they would if it
+        # ran alone, so batched results are the same as single ones. Sliding-window
+        # models keep full caches so cached prefixes can be reused.
+        params.kv_unified = False
         params.swa_full = True
         if embeddings:
             params.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN

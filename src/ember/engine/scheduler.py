@@ -1,0 +1,412 @@
+"""Continuous batching: many sequences share one llama.cpp context.
+
+Each step decodes, in a single ``llama_decode``, one token for every sequence
+that is generating plus chunks of prompt for sequences that are starting
+(chunked prefill: a long prompt never stalls running streams for more than one
+batch). Every request has its own sampler chain. When a request starts, the
+slot whose cached tokens share the longest prefix with its prompt is reused
+(or that prefix is copied from a busy slot), so only the rest is evaluated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.engine.model import Context, LoadedModel
+from ember.engine.sampling import Sampler
+from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output; the last one has ``done=True`` and the stats."""
+
+    text: str
+    done: bool = False
+    done_reason: str | None = None  # "stop" (end token or stop string), "length", "cancel"
+    prompt_tokens: int = 0  # tokens in the prompt
+    prompt_eval_count: int = 0  # prompt tokens actually evaluated (the rest came from the cache)
+    prompt_eval_duration: int = 0  # ns
+    eval_count: int = 0  # generated tokens
+    eval_duration: int = 0  # ns
+    tokens: list[int] = field(default_factory=list)  # generated token ids (on the last chunk)
+
+
+class Handle:
+    """The consumer's side of one request: iterate (sync or async) over chunks."""
+
+    def __init__(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._scheduler = scheduler
+        self._loop = loop
+        self._sync: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
+        self._async: asyncio.Queue[Chunk | BaseException] | None = asyncio.Queue() if loop else None
+        self.cancelled = False
+
+    def _put(self, item: Chunk | BaseException) -> None:
+        if self._loop is None:
+            self._sync.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, item)  # type: ignore[union-attr]
+        except RuntimeError:  # the consumer's event loop is gone
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """Stop generating; the sequence is freed at the next step."""
+        self.cancelled = True
+        self._scheduler._wake()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        if self._loop is not None:
+            raise TypeError("this request was submitted for async iteration")
+        try:
+            while True:
+                item = self._sync.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+        finally:
+            self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        assert self._async is not None, "submit(loop=...) for async iteration"
+        try:
+            while True:
+                item = await self._async.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+        finally:
+            self.cancel()
+
+
+@dataclass
+class _Request:
+    tokens: list[int]
+    options: dict[str, Any]
+    grammar: str | None
+    handle: Handle
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class _Slot:
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.cached: list[int] = []  # tokens whose KV is in the cache for this sequence
+        self.last_used = 0.0
+        self.req: _Request | None = None
+
+    def start(self, req: _Request, n_keep: int, sampler: Sampler, stops: list[str]) -> None:
+        self.req = req
+        self.pending = req.tokens[n_keep:]
+        self.n_past = n_keep
+        self.sampler = sampler
+        self.stops = stops
+        self.max_stop = max((len(s) for s in stops), default=0)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = ""
+        self.emitted = 0
+        self.generated: list[int] = []
+        self.next_token: int | None = None
+        self.batch_row = -1
+        self.t_start = time.perf_counter()
+        self.t_first: float | None = None
+        self.n_evaluated = len(self.pending)
+        self.taken = 0
+
+
+class Scheduler:
+    """Runs one model's requests on ``num_parallel`` sequences of one context.
+
+    ``num_ctx`` is per sequence (as in Ollama); the context holds
+    ``num_ctx * num_parallel`` tokens, one KV stream per sequence.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        num_ctx: int,
+        num_parallel: int = 1,
+        max_queue: int = 512,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.num_ctx = num_ctx
+        self.num_parallel = num_parallel
+        self.max_queue = max_queue
+        self.ctx: Context = model.new_context(num_ctx * num_parallel, n_seq_max=num_parallel, options=options)
+        self.n_batch = self.ctx.n_batch
+        self.slots = [_Slot(i) for i in range(num_parallel)]
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"ember-scheduler-{model.paths[0].name}", daemon=True)
+        self._thread.start()
+
+    # --- public ----------------------------------------------------------
+    def submit(
+        self,
+        tokens: list[int],
+        options: dict[str, Any],
+        *,
+        grammar: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Handle:
+        """Queue a prompt; ``options`` is a complete options dict (see ember.options.merged)."""
+        if not tokens:
+            raise EmberError("the prompt is empty after tokenization")
+        if len(tokens) >= self.num_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(tokens)} tokens but the context holds {self.num_ctx} (num_ctx); "
+                "shorten it or raise num_ctx"
+            )
+        handle = Handle(self, loop)
+        with self._cond:
+            if self._closed:
+                raise CancelledError("the model is being unloaded")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError("the server is busy (request queue full); retry later")
+            self._queue.append(_Request(list(tokens), options, grammar, handle))
+            self._cond.notify()
+        return handle
+
+    def generate(self, tokens: list[int], options: dict[str, Any], grammar: str | None = None) -> Iterator[Chunk]:
+        return iter(self.submit(tokens, options, grammar=grammar))
+
+    @property
+    def active(self) -> int:
+        return sum(1 for s in self.slots if s.req is not None) + len(self._queue)
+
+    def memory_report(self):  # type: ignore[no-untyped-def]
+        return self.ctx.memory_report()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        self.ctx.close()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # --- the loop --------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._queue and not any(s.req for s in self.slots):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                self._admit()
+            try:
+                self._step()
+            except EmberError as e:
+                self._fail_all(e)
+            except Exception as e:  # noqa: BLE001 - never let the loop die silently
+                self._fail_all(EngineError(f"generation failed: {e}"))
+        for s in self.slots:
+            if s.req:
+                s.req.handle._put(CancelledError("the model was unloaded"))
+                self._free(s)
+        while self._queue:
+            self._queue.popleft().handle._put(CancelledError("the model was unloaded"))
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots, reusing the longest cached prefix."""
+        while self._queue:
+            free = [s for s in self.slots if s.req is None]
+            if not free:
+                return
+            req = self._queue.popleft()
+            if req.handle.cancelled:
+                continue
+            try:
+                self._start(req, free)
+            except EmberError as e:
+                req.handle._put(e)
+
+    def _start(self, req: _Request, free: list[_Slot]) -> None:
+        tokens = req.tokens
+        limit = len(tokens) - 1  # the last prompt token is always evaluated (it gives the logits)
+
+        def common(s: _Slot) -> int:
+            n = 0
+            for a, b in zip(s.cached, tokens[:limit]):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        best_free = max(free, key=lambda s: (common(s), -s.last_used if common(s) == 0 else 0))
+        n_free = common(best_free)
+        busy = [s for s in self.slots if s.req is not None]
+        best_busy = max(busy, key=common, default=None)
+        n_busy = common(best_busy) if best_busy else 0
+        if n_busy > n_free and best_busy is not None:
+            # Take the least recently used free slot and copy the prefix into it.
+            # (Per-sequence KV streams copy whole; the tail is then dropped.)
+            slot = min(free, key=lambda s: s.last_used)
+            self.ctx.seq_rm(slot.seq)
+            self.ctx.seq_cp(best_busy.seq, slot.seq)
+            self.ctx.seq_rm(slot.seq, n_busy, -1)
+            slot.cached = tokens[:n_busy]
+            n_keep = n_busy
+        else:
+            slot, n_keep = best_free, n_free
+            if not self.ctx.seq_rm(slot.seq, n_keep, -1):
+                self.ctx.seq_rm(slot.seq)
+                n_keep = 0
+            slot.cached = slot.cached[:n_keep]
+        sampler = Sampler(self.model, req.options, req.grammar)
+        sampler.accept_prompt(tokens)
+        stops = [s for s in req.options.get("stop") or [] if s]
+        slot.start(req, n_keep, sampler, stops)
+
+    def _step(self) -> None:
+        entries: list[tuple[int, int, int, bool]] = []
+        active = [s for s in self.slots if s.req is not None]
+        for s in active:
+            if s.req.handle.cancelled:  # type: ignore[union-attr]
+                self._finish(s, "cancel", notify=False)
+        active = [s for s in active if s.req is not None]
+        for s in active:
+            s.batch_row = -1
+            s.taken = 0
+            if s.next_token is not None:
+                entries.append((s.next_token, s.n_past, s.seq, True))
+                s.batch_row = len(entries) - 1
+        budget = self.n_batch - len(entries)
+        # Prefill in arrival order so the oldest prompt finishes first.
+        for s in sorted((s for s in active if s.pending), key=lambda s: s.req.submitted):  # type: ignore[union-attr]
+            if budget <= 0:
+                break
+            take = s.pending[:budget]
+            finishes = len(take) == len(s.pending)
+            for j, tok in enumerate(take):
+                entries.append((tok, s.n_past + j, s.seq, finishes and j == len(take) - 1))
+            if finishes:
+                s.batch_row = len(entries) - 1
+            s.taken = len(take)
+            budget -= len(take)
+        if not entries:
+            return
+        self.ctx.decode(entries)
+        # Book-keeping after a successful decode.
+        for s in active:
+            if s.next_token is not None:
+                s.cached.append(s.next_token)
+                s.n_past += 1
+                s.next_token = None
+        for s in active:
+            if s.taken:
+                s.cached.extend(s.pending[: s.taken])
+                s.n_past += s.taken
+                s.pending = s.pending[s.taken :]
+        for s in active:
+            if s.batch_row >= 0 and not s.pending:
+                self._sample(s)
+
+    def _sample(self, s: _Slot) -> None:
+        req = s.req
+        assert req is not None
+        now = time.perf_counter()
+        if s.t_first is None:
+            s.t_first = now
+        n_predict = req.options.get("num_predict", -1)
+        if n_predict == 0:
+            self._finish(s, "length")
+            return
+        tok = s.sampler.sample(self.ctx.ptr, s.batch_row)
+        if self.model.is_eog(tok):
+            self._finish(s, "stop")
+            return
+        s.generated.append(tok)
+        s.text += s.decoder.decode(self.model.token_bytes(tok))
+        if self._emit(s):
+            return
+        if (n_predict is not None and 0 <= n_predict <= len(s.generated)) or s.n_past + 1 >= self.num_ctx:
+            self._finish(s, "length")
+            return
+        s.next_token = tok
+
+    def _emit(self, s: _Slot) -> bool:
+        """Send the text that can no longer be part of a stop string; True if stopped."""
+        assert s.req is not None
+        if s.stops:
+            start = max(0, s.emitted - s.max_stop)
+            hits = [i for i in (s.text.find(st, start) for st in s.stops) if i >= 0]
+            if hits:
+                cut = min(hits)
+                if cut > s.emitted:
+                    s.req.handle._put(Chunk(s.text[s.emitted : cut]))
+                s.text = s.text[:cut]
+                s.emitted = cut
+                self._finish(s, "stop", flush=False)
+                return True
+            safe = len(s.text)
+            for st in s.stops:
+                for k in range(min(len(st) - 1, len(s.text)), 0, -1):
+                    if s.text.endswith(st[:k]):
+                        safe = min(safe, len(s.text) - k)
+                        break
+        else:
+            safe = len(s.text)
+        if safe > s.emitted:
+            s.req.handle._put(Chunk(s.text[s.emitted : safe]))
+            s.emitted = safe
+        return False
+
+    def _finish(self, s: _Slot, reason: str, *, notify: bool = True, flush: bool = True) -> None:
+        req = s.req
+        assert req is not None
+        if notify:
+            if flush:
+                s.text += s.decoder.decode(b"", final=True)
+            tail = s.text[s.emitted :] if flush else ""
+            now = time.perf_counter()
+            first = s.t_first or now
+            req.handle._put(
+                Chunk(
+                    tail,
+                    done=True,
+                    done_reason=reason,
+                    prompt_tokens=len(req.tokens),
+                    prompt_eval_count=s.n_evaluated,
+                    prompt_eval_duration=int((first - s.t_start) * 1e9),
+                    eval_count=len(s.generated),
+                    eval_duration=int((now - first) * 1e9),
+                    tokens=list(s.generated),
+                )
+            )
+        self._free(s)
+
+    def _free(self, s: _Slot) -> None:
+        s.sampler.close()
+        s.req = None
+        s.pending = []
+        s.next_token = None
+        s.last_used = time.monotonic()
+
+    def _fail_all(self, error: EmberError) -> None:
+        for s in self.slots:
+            if s.req is not None:
+                s.req.handle._put(error)
+                self._free(s)
+                self.ctx.seq_rm(s.seq)
+                s.cached = []
