@@ -61,9 +61,9 @@ def _print_info(info: ModelInfo, tensors: bool) -> None:
     q.add_column("tensors", justify="right")
     q.add_column("bytes", justify="right")
     q.add_column("share", justify="right")
-    for name, s in info.quant_types.items():
-        share = s.bytes / info.tensor_bytes * 100 if info.tensor_bytes else 0.0
-        q.add_row(name, str(s.tensors), format_size(s.bytes), f"{share:.1f}%")
+    for name, stats in info.quant_types.items():
+        share = stats.bytes / info.tensor_bytes * 100 if info.tensor_bytes else 0.0
+        q.add_row(name, str(stats.tensors), format_size(stats.bytes), f"{share:.1f}%")
     console.print(q)
 
     if tensors:
@@ -151,8 +151,8 @@ def split(
             no_tensor_first_split=no_tensor_first_split,
             progress=progress,
         )
-    for p in paths:
-        console.print(f"{p}  {format_size(p.stat().st_size)}", highlight=False, soft_wrap=True)
+    for path in paths:
+        console.print(f"{path}  {format_size(path.stat().st_size)}", highlight=False, soft_wrap=True)
     console.print(f"Wrote {len(paths)} shards.", highlight=False)
 
 

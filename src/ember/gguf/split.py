@@ -24,7 +24,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 from gguf import GGUFValueType, GGUFWriter
@@ -200,6 +200,8 @@ def _read_model(path: str | os.PathLike[str]) -> list[GGUFHeader]:
 
 def _refuse_overwriting_inputs(outputs: Sequence[Path], inputs: Sequence[Path]) -> None:
     for o in outputs:
+        if o.is_dir():
+            raise InvalidFileError(f"{o}: is a directory; give a file name for the output")
         for i in inputs:
             with contextlib.suppress(OSError):
                 if o.exists() and os.path.samefile(o, i):
@@ -288,7 +290,7 @@ def _write_gguf(
         fout = w.fout[0]
         w.write_padding(fout, fout.tell())
         fout.flush()
-        sources: dict[Path, BinaryIO] = {}
+        sources: dict[Path, IO[bytes]] = {}
         try:
             for h, t in tensors:
                 src = sources.get(h.path)
@@ -304,7 +306,7 @@ def _write_gguf(
         w.close()
 
 
-def _copy(src: BinaryIO, dst: Any, offset: int, n: int, report: _Progress, src_path: Path) -> None:
+def _copy(src: Any, dst: Any, offset: int, n: int, report: _Progress, src_path: Path) -> None:
     """Copy ``n`` bytes from ``src`` at ``offset`` to the end of ``dst``."""
     remaining = n
     if hasattr(os, "copy_file_range"):

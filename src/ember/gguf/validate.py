@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -471,6 +472,8 @@ def _stat_key(path: Path) -> tuple[int, int, int]:
         raise _err(path, "no such file") from None
     except OSError as e:
         raise _err(path, f"cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _err(path, "is not a regular file")
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
