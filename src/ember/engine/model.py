@@ -349,6 +349,13 @@ class Context:
                 out[start + j] = self.logits_row(j)
         return out
 
+    def sequence_embedding(self, seq: int) -> np.ndarray:
+        """The pooled embedding of a sequence (contexts made with embeddings=True)."""
+        ptr = lc.llama_get_embeddings_seq(self.ptr, seq)
+        if not ptr:
+            raise EngineError("this model gives no pooled embeddings")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).astype(np.float32)
+
     def seq_rm(self, seq: int, p0: int = 0, p1: int = -1) -> bool:
         return bool(lc.llama_memory_seq_rm(self.memory, seq, p0, p1))
 
