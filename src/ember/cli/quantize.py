@@ -169,12 +169,13 @@ def perplexity_cmd(
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
     chunks: int = typer.Option(0, "--chunks", help="Score at most this many chunks (0: all)."),
     threads: int = typer.Option(0, "--threads", "-t", help="Threads (0: physical cores)."),
+    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="Flash attention (on: like llama-perplexity's default on CPUs)."),
 ) -> None:
     """Perplexity of MODEL on a text, computed exactly as llama-perplexity does."""
     from ember.evaluate import perplexity
 
     with _lazy_bar() as bar:
-        r = perplexity(model, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
+        r = perplexity(model, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
     console.print(f"perplexity: {r.ppl:.4f} +/- {r.ppl_stderr:.4f} ({r.n_chunks} chunks of {r.n_ctx} tokens, {r.n_scored} tokens scored)")
 
 
@@ -186,13 +187,14 @@ def kld_cmd(
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk."),
     chunks: int = typer.Option(0, "--chunks", help="At most this many chunks (0: all)."),
     threads: int = typer.Option(0, "--threads", "-t", help="Threads (0: physical cores)."),
+    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="Flash attention (on: like llama-perplexity's default on CPUs)."),
 ) -> None:
     """KL divergence of QUANT from BASE and how often their top token agrees
     (like llama-perplexity --kl-divergence)."""
     from ember.evaluate import kl_divergence
 
     with _lazy_bar() as bar:
-        r = kl_divergence(base, quant, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
+        r = kl_divergence(base, quant, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
     console.print(f"mean KLD:        {r.kld_mean:.6f} +/- {r.kld_stderr:.6f}")
     console.print(f"same top token:  {100 * r.same_top:.2f}% +/- {100 * r.same_top_stderr:.2f}%")
     console.print(f"perplexity base: {r.ppl_base:.4f}   quant: {r.ppl_quant:.4f}   ratio: {r.ppl_quant / r.ppl_base:.4f}")
