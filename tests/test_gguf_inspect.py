@@ -163,6 +163,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, demo: Path) -> None:
         (["validate", text], "not a GGUF file"),
         (["inspect", trunc], "truncated"),
         (["merge", trunc, tmp_path / "out.gguf"], "truncated"),
+        (["merge", demo, tmp_path / "out.gguf"], "is not a split model"),
         (["split", demo, tmp_path / "x", "--max-size", "2G", "--max-tensors", "4"], "not both"),
         (["split", demo, tmp_path / "x", "--max-size", "lots"], "invalid size"),
     ]

@@ -116,6 +116,13 @@ def test_split_by_tensor_count_no_tensor_first_split(tmp_path: Path, tiny: Path)
     assert inspect_model(shards[3]).parameter_count == inspect_model(tiny).parameter_count
     out = merge_model(shards[2], tmp_path / "merged.gguf")
     assert filecmp.cmp(out, tiny, shallow=False)
+    # Any shard of a split model can be split again (the whole model is re-split).
+    again = split_model(shards[1], tmp_path / "again", max_tensors=4)
+    assert [len(read_header(s).tensors) for s in again] == [4, 3]
+    assert filecmp.cmp(merge_model(again[1], tmp_path / "merged2.gguf"), tiny, shallow=False)
+    r = run_ember("split", tiny, tmp_path / "dry", "--max-tensors", "5", "--dry-run")
+    assert r.returncode == 0 and "dry-00001-of-00002.gguf" in r.stdout and "dry-00002-of-00002.gguf" in r.stdout
+    assert not list(tmp_path.glob("dry*"))
 
 
 def test_llama_cpp_python_split_layout_merges_and_inspects(tmp_path: Path) -> None:

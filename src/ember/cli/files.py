@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ember.cli.app import app
-from ember.cli.common import console, format_size, parse_size, progress_bar
+from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
 from ember.errors import OptionError
 from ember.gguf import ModelInfo, inspect_model, merge_model, plan_split, read_model, split_model
 
@@ -25,8 +25,8 @@ def _count(n: int) -> str:
 
 def _print_info(info: ModelInfo, tensors: bool) -> None:
     t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
     t.add_row("file", info.path)
     t.add_row("architecture", info.architecture or "-")
     t.add_row("name", info.name or "-")
@@ -133,14 +133,22 @@ def split(
     plans = plan_split(
         src, out_prefix, max_size=size, max_tensors=max_tensors, no_tensor_first_split=no_tensor_first_split
     )
-    if dry_run:
-        t = Table(title=f"{len(plans)} shards (dry run, nothing written)", title_justify="left")
-        t.add_column("file")
-        t.add_column("tensors", justify="right")
-        t.add_column("tensor bytes", justify="right")
+    if size is not None:
         for p in plans:
-            t.add_row(str(p.path), str(len(p.tensors)), format_size(p.tensor_bytes))
-        console.print(t)
+            if p.tensor_bytes > size:
+                name, tensor = p.tensors[0][1].name, p.tensors[0][1]
+                err_console.print(
+                    f"Note: tensor {name} ({format_size(tensor.nbytes)}) is larger than --max-size; "
+                    f"it gets {p.path.name} to itself.",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+    if dry_run:
+        console.print(f"{len(plans)} shards (dry run, nothing written):", highlight=False)
+        for p in plans:
+            console.print(
+                f"{p.path}  {len(p.tensors)} tensors  {format_size(p.tensor_bytes)}", highlight=False, soft_wrap=True
+            )
         return
     with progress_bar() as progress:
         paths = split_model(

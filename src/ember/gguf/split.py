@@ -171,6 +171,8 @@ def merge_model(
 
     The split.* keys are dropped, so the result is the file that was split."""
     headers = _read_model(first_shard)
+    if KEY_SPLIT_COUNT not in headers[0].kv:
+        raise InvalidFileError(f"{first_shard}: is not a split model (it has no split.count key): nothing to merge")
     out = Path(out)
     _refuse_overwriting_inputs([out], [h.path for h in headers])
     first = headers[0]
