@@ -35,6 +35,17 @@ def _check_manifests() -> int:
     return n
 
 
+def _check_blobs(root: Path, verified: set[str]) -> None:
+    """No file under a final blob name is partial: each one hashes to its name
+    (checked once per blob)."""
+    for b in (root / "blobs").iterdir():
+        if b.name.startswith(store.TMP_PREFIX) or b.name in verified:
+            continue
+        digest = b.name.replace("-", ":", 1)
+        assert store.verify_blob(digest), f"{b.name} holds content that does not match its name"
+        verified.add(b.name)
+
+
 def _leftovers(root: Path) -> bool:
     """True when a killed create left a temp file or an unreferenced blob."""
     blobs = root / "blobs"
@@ -58,23 +69,42 @@ def test_sigkill_create_never_breaks_the_registry(tmp_path: Path, monkeypatch) -
 
     cmd = [sys.executable, "-m", "ember.cli.main", "create"]
     t0 = time.monotonic()
-    subprocess.run([*cmd, "warm", "-f", "Modelfile2"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run([*cmd, "warm", "-f", "Modelfile0"], cwd=tmp_path, env=env, check=True, capture_output=True)
     full = time.monotonic() - t0  # how long one whole create takes here
     rng = random.Random(4242)
-    killed = hit_mid_write = 0
+    killed = hit_mid_write = poll_hits = 0
+    verified: set[str] = set()
+    blobs = root / "blobs"
     for run in range(RUNS):
-        variant = rng.randrange(3)
+        poll = run % 2 == 1
+        if poll:
+            # a fresh source, so this create must write new blobs; kill it just after a blob write starts
+            write_tiny_gguf(tmp_path / f"fresh{run}.gguf", n_tensors=32, rows=4096, seed=1000 + run, split_max_tensors=16)
+            (tmp_path / f"Modelfile.fresh{run}").write_text(f"FROM fresh{run}-00002-of-00002.gguf\nSYSTEM fresh {run}\n")
+            modelfile = f"Modelfile.fresh{run}"
+        else:
+            modelfile = f"Modelfile{rng.randrange(3)}"
         name = rng.choice(["m", "m", "other:v1"])
-        p = subprocess.Popen([*cmd, name, "-f", f"Modelfile{variant}"], cwd=tmp_path, env=env,
+        p = subprocess.Popen([*cmd, name, "-f", modelfile], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5 * full, 1.1 * full))
+        if poll:
+            deadline = time.monotonic() + 10 * full
+            while p.poll() is None and time.monotonic() < deadline:
+                if any(q.name.startswith(store.TMP_PREFIX) for q in blobs.iterdir()):
+                    break
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.03))
+        else:
+            time.sleep(rng.uniform(0.3 * full, 1.5 * full))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             killed += 1
         p.wait(timeout=60)
         if p.returncode == -signal.SIGKILL and _leftovers(root):
             hit_mid_write += 1
+            poll_hits += poll
         assert _check_manifests() >= 1, f"run {run}"
+        _check_blobs(root, verified)
         # a model that exists resolves completely
         for entry in ("warm", "m", "other:v1"):
             try:
@@ -83,9 +113,9 @@ def test_sigkill_create_never_breaks_the_registry(tmp_path: Path, monkeypatch) -
                 assert "not found" in str(e), (run, entry, e)
                 continue
             assert all(q.is_file() for q in r.model_paths)
-    print(f"fault test: {killed} of {RUNS} creates killed, {hit_mid_write} while writing blobs")
+    print(f"fault test: {killed} of {RUNS} creates killed, {hit_mid_write} while writing blobs ({poll_hits} aimed)")
     assert killed >= RUNS // 4, f"only {killed} of {RUNS} runs were killed before finishing"
-    assert hit_mid_write >= 2, f"only {hit_mid_write} kills landed while blobs were being written"
+    assert poll_hits >= RUNS // 4, f"only {poll_hits} aimed kills landed while blobs were being written"
 
     # a later create succeeds and the next prune removes every leftover
     r = create_model("m", (tmp_path / "Modelfile0").read_text().replace("FROM ", f"FROM {tmp_path}/"))

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import re
+import sys
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -267,6 +269,7 @@ def _quantize(files: list[Path], work: Path, qtype: str, progress: ProgressCallb
 
 def _config(files: list[Path], infos: dict[Path, ggufmeta.GGUFInfo], layers: list[store.Layer],
             base_cfg: dict[str, Any] | None) -> dict[str, Any]:
+    cfg: dict[str, Any]
     if files:
         got = [infos.get(f) or ggufmeta.read_info(f) for f in files]
         arch = got[0].architecture or ""
@@ -280,8 +283,9 @@ def _config(files: list[Path], infos: dict[Path, ggufmeta.GGUFInfo], layers: lis
     else:
         cfg = {k: (base_cfg or {}).get(k) for k in ("model_format", "model_family", "model_families", "model_type", "file_type")}
     cfg.update({
-        "architecture": "amd64",
-        "os": "linux",
+        # Ollama writes Go's GOARCH/GOOS here.
+        "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine().lower(), platform.machine().lower()),
+        "os": {"win32": "windows"}.get(sys.platform, sys.platform),
         "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
     })
     return cfg
