@@ -20,6 +20,10 @@ from .ollama import OllamaTemplate
 __all__ = ["ChatTemplate", "TemplateError"]
 
 _JINJA_BLOCK = re.compile(r"\{%|\{#")
+# Actions only Go templates have: field/variable access or Go keywords right
+# after the opening delimiter. Decides whose parse error a user sees when a
+# template parses as neither.
+_GO_ACTION = re.compile(r"\{\{-?\s*(\.|\$|/\*|(if|range|with|end|else|template|define|block|len|index|eq|ne|and|or|not|printf|json)\b)")
 
 
 @dataclass
@@ -45,8 +49,8 @@ class ChatTemplate:
             # Only-expression Jinja templates such as "{{ bos_token }}{{ messages[0]['content'] }}"
             try:
                 impl = JinjaChatTemplate(text)
-            except TemplateError:
-                raise go_error from None
+            except TemplateError as jinja_error:
+                raise (go_error if _GO_ACTION.search(text) else jinja_error) from None
             return cls("jinja", text, impl)
 
     @property

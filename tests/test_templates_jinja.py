@@ -1,0 +1,302 @@
+"""Jinja chat template rendering against transformers' own apply_chat_template.
+
+Templates: real Hugging Face chat templates (Qwen2.5, Qwen3, Llama 3.1,
+Llama 3.2, Gemma 3) under tests/data/templates/jinja/*.jinja. Conversations:
+tests/data/templates/cases.json (shared with the Go tests) plus a few
+Jinja-only cases below. Expected prompts under jinja/<template>/<case>.txt were
+written by transformers (EMBER_UPDATE_GOLDEN=1 rewrites them); each run also
+compares with transformers live, so a stale golden file cannot hide a change.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember.errors import TemplateError
+from ember.templates import ChatTemplate
+from ember.templates.jinja import MAX_CHARS, MAX_ITERATIONS, JinjaChatTemplate
+
+DATA = Path(__file__).parent / "data" / "templates"
+JINJA = DATA / "jinja"
+CASES: dict[str, Any] = {
+    name: case for name, case in json.loads((DATA / "cases.json").read_text(encoding="utf-8")).items()
+    if "messages" in case
+}
+_CALL = {"function": {"name": "get_current_weather", "arguments": {"location": "Paris, France", "format": "celsius"}}}
+CASES["parallel-calls"] = {
+    "tools": CASES["tools-user"]["tools"],
+    "messages": [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            _CALL,
+            {"function": {"name": "get_current_weather", "arguments": {"location": "Rome, Italy", "format": "celsius"}}},
+        ]},
+        {"role": "tool", "content": "22", "tool_name": "get_current_weather"},
+        {"role": "tool", "content": "25", "tool_name": "get_current_weather"},
+    ],
+}
+CASES["thinking-history"] = {
+    "messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "thinking": "Two plus two is four."},
+        {"role": "user", "content": "  And 3+3? \u00e9\u4e2d "},
+    ],
+}
+
+# name -> (bos_token, eos_token) as in the model's tokenizer
+TEMPLATES = {
+    "qwen2.5": ("", "<|im_end|>"),
+    "qwen3": ("", "<|im_end|>"),
+    "llama3.1": ("<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.2": ("<|begin_of_text|>", "<|eot_id|>"),
+    "gemma3": ("<bos>", "<eos>"),
+}
+DATED = {"llama3.2"}  # strftime_now: compared live only
+PAIRS = [(t, c) for t in TEMPLATES for c in CASES]
+
+
+@functools.cache
+def template(name: str) -> ChatTemplate:
+    return ChatTemplate.parse((JINJA / f"{name}.jinja").read_text(encoding="utf-8"))
+
+
+def ours(name: str, case: dict[str, Any], **kw: Any) -> str:
+    bos, eos = TEMPLATES[name]
+    return template(name).render_messages(case["messages"], tools=case.get("tools"), bos_token=bos, eos_token=eos, **kw)
+
+
+def outcome(fn: Any) -> tuple[str, str]:
+    try:
+        return "ok", fn()
+    except Exception as e:  # noqa: BLE001 - we compare what happened
+        return "error", str(e)
+
+
+@functools.cache
+def hf_tokenizer(bos: str, eos: str) -> Any:
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    kw = {"eos_token": eos, **({"bos_token": bos} if bos else {})}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **kw)
+
+
+def hf(name: str, case: dict[str, Any], **kw: Any) -> str:
+    tok = hf_tokenizer(*TEMPLATES[name])
+    tok.chat_template = (JINJA / f"{name}.jinja").read_text(encoding="utf-8")
+    return str(
+        tok.apply_chat_template(
+            json.loads(json.dumps(case["messages"])), tools=case.get("tools"), tokenize=False,
+            add_generation_prompt=True, **kw,
+        )
+    )
+
+
+def test_templates_are_jinja_and_cover_required_cases() -> None:
+    for name in TEMPLATES:
+        assert template(name).kind == "jinja"
+    assert {"user", "user-assistant-user", "system-user-assistant-user", "tools-user", "tools-call-result"} <= set(CASES)
+
+
+@pytest.mark.parametrize(("name", "case"), PAIRS, ids=[f"{t}/{c}" for t, c in PAIRS])
+def test_matches_transformers(name: str, case: str) -> None:
+    got = outcome(lambda: ours(name, CASES[case]))
+    want = outcome(lambda: hf(name, CASES[case]))
+    if name in DATED and got != want:  # the date may have changed between the two calls
+        time.sleep(0.01)
+        got = outcome(lambda: ours(name, CASES[case]))
+    if want[0] == "error":
+        assert got[0] == "error", got[1]
+        assert want[1] in got[1]  # the template's own raise_exception message
+    else:
+        assert got == want
+    if name in DATED:
+        return
+    golden = JINJA / name / f"{case}.txt"
+    if os.environ.get("EMBER_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_bytes((want[1] if want[0] == "ok" else "ERROR: " + want[1]).encode("utf-8"))
+    expected = golden.read_bytes().decode("utf-8")
+    assert (got[1] if got[0] == "ok" else "ERROR: " + got[1]).endswith(expected.removeprefix("ERROR: "))
+
+
+def test_golden_files_without_transformers() -> None:
+    # The stored prompts pin the output even where transformers is absent.
+    for name in TEMPLATES.keys() - DATED:
+        for case in CASES:
+            expected = (JINJA / name / f"{case}.txt").read_bytes().decode("utf-8")
+            if expected.startswith("ERROR: "):
+                with pytest.raises(TemplateError, match=r"^chat template line \d+: "):
+                    ours(name, CASES[case])
+            else:
+                assert ours(name, CASES[case]) == expected, (name, case)
+
+
+def test_known_prompts() -> None:
+    # Hand-checked against the models' documented formats.
+    assert ours("qwen2.5", CASES["user"]) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHello, how are you?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert ours("gemma3", CASES["system-user-assistant-user"]) == (
+        "<bos><start_of_turn>user\nYou are a helpful assistant.\n\nHello, how are you?<end_of_turn>\n"
+        "<start_of_turn>model\nI'm doing great. How can I help you today?<end_of_turn>\n"
+        "<start_of_turn>user\nI'd like to show off how chat templating works!<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert ours("llama3.1", CASES["user"]).startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+    )
+    assert time.strftime("%d %b %Y") in ours("llama3.2", CASES["user"])
+
+
+def test_enable_thinking_from_think() -> None:
+    case = CASES["user"]
+    off = ours("qwen3", case, think=False)
+    assert off == hf("qwen3", case, enable_thinking=False)
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert ours("qwen3", case, think=True) == hf("qwen3", case, enable_thinking=True) == ours("qwen3", case)
+
+
+def test_generation_prompt_off_and_continuation() -> None:
+    case = CASES["user-assistant"]
+    t = template("qwen2.5")
+    assert t.render_messages(case["messages"], add_generation_prompt=False).endswith("<|im_end|>\n")
+    tok = hf_tokenizer("", "<|im_end|>")
+    tok.chat_template = t.text
+    msgs = [{"role": "user", "content": "Tell me"}]
+    want = tok.apply_chat_template([*msgs, {"role": "assistant", "content": "Once upon"}], tokenize=False,
+                                   continue_final_message=True)
+    assert t.render_prompt("Tell me", response="Once upon") == want
+
+
+# ---------------------------------------------------------------- HF context
+
+
+def render(text: str, messages: list[dict[str, Any]] | None = None, **kw: Any) -> str:
+    return JinjaChatTemplate(text).render(messages or [{"role": "user", "content": "hi"}], **kw)
+
+
+def test_tojson_like_transformers() -> None:
+    data = {"b": "é<&>", "a": [1, 2.5, None, True]}
+    assert render("{{ x | tojson }}", extra={"x": data}) == '{"b": "é<&>", "a": [1, 2.5, null, true]}'
+    assert render("{{ x | tojson(indent=2) }}", extra={"x": {"k": [1]}}) == '{\n  "k": [\n    1\n  ]\n}'
+    assert render("{{ x | tojson(ensure_ascii=True, sort_keys=True) }}", extra={"x": data}).startswith('{"a": ')
+    assert render("{{ x | tojson(separators=(',', ':')) }}", extra={"x": [1, 2]}) == "[1,2]"
+
+
+def test_loop_controls_trim_and_lstrip_blocks() -> None:
+    text = "{% for i in range(5) %}\n  {% if i == 1 %}{% continue %}{% endif %}\n  {% if i == 3 %}{% break %}{% endif %}\n{{ i }}\n{% endfor %}"
+    assert render(text) == "0\n2\n"
+
+
+def test_raise_exception_names_line_and_message() -> None:
+    with pytest.raises(TemplateError, match=r"^chat template line 3: Only user and assistant roles are supported!$"):
+        render("{% for m in messages %}\n{% if m.role != 'user' %}\n{{ raise_exception('Only user and assistant roles are supported!') }}\n{% endif %}{% endfor %}",
+               [{"role": "system", "content": "x"}])
+
+
+def test_strftime_now_and_special_tokens() -> None:
+    out = render("{{ bos_token }}{{ strftime_now('%Y') }}{{ eos_token }}", bos_token="<s>", eos_token="</s>")
+    assert out == f"<s>{time.strftime('%Y')}</s>"
+
+
+def test_none_values_dropped_like_transformers() -> None:
+    assert render("{% for m in messages %}{{ 'content' in m }}{% endfor %}", [{"role": "assistant", "content": None}]) == "False"
+
+
+def test_openai_string_arguments_render_as_objects() -> None:
+    # OpenAI clients send arguments as a JSON string; templates expect an object.
+    case = json.loads(json.dumps(CASES["parallel-calls"]))
+    for call in case["messages"][1]["tool_calls"]:
+        call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+    assert ours("qwen2.5", case) == ours("qwen2.5", CASES["parallel-calls"])
+    case["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{not json"
+    with pytest.raises(TemplateError, match="message 2: tool call arguments are not valid JSON"):
+        ours("qwen2.5", case)
+
+
+def test_input_messages_not_modified() -> None:
+    msgs = [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": '{"a": 1}'}}]}]
+    before = json.dumps(msgs)
+    assert render("{{ messages[0].tool_calls[0].function.arguments.a }}", msgs) == "1"
+    assert json.dumps(msgs) == before
+
+
+# ---------------------------------------------------------------- sandbox and errors
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.__class__.__base__ }}",
+        "{{ raise_exception.__globals__ }}",
+        "{{ cycler.__init__.__globals__.os }}",
+        "{{ messages.append(1) }}",
+        "{{ messages[0].update({'role': 'x'}) }}",
+        "{% set ns = namespace() %}{% set ns.__class__ = 1 %}",
+        "{{ namespace(_x=1) }}",
+        "{{ self.__init__.__globals__ }}",
+        "{{ (lipsum | attr('__globals__')) }}",
+        "{{ '{0.__class__}'.format(1) }}",
+    ],
+)
+def test_sandbox_refuses(text: str) -> None:
+    with pytest.raises(TemplateError, match=r"^chat template line 1: "):
+        render(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("{% for m in messages %}\n{{ m.content + 1 }}{% endfor %}", r"^chat template line 2: TypeError: can only concatenate"),
+        ("a\nb\n{% if %}", r"^chat template line 3: Expected an expression"),
+        ("{% for m in messages %}\n\n{{ m.content }", r"^chat template line 3: unexpected '}'"),
+        ("{% for m in messages %}{{ m }}", r"^chat template line 1: Unexpected end of template.*'endfor'"),
+        ("{% generation %}x", r"endgeneration"),
+        ("\n\n{{ messages[5].content }}", r"^chat template line 3: list object has no element 5"),
+        ("{{ x | nosuchfilter }}", r"^chat template line 1: No filter named 'nosuchfilter'"),
+        ("x\n{{ undefined_var | tojson }}", r"^chat template line 2: "),
+    ],
+)
+def test_errors_name_the_line(text: str, pattern: str) -> None:
+    with pytest.raises(TemplateError, match=pattern):
+        ChatTemplate.parse(text).render_messages([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "{{ 'x' * 100000000 }}",
+        "{{ [1] * 100000000 }}",
+        "{% set ns = namespace(s='xxxxxxxxxxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "{% set ns = namespace(s='xxxxxxxxxxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+        "{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('xxxxxxxx') }}",
+        "{{ 'x' | center(1000000000) }}",
+        "{{ 7 ** 99999999 }}",
+        "{{ range(10000000) | list }}",
+    ],
+)
+def test_expensive_templates_are_stopped(text: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(TemplateError, match=r"too expensive|recursion too deep"):
+        render(text)
+    assert time.monotonic() - start < 5
+
+
+def test_limits_leave_normal_use_alone() -> None:
+    assert MAX_CHARS >= 1 << 24 and MAX_ITERATIONS >= 1_000_000
+    big = "x" * 1_000_000
+    assert render("{% for m in messages %}{{ m.content | length }}{{ 10000000 | string }}{% endfor %}",
+                  [{"role": "user", "content": big}]) == "100000010000000"
+    assert render("{{ range(3) | list }}{{ range(5) | reverse | first }}{{ range(4) | length }}") == "[0, 1, 2]44"
