@@ -16,8 +16,9 @@ from ember.errors import TemplateError
 
 from .jinja import JinjaChatTemplate
 from .ollama import OllamaTemplate
+from .tools import parse_tool_calls, split_tool_calls
 
-__all__ = ["ChatTemplate", "TemplateError"]
+__all__ = ["ChatTemplate", "TemplateError", "parse_tool_calls", "split_tool_calls"]
 
 _JINJA_BLOCK = re.compile(r"\{%|\{#")
 # Actions only Go templates have: field/variable access or Go keywords right
