@@ -193,6 +193,11 @@ def test_resolve_paths_and_errors(models: Path, tmp_path: Path) -> None:
     assert r.model_paths == [s.resolve() for s in shards] and r.digest is None and r.template is None
     with pytest.raises(ModelNotFoundError, match="ember list.*ember pull"):
         resolve("no-such-model")
+    with pytest.raises(ModelNotFoundError, match="ember list.*ember pull"):
+        show_model("no-such-model")
+    d = show_model(str(shards[0]))  # a file: shown from its own metadata
+    assert d.details["family"] == "llama" and d.model_info["general.parameter_count"] == 4 * 8 * 16
+    assert parse_modelfile(d.modelfile).from_ == [str(s.resolve()) for s in shards]
     with pytest.raises(ModelNotFoundError):
         resolve("../../etc/passwd-not-here")
 

@@ -53,7 +53,7 @@ def _leftovers(root: Path) -> bool:
         return False
     names = {p.name for p in blobs.iterdir()}
     used = {d.replace(":", "-", 1) for d in store.referenced_digests()}
-    return bool(names - used) or any((root / "tmp").glob("*"))
+    return bool(names - used) or any((root / "tmp").glob("*")) or any(root.glob("manifests/*/*/*/.*.tmp"))
 
 
 def test_sigkill_create_never_breaks_the_registry(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -203,7 +203,14 @@ def list_models() -> list[ModelEntry]:
 
 
 def show_model(name: str) -> ModelDetails:
-    m = _require(name)
+    """Details of a registry model, or of what :func:`resolve` finds for a GGUF
+    path or ``demo`` (then from the file's own metadata)."""
+    try:
+        m = find_model(name)
+    except InvalidNameError:
+        m = None
+    if m is None:
+        return _show_file(resolve(name))
     r = from_manifest(m)
     info: dict[str, Any] = {}
     try:
@@ -228,6 +235,26 @@ def show_model(name: str) -> ModelDetails:
         digest=m.digest,
         modified_at=r.modified_at,
         resolved=r,
+    )
+
+
+def _show_file(r: ResolvedModel) -> ModelDetails:
+    infos = [ggufmeta.read_info(p) for p in r.model_paths]
+    first = infos[0]
+    info = dict(first.metadata)
+    info["general.parameter_count"] = sum(i.n_params for i in infos)
+    arch = first.architecture or ""
+    details = {
+        "parent_model": "",
+        "format": "gguf",
+        "family": arch,
+        "families": [arch] if arch else None,
+        "parameter_size": ggufmeta.format_params(sum(i.n_params for i in infos)),
+        "quantization_level": first.file_type or "",
+    }
+    return ModelDetails(
+        name=r.name, modelfile=modelfile_text(r), parameters="", template=None, system=None, license=[],
+        messages=[], details=details, model_info=info, digest=None, modified_at=r.modified_at, resolved=r,
     )
 
 

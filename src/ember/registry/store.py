@@ -382,6 +382,12 @@ def _prune(min_age: float) -> list[str]:
     used = referenced_digests()
     now = time.time()
     removed = []
+    mdir = manifests_dir()  # temporary files of manifest writes that were killed
+    if mdir.is_dir():
+        for t in mdir.glob("*/*/*/.*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - t.stat().st_mtime >= min_age:
+                    t.unlink()
     work = root() / "tmp"  # work folders of creates (conversions, quantizations)
     if work.is_dir():
         for d in work.iterdir():
