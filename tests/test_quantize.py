@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ember import quantize as q
+import ember.quantize as q  # the submodule (ember.quantize is also an API function)
 from ember.errors import InvalidFileError, QuantizationError
 from test_quantize_support import FF, HIDDEN, file_type, tensor_types, write_tiny_llama
 
@@ -493,3 +493,51 @@ def test_same_bytes_as_llama_quantize(name: str, tiny: Path, work: Path, imatrix
     assert r.returncode == 0, r.stderr[-2000:]
     assert tensor_types(ours) == tensor_types(theirs)
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+# --------------------------------------------------------------------------
+# recommend
+# --------------------------------------------------------------------------
+
+
+def test_recommend_fits_memory(tiny: Path, work: Path) -> None:
+    import json
+
+    from ember.engine import load_model
+
+    kv, compute = q._kv_and_compute(tiny, 2048)
+    m = load_model(tiny, {"num_thread": 1})
+    try:
+        ctx = m.new_context(2048)
+        assert ctx.buffers["CPU KV"] == kv  # the engine allocates exactly this
+        assert 0.5 < compute / ctx.buffers["CPU compute"] < 2.0  # an estimate
+        ctx.close()
+    finally:
+        m.close()
+    roomy = q.recommend(tiny, 10**9, num_ctx=2048)
+    assert roomy.choice is not None and roomy.choice.qtype == "F16"
+    q8 = next(r for r in roomy.rows if r.qtype == "Q8_0")
+    plan = q.plan_quantization(tiny, "Q8_0")
+    assert q8.weights == q.model_file_size_estimate(tiny, plan)
+    # a budget between Q4_K_M's and Q5_K_M's totals picks Q4_K_M
+    rows = {r.qtype: r for r in roomy.rows}
+    budget = (rows["Q4_K_M"].total + rows["Q5_K_S"].total) // 2
+    assert q.recommend(tiny, budget, num_ctx=2048).choice.qtype == "Q4_K_M"
+    assert q.recommend(tiny, 1000, num_ctx=2048).choice is None
+    # measured numbers replace the published ones
+    qf = work / "quality.json"
+    qf.write_text(json.dumps({"types": {"Q8_0": {"kld": 0.001, "ppl": 10.0, "ppl_base": 9.9}, "Q4_K_M": {"kld": 0.02}}}))
+    rec = q.recommend(tiny, 10**9, num_ctx=2048, quality_file=qf)
+    assert [r.qtype for r in rec.rows] == ["Q8_0", "Q4_K_M"]
+    assert "KLD 0.0010" in rec.rows[0].quality and "measured" in rec.quality_source
+    r = _ember("quantize", "--recommend", str(tiny), "--memory", "1G", "--num-ctx", "2048")
+    assert r.returncode == 0 and "recommended: F16" in r.stdout
+
+
+def test_recommend_on_quantized_source_only_offers_smaller(work: Path, tiny: Path) -> None:
+    src = work / "rec-q4km.gguf"
+    q.quantize_model(tiny, src, "Q4_K_M", nthread=1)
+    rec = q.recommend(src, 10**9, num_ctx=512)
+    assert rec.rows[0].qtype == "Q4_K_M" and "as it is" in rec.rows[0].quality
+    assert rec.choice.qtype == "Q4_K_M"
+    assert all(r.weights < rec.rows[0].weights for r in rec.rows[1:])

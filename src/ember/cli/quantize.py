@@ -61,7 +61,7 @@ def quantize_cmd(
     quality: Path = typer.Option(None, "--quality", help="JSON of measured quality (bench/bench_quant_quality.py --json) for --recommend."),
 ) -> None:
     """Quantize a GGUF model with llama.cpp (every type llama-quantize knows)."""
-    from ember import quantize as q
+    import ember.quantize as q  # the submodule (ember.quantize is also an API function)
 
     if list_types:
         _list(input)
@@ -100,7 +100,7 @@ def quantize_cmd(
 def _list(model: Path | None) -> None:
     from rich.table import Table
 
-    from ember import quantize as q
+    import ember.quantize as q  # the submodule (ember.quantize is also an API function)
 
     table = Table(title="quantization types" + (f" for {model.name}" if model else ""))
     table.add_column("type")
@@ -129,11 +129,11 @@ def _list(model: Path | None) -> None:
 
 
 def _recommend(model: Path, memory: int, num_ctx: int, quality: Path | None) -> None:
-    from ember import quantize as q
+    import ember.quantize as q  # the submodule (ember.quantize is also an API function)
 
     rec = q.recommend(model, memory, num_ctx=num_ctx, quality_file=quality)
     for line in rec.report_lines():
-        console.print(line)
+        console.print(line, soft_wrap=True, highlight=False)
     if rec.choice is None:
         raise typer.Exit(1)
 
