@@ -1,0 +1,196 @@
+"""The FastAPI application: Ollama's API (``/api/*``), OpenAI's (``/v1/*``),
+the web chat page at ``/``, JSON errors everywhere, CORS and optional bearer
+auth. ``create_app()`` builds one; ``ember serve`` runs it with uvicorn."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ember.__about__ import __version__
+from ember.errors import EmberError
+from ember.server.manager import ModelManager
+
+log = logging.getLogger("ember.server")
+
+WEB_DIR = Path(__file__).parent / "web"
+# Origins always allowed: pages served from this machine.
+LOCAL_ORIGINS = r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:\d+)?)|(app|tauri|file|vscode-webview)://.*"
+OPEN_PATHS = ("/", "/api/version")
+
+
+def error_body(path: str, message: str, status: int) -> dict[str, Any]:
+    """``{"error": "..."}`` (Ollama) or OpenAI's ``{"error": {"message", "type", ...}}`` under /v1."""
+    if path.startswith("/v1"):
+        kind = "invalid_request_error" if status < 500 else "api_error"
+        if status == 404:
+            kind = "not_found_error"
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": message}
+
+
+def error_response(request: Request, status: int, message: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(error_body(request.url.path, message, status), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return "invalid JSON in the request body: " + str(err.get("ctx", {}).get("error", err.get("msg", "")))
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
+    return "; ".join(parts) or "invalid request"
+
+
+class _AuthMiddleware:
+    """``Authorization: Bearer $EMBER_API_KEY`` on every route but the open ones
+    (pure ASGI, so streaming responses and disconnects pass through untouched)."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if scope.get("method") == "OPTIONS" or path in OPEN_PATHS or path.startswith("/web/"):
+            await self.app(scope, receive, send)
+            return
+        auth = ""
+        for k, v in scope.get("headers") or []:
+            if k == b"authorization":
+                auth = v.decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            error_body(path, "unauthorized: send 'Authorization: Bearer <EMBER_API_KEY>'", 401),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+
+class _JsonBodyMiddleware:
+    """Ollama reads every body as JSON whatever its Content-Type (curl -d sends
+    form encoding): do the same for the JSON routes."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") in ("POST", "DELETE", "PUT"):
+            path = scope.get("path", "")
+            if path.startswith(("/api/", "/v1/")) and not path.startswith("/api/blobs/"):
+                headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+                headers.append((b"content-type", b"application/json"))
+                scope = dict(scope, headers=headers)
+        await self.app(scope, receive, send)
+
+
+def create_app(manager: ModelManager | None = None) -> FastAPI:
+    """A fresh application with its own model manager (settings from EMBER_*)."""
+    mgr = manager or ModelManager()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        mgr.start()
+        try:
+            yield
+        finally:
+            await mgr.close()
+
+    app = FastAPI(
+        title="Ember",
+        version=__version__,
+        description="Ollama- and OpenAI-compatible API for local GGUF models.",
+        lifespan=lifespan,
+    )
+    app.state.manager = mgr
+
+    @app.exception_handler(EmberError)
+    async def _ember_error(request: Request, exc: EmberError) -> JSONResponse:
+        return error_response(request, exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, 400, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            return PlainTextResponse("404 page not found", status_code=404) if not request.url.path.startswith(("/api", "/v1")) \
+                else error_response(request, 404, f"{request.method} {request.url.path}: no such endpoint")
+        return error_response(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
+
+    from ember.server import ollama, openai
+
+    app.include_router(ollama.router)
+    app.include_router(openai.router)
+
+    index = WEB_DIR / "index.html"
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        if index.is_file():
+            return HTMLResponse(index.read_text(encoding="utf-8"))
+        return PlainTextResponse("Ember is running")
+
+    @app.head("/", include_in_schema=False)
+    async def root_head() -> Response:
+        return Response(status_code=200, media_type="text/html" if index.is_file() else "text/plain")
+
+    if WEB_DIR.is_dir():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/web", StaticFiles(directory=WEB_DIR, check_dir=False), name="web")
+
+    app.add_middleware(_JsonBodyMiddleware)
+    key = os.environ.get("EMBER_API_KEY", "").strip()
+    if key:
+        app.add_middleware(_AuthMiddleware, key=key)
+    # Added last, so outermost: even a 401 carries the CORS headers.
+    origins = [o.strip().rstrip("/") for o in os.environ.get("EMBER_ORIGINS", "").split(",") if o.strip()]
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_origin_regex=LOCAL_ORIGINS,
+        allow_methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=["Retry-After"],
+    )
+    return app
+
+
+def split_host(value: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) -> (host, port)."""
+    m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d+)", value)
+    if not m:
+        raise EmberError(f"EMBER_HOST must look like 127.0.0.1:11434, got {value!r}")
+    port = int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise EmberError(f"EMBER_HOST: port {port} is out of range")
+    return m.group(1) or "127.0.0.1", port

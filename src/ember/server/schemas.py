@@ -1,0 +1,172 @@
+"""Request bodies of the Ollama and OpenAI APIs (pydantic), for validation and
+the OpenAPI document. Unknown fields are ignored, as both servers do; values
+are then checked again where they are used (options by ember.options)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Format = str | dict[str, Any] | None
+KeepAlive = str | float | int | None
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+# --- Ollama -----------------------------------------------------------------
+class GenerateRequest(_Body):
+    model: str = ""
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    stream: bool = True
+    raw: bool = False
+    format: Format = None
+    images: list[str] | None = None
+    keep_alive: KeepAlive = None
+    options: dict[str, Any] | None = None
+    think: bool | str | None = None
+    truncate: bool | None = None
+    debug_render_only: bool = Field(False, alias="_debug_render_only")
+
+
+class Message(_Body):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    role: str
+    content: str | list[dict[str, Any]] | None = ""
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Body):
+    model: str = ""
+    messages: list[Message] | None = None
+    tools: list[dict[str, Any]] | None = None
+    format: Format = None
+    stream: bool = True
+    keep_alive: KeepAlive = None
+    options: dict[str, Any] | None = None
+    think: bool | str | None = None
+    truncate: bool | None = None
+    debug_render_only: bool = Field(False, alias="_debug_render_only")
+
+
+class EmbedRequest(_Body):
+    model: str = ""
+    input: str | list[str] = ""
+    truncate: bool = True
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+    dimensions: int | None = None
+
+
+class EmbeddingsRequest(_Body):
+    model: str = ""
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+
+
+class NameRequest(_Body):
+    model: str | None = None
+    name: str | None = None
+    verbose: bool = False
+
+    def target(self) -> str:
+        return (self.model or self.name or "").strip()
+
+
+class CopyRequest(_Body):
+    source: str
+    destination: str
+
+
+class PullRequest(_Body):
+    model: str | None = None
+    name: str | None = None
+    insecure: bool = False
+    stream: bool = True
+
+    def target(self) -> str:
+        return (self.model or self.name or "").strip()
+
+
+class CreateRequest(_Body):
+    model: str | None = None
+    name: str | None = None
+    # Ollama's JSON form
+    from_: str | None = Field(None, alias="from")
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    license: str | list[str] | None = None
+    quantize: str | None = None
+    # The older Modelfile form
+    modelfile: str | None = None
+    path: str | None = None
+    stream: bool = True
+
+    def target(self) -> str:
+        return (self.model or self.name or "").strip()
+
+
+# --- OpenAI -----------------------------------------------------------------
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _Sampling(_Body):
+    model: str = ""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    debug_render_only: bool = Field(False, alias="_debug_render_only")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = ""
+    suffix: str | None = None
+    echo: bool = False
+
+
+class EmbeddingRequest(_Body):
+    model: str = ""
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
