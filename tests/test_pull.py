@@ -336,3 +336,18 @@ def test_pull_safetensors_repo_converts(hub: tuple[Hub, str]) -> None:
     assert info.architecture == "llama" and info.n_tensors > 0
     fetched = {unquote(p).rsplit("/", 1)[-1] for method, p, _ in h.log if method == "GET" and "/resolve/" in p}
     assert "model.safetensors" in fetched and "config.json" in fetched and "modeling_evil.py" not in fetched
+
+
+def test_create_from_hub_reference_pulls_it_first(hub: tuple[Hub, str]) -> None:
+    """Like Ollama: FROM a hub model that is not here yet pulls it, then builds on it."""
+    from ember.registry import create_model
+
+    h, _ = hub
+    repo = gguf_repo(h)
+    m = create_model("mine", "FROM hf.co/acme/Tiny-GGUF:Q8_0\nSYSTEM custom\n")
+    assert m.system == "custom"
+    assert store.hash_file(m.model_paths[0])[0] == store.hash_file(repo / "tiny-Q8_0.gguf")[0]
+    assert {e.name for e in list_models()} == {"mine:latest", "hf.co/acme/Tiny-GGUF:Q8_0"}
+    n_get = len(h.log)
+    create_model("mine2", "FROM hf.co/acme/tiny-gguf:q8_0\n")  # already here: no download
+    assert len(h.log) == n_get

@@ -43,6 +43,7 @@ class _Plan:
     adapter_dirs: list[tuple[Path, int]] = field(default_factory=list)
     convert_dir: Path | None = None
     base: store.Manifest | None = None
+    pull: str | None = None
     infos: dict[Path, ggufmeta.GGUFInfo] = field(default_factory=dict)
 
 
@@ -90,6 +91,20 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
+def _pullable(value: str) -> bool:
+    """An explicit hub reference (hf.co/..., huggingface.co/..., modelscope.cn/...)."""
+    from ember.registry.pull import HF_HOSTS, MS_HOSTS, parse_ref
+
+    host = value.split("/", 1)[0].lower()
+    if host not in HF_HOSTS + MS_HOSTS:
+        return False
+    try:
+        parse_ref(value)
+    except EmberError:
+        return False
+    return True
+
+
 def _is_hf_dir(p: Path) -> bool:
     pats = ("*.safetensors", "pytorch_model*.bin", "consolidated*.pth")
     return any(next(p.glob(g), None) is not None for g in pats)
@@ -127,9 +142,11 @@ def plan(mf: Modelfile) -> _Plan:
                 base = find_model(value)
             except EmberError:
                 base = None
-        if base is not None:
-            if pl.base is not None:
+        if base is not None or _pullable(value):
+            if pl.base is not None or pl.pull is not None:
                 raise ModelfileError(f"{where}: only one FROM may name a model")
+            if base is None:
+                pl.pull = value  # like Ollama: a hub model that is not here yet is pulled first
             pl.base = base
             continue
         if _looks_like_path(value) or "/" in value:
@@ -154,9 +171,10 @@ def plan(mf: Modelfile) -> _Plan:
             raise ModelfileError(f"{mf.filename} line {line}: {path.name} is a LoRA adapter; use ADAPTER for it")
         else:
             models.append((info, line))
-    if models and (pl.base is not None or pl.convert_dir is not None):
-        raise ModelfileError(f"{mf.filename} line {models[0][1]}: FROM gives two models (a GGUF file and a {'model name' if pl.base else 'folder'})")
-    if pl.base is not None and pl.convert_dir is not None:
+    named = pl.base is not None or pl.pull is not None
+    if models and (named or pl.convert_dir is not None):
+        raise ModelfileError(f"{mf.filename} line {models[0][1]}: FROM gives two models (a GGUF file and a {'model name' if named else 'folder'})")
+    if named and pl.convert_dir is not None:
         raise ModelfileError(f"{mf.where('from')}: FROM gives two models (a model name and a folder)")
     if len(models) > 1:
         counts = {i.split_count for i, _ in models}
@@ -188,7 +206,7 @@ def plan(mf: Modelfile) -> _Plan:
             ggufmeta.check_model(pl.model_files)
         except InvalidFileError as e:
             raise ModelfileError(f"{mf.filename} line {models[0][1]}: {e}") from None
-    if not pl.model_files and pl.base is None and pl.convert_dir is None:
+    if not pl.model_files and not named and pl.convert_dir is None:
         raise ModelfileError(f"{mf.where('from')}: FROM names only a projector; add the model file")
 
     for idx, value in enumerate(mf.adapters):
@@ -315,6 +333,11 @@ def create_model(
         except ImportError:
             pass
     pl = plan(mf)
+    if pl.pull is not None:
+        from ember.registry.pull import pull_model
+
+        pulled = pull_model(pl.pull, progress=progress)
+        pl.base = find_model(pulled.name)
     base = from_manifest(pl.base) if pl.base is not None else None
     base_cfg: dict[str, Any] | None = None
     if pl.base is not None:
