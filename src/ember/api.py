@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ember import options as opts
-from ember.engine import LoadedModel, MemoryReport
+from ember.engine import Context, LoadedModel, MemoryReport
 from ember.engine.scheduler import Chunk, Handle, Scheduler
 from ember.errors import ContextOverflowError, EmberError, OptionError, TemplateError
 from ember.progress import ProgressCallback
@@ -135,7 +136,7 @@ class Model:
         self.name = self.resolved.name
         self.defaults = opts.merged(self.resolved.parameters, opts.coerce_all(options))
         load_opts = {k: v for k, v in self.defaults.items() if k in opts.LOAD_OPTIONS}
-        adapters: list[tuple[str | Path, float]] = [(p, 1.0) for p in self.resolved.adapter_paths]
+        adapters: list[tuple[str | os.PathLike[str], float]] = [(p, 1.0) for p in self.resolved.adapter_paths]
         self.engine = LoadedModel(self.resolved.model_paths, load_opts, lora=adapters + list(lora or []))
         try:
             num_ctx = self.defaults["num_ctx"] or self.engine.default_num_ctx()
@@ -148,7 +149,7 @@ class Model:
             self.engine.close()
             raise
         self.load_duration = int((time.perf_counter() - t0) * 1e9)
-        self._embed_ctx = None
+        self._embed_ctx: Context | None = None
         self._embed_lock = threading.Lock()
         self.closed = False
 
@@ -356,7 +357,7 @@ class Model:
         return self._async_stream(handle, prep)
 
     def _final(self, last: Chunk, text: str, prep: _Prepared) -> Result:
-        message = None
+        message: dict[str, Any] | None = None
         if prep.chat:
             message = {"role": "assistant", "content": text}
             if prep.tools:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,13 @@ class LoadedModel:
 
     def __init__(
         self,
-        paths: str | os.PathLike[str] | list[str | os.PathLike[str]],
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         options: dict[str, Any] | None = None,
         *,
-        lora: list[tuple[str | os.PathLike[str], float]] | None = None,
+        lora: Sequence[tuple[str | os.PathLike[str], float]] | None = None,
     ) -> None:
         llama.ensure_backend()
-        path_list = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+        path_list = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
         if not path_list:
             raise InvalidFileError("no model file given")
         self.paths = _validated(path_list)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ember.engine.model import Context, LoadedModel
+from ember.engine.model import Context, LoadedModel, MemoryReport
 from ember.engine.sampling import Sampler
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
 
@@ -191,7 +191,7 @@ class Scheduler:
     def active(self) -> int:
         return sum(1 for s in self.slots if s.req is not None) + len(self._queue)
 
-    def memory_report(self):  # type: ignore[no-untyped-def]
+    def memory_report(self) -> MemoryReport:
         return self.ctx.memory_report()
 
     def close(self) -> None:

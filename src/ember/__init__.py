@@ -1,0 +1,265 @@
+"""Ember: run large language models locally.
+
+The public API (everything else is internal)::
+
+    import ember
+
+    with ember.load("demo", num_ctx=2048) as model:          # registry name, GGUF path, shard or HF dir
+        print(model.generate("Once upon a time", num_predict=50).text)
+        for chunk in model.chat([{"role": "user", "content": "Hi"}], stream=True):
+            print(chunk.text, end="")
+
+    ember.convert("path/to/hf-model", "model-f16.gguf")
+    ember.quantize("model-f16.gguf", "model-q4_k_m.gguf", "Q4_K_M")
+    ember.create("mymodel", modelfile="Modelfile")
+
+Options use Ollama's names everywhere (num_ctx, num_gpu, num_thread, temperature,
+top_k, num_predict, stop, ...). Long steps take ``progress=callback`` with
+``callback(description, completed, total)``. Errors are :class:`EmberError`s.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ember.__about__ import __version__
+from ember.errors import (
+    ContextOverflowError,
+    ConversionError,
+    DownloadError,
+    EmberError,
+    EngineError,
+    InvalidFileError,
+    InvalidNameError,
+    ModelfileError,
+    ModelNotFoundError,
+    OptionError,
+    QuantizationError,
+    QueueFullError,
+    TemplateError,
+)
+from ember.progress import ProgressCallback
+
+if TYPE_CHECKING:
+    from ember.api import Model, ModelInfo, Result, StreamChunk
+    from ember.engine import MemoryReport
+    from ember.gguf import ModelInfo as FileInfo
+    from ember.registry import ModelDetails, ModelEntry, ResolvedModel
+
+PathLike = str | os.PathLike[str]
+
+__all__ = [
+    "ContextOverflowError",
+    "ConversionError",
+    "DownloadError",
+    "EmberError",
+    "EngineError",
+    "InvalidFileError",
+    "InvalidNameError",
+    "MemoryReport",
+    "Model",
+    "ModelInfo",
+    "ModelNotFoundError",
+    "ModelfileError",
+    "OptionError",
+    "ProgressCallback",
+    "QuantizationError",
+    "QueueFullError",
+    "Result",
+    "StreamChunk",
+    "TemplateError",
+    "__version__",
+    "convert",
+    "convert_lora",
+    "copy",
+    "create",
+    "delete",
+    "inspect",
+    "list_models",
+    "load",
+    "merge",
+    "pull",
+    "quantize",
+    "show",
+    "split",
+    "validate",
+]
+
+
+def load(
+    model: PathLike,
+    *,
+    num_parallel: int = 1,
+    lora: list[tuple[PathLike, float]] | None = None,
+    progress: ProgressCallback | None = None,
+    **options: Any,
+) -> Model:
+    """Load a model for generation.
+
+    Args:
+        model: a registry name (``"demo"``, ``"qwen2.5:7b"``), a GGUF file, any
+            shard of a split GGUF (``model-00001-of-00002.gguf``: all shards are
+            found and checked), or a Hugging Face directory (converted once to a
+            cached F16 GGUF).
+        num_parallel: sequences decoded together; requests from several threads
+            or tasks run concurrently up to this many, the rest wait their turn.
+        lora: GGUF LoRA adapters to apply, as ``(path, scale)`` pairs.
+        progress: ``callback(description, completed, total)`` for conversion.
+        **options: Ollama's options. Load options: ``num_ctx`` (context per
+            sequence; default the smaller of 4096 and the training context),
+            ``num_gpu`` (layers on the GPU, -1 all; accepted and ignored on a
+            CPU-only build), ``main_gpu``, ``num_thread`` (default: physical
+            cores), ``num_batch``, ``use_mmap``, ``use_mlock``, ``flash_attn``,
+            ``kv_cache_type`` (f16, q8_0, q4_0), ``batch_invariant``. Any other
+            option (``temperature``, ``top_k``, ``top_p``, ``min_p``,
+            ``repeat_penalty``, ``seed``, ``num_predict``, ``stop``, ...) becomes
+            this model's default for every request.
+
+    Returns:
+        A :class:`Model`; use it as a context manager (or call ``close()``) to
+        free its memory.
+    """
+    from ember.api import Model
+
+    adapters = [(str(p), float(s)) for p, s in lora or []]
+    return Model(str(model), num_parallel=num_parallel, lora=adapters, progress=progress, **options)  # type: ignore[arg-type]
+
+
+def convert(
+    model_dir: PathLike,
+    outfile: PathLike | None = None,
+    *,
+    outtype: str = "auto",
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Convert a Hugging Face checkpoint (safetensors or .bin) to GGUF; ``outtype``
+    is f32, f16, bf16, q8_0, auto, or any llama.cpp quant type (q4_k_m, ...)."""
+    from ember.convert import convert_model
+
+    return Path(convert_model(model_dir, outfile, outtype=outtype, progress=progress))
+
+
+def convert_lora(
+    adapter_dir: PathLike,
+    base: PathLike,
+    outfile: PathLike | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Convert a PEFT LoRA adapter to a GGUF adapter for the given base model."""
+    from ember.convert.lora import convert_lora as _convert_lora
+
+    return Path(_convert_lora(adapter_dir, base, outfile, progress=progress))
+
+
+def quantize(
+    src: PathLike,
+    dst: PathLike,
+    qtype: str,
+    *,
+    progress: ProgressCallback | None = None,
+    **kwargs: Any,
+) -> list[Path]:
+    """Quantize a GGUF to any llama.cpp type (Q4_0, Q4_K_M, Q6_K, Q8_0, IQ4_XS, ...).
+    Keyword options: imatrix, output_tensor_type, token_embedding_type,
+    tensor_types, pure, allow_requantize, keep_split, nthread."""
+    from ember.quantize import quantize_model
+
+    return [Path(p) for p in quantize_model(src, dst, qtype, progress=progress, **kwargs)]
+
+
+def split(
+    src: PathLike,
+    out_prefix: PathLike,
+    *,
+    max_size: int | None = None,
+    max_tensors: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[Path]:
+    """Split a GGUF into llama.cpp-compatible shards (``PREFIX-00001-of-0000N.gguf``)."""
+    from ember.gguf import split_model
+
+    return [Path(p) for p in split_model(src, out_prefix, max_size=max_size, max_tensors=max_tensors, progress=progress)]
+
+
+def merge(first_shard: PathLike, out: PathLike, *, progress: ProgressCallback | None = None) -> Path:
+    """Merge the shards of a split GGUF into one file."""
+    from ember.gguf import merge_model
+
+    return Path(merge_model(first_shard, out, progress=progress))
+
+
+def inspect(path: PathLike) -> FileInfo:
+    """Describe a GGUF (any shard reports the whole model) without loading it."""
+    from ember.gguf import inspect_model
+
+    return inspect_model(path)
+
+
+def validate(path: PathLike) -> list[Path]:
+    """Check a GGUF's structure (all shards); returns the shard paths in order."""
+    from ember.gguf import validate_model
+
+    return [Path(p) for p in validate_model(path)]
+
+
+def create(
+    name: str,
+    modelfile: PathLike | None = None,
+    *,
+    quantize: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> ResolvedModel:
+    """Create a registry model from a Modelfile (a path or its text)."""
+    from ember.registry import create_model
+
+    source: Any = modelfile
+    if modelfile is not None and not isinstance(modelfile, str):
+        source = Path(modelfile)
+    return create_model(name, source, quantize=quantize, progress=progress)
+
+
+def pull(ref: str, *, progress: ProgressCallback | None = None) -> ResolvedModel:
+    """Download a model: ``hf.co/user/repo[:Q4_K_M]`` (GGUF) or ``user/repo`` (converted)."""
+    from ember.registry import pull_model
+
+    return pull_model(ref, progress=progress)
+
+
+def list_models() -> list[ModelEntry]:
+    """The models in the registry (``$EMBER_MODELS``)."""
+    from ember.registry import list_models as _list
+
+    return _list()
+
+
+def show(name: str) -> ModelDetails:
+    """A registry model's Modelfile, parameters, template, system and metadata."""
+    from ember.registry import show_model
+
+    return show_model(name)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy a registry model under a new name."""
+    from ember.registry import copy_model
+
+    copy_model(src, dst)
+
+
+def delete(name: str) -> None:
+    """Remove a registry model (blobs no other model uses are pruned)."""
+    from ember.registry import delete_model
+
+    delete_model(name)
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy access to the classes so ``import ember`` stays fast."""
+    if name in ("Model", "Result", "StreamChunk", "ModelInfo", "MemoryReport"):
+        from ember import api, engine
+
+        return getattr(engine if name == "MemoryReport" else api, name)
+    raise AttributeError(f"module 'ember' has no attribute {name!r}")
