@@ -180,6 +180,18 @@ class LoadedModel:
         lc.llama_model_desc(self.ptr, buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
+    def kv_bytes_per_token(self, kv_cache_type: str = "f16") -> float:
+        """KV cache bytes one token needs (all layers, keys and values)."""
+        arch = self.architecture
+        n_head = int(self.meta(f"{arch}.attention.head_count") or 1) or 1
+        n_head_kv = int(lc.llama_model_n_head_kv(self.ptr) or n_head)
+        head_dim = self.n_embd // n_head
+        k_len = int(self.meta(f"{arch}.attention.key_length") or head_dim)
+        v_len = int(self.meta(f"{arch}.attention.value_length") or head_dim)
+        per_element = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+                       "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}.get(kv_cache_type, 2.0)
+        return self.n_layer * n_head_kv * (k_len + v_len) * per_element
+
     def default_num_ctx(self) -> int:
         return min(4096, self.n_ctx_train) if self.n_ctx_train > 0 else 4096
 
@@ -290,6 +302,7 @@ class Context:
         params.type_k = kv_type
         params.type_v = kv_type
         params.flash_attn_type = 1 if o["flash_attn"] else (-1 if kv_type != lc.GGML_TYPE_F16 else 0)
+        _check_memory(model, n_ctx, o["kv_cache_type"], o["num_gpu"])
         with llama.capture_log() as lines:
             ptr = lc.llama_init_from_model(model.ptr, params)
         if not ptr:
@@ -381,4 +394,20 @@ class Context:
             rss_bytes=psutil.Process().memory_info().rss,
             gpu_bytes=gpu,
             details=dict(self.buffers),
+        )
+
+
+def _check_memory(model: LoadedModel, n_ctx: int, kv_cache_type: str, num_gpu: int) -> None:
+    """Refuse a context whose KV cache cannot fit in free memory (llama.cpp would
+    try to allocate it and the process could be killed)."""
+    import psutil
+
+    if llama.supports_gpu_offload() and num_gpu != 0:
+        return  # the KV cache may live on the GPU; llama.cpp reports failures there
+    need = model.kv_bytes_per_token(kv_cache_type) * n_ctx
+    available = psutil.virtual_memory().available
+    if need > 0.9 * available:
+        raise OptionError(
+            f"a context of {n_ctx} tokens needs about {need / 2**30:.1f} GiB for the KV cache but only "
+            f"{available / 2**30:.1f} GiB of memory is free; lower num_ctx or use kv_cache_type q8_0"
         )
