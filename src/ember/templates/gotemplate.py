@@ -22,7 +22,7 @@ import math
 import urllib.parse
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from ember.errors import TemplateError
 
@@ -362,7 +362,7 @@ def _format_one(verb: str, arg: Any, flags: str, width: int | None, prec: int | 
             return _pad(_go_quote(arg), width, minus, False)
         return _pad(_sprint_value(arg), width, minus, False)
     if isinstance(arg, (GoStruct, GoMap, GoList)) and getattr(arg, "stringer", None) and verb in "sqxX":
-        arg = arg.stringer(arg)  # type: ignore[misc]
+        arg = arg.stringer(arg)  # type: ignore[misc, arg-type]
     if isinstance(arg, (list, tuple)) and not isinstance(arg, str) and verb in "dsqxXfFeEgGtc":
         inner = [_format_one(verb, x, flags.replace("-", ""), None, prec) for x in arg]
         return _pad("[" + " ".join(inner) + "]", width, minus, False)
@@ -1159,7 +1159,7 @@ def _parse_number(text: str, line: int) -> Any:
 
 
 class _Parser:
-    def __init__(self, src: str, funcs: dict[str, Callable[..., Any]]) -> None:
+    def __init__(self, src: str, funcs: Mapping[str, Any]) -> None:
         self.toks = _lex(src)
         self.i = 0
         self.funcs = funcs
@@ -2104,7 +2104,7 @@ class GoTemplate:
     """A parsed Go template. ``GoTemplate(text)`` raises TemplateError naming
     the line for anything Go's parser would reject."""
 
-    def __init__(self, text: str, *, funcs: dict[str, tuple[Callable[..., Any], int, int | None]] | None = None) -> None:
+    def __init__(self, text: str, *, funcs: Mapping[str, tuple[Callable[..., Any], int, int | None]] | None = None) -> None:
         self.text = text
         self.funcs = dict(BUILTINS)
         if funcs:

@@ -41,6 +41,8 @@ def tool_call_tag(template: "ChatTemplate | None") -> str | None:
         return None
     key = (template.kind, template.text)
     if key not in _tag_cache:
+        if len(_tag_cache) >= 64:  # requests may bring their own templates
+            _tag_cache.clear()
         _tag_cache[key] = _derive_tag(template)
     return _tag_cache[key]
 
