@@ -300,3 +300,9 @@ def test_limits_leave_normal_use_alone() -> None:
     assert render("{% for m in messages %}{{ m.content | length }}{{ 10000000 | string }}{% endfor %}",
                   [{"role": "user", "content": big}]) == "100000010000000"
     assert render("{{ range(3) | list }}{{ range(5) | reverse | first }}{{ range(4) | length }}") == "[0, 1, 2]44"
+
+
+def test_empty_tool_list_means_no_tools() -> None:
+    # Llama's template tests "tools is not none": [] from a client must not switch on tool mode.
+    assert ours("llama3.1", {**CASES["user"], "tools": []}) == ours("llama3.1", CASES["user"])
+    assert "Environment: ipython" not in ours("llama3.1", {**CASES["user"], "tools": []})

@@ -87,7 +87,7 @@ class ChatTemplate:
         return str(
             self._impl.render(
                 messages,
-                tools=tools,
+                tools=tools or None,  # an empty list means no tools, not "tools mode" with none
                 add_generation_prompt=add_generation_prompt,
                 bos_token=bos_token,
                 eos_token=eos_token,
