@@ -11,6 +11,7 @@ import random
 import shutil
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -163,8 +164,11 @@ def test_fuzz_validate_and_inspect(tmp_path: Path) -> None:
     assert rejected >= 450 and passed >= 1
 
     # A sample through the real command line: one line on stderr, exit 1, no traceback.
-    for j, (p, ok) in enumerate(samples[:30]):
-        r = run_ember("validate" if j % 2 == 0 else "inspect", p)
+    jobs = [("validate" if j % 2 == 0 else "inspect", p, ok) for j, (p, ok) in enumerate(samples[:30])]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = list(pool.map(lambda job: run_ember(job[0], job[1]), jobs))
+    assert len(runs) == 30
+    for (_, p, ok), r in zip(jobs, runs):
         assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
         if ok:
             assert r.returncode == 0, r.stderr

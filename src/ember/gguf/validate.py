@@ -234,9 +234,12 @@ def _read_scalar(cur: _Cursor, vtype: GGUFValueType, what: str) -> Any:
     size = _SIZE[vtype]
     cur.need(size, what)
     (v,) = struct.unpack_from(fmt, cur.buf, cur.pos)
-    cur.pos += size
     if vtype == GGUFValueType.BOOL:
+        if v > 1:
+            raise _err(cur.path, f"{what} at offset {cur.pos} is a bool stored as {v} (must be 0 or 1)")
+        cur.pos += size
         return bool(v)
+    cur.pos += size
     return v
 
 
