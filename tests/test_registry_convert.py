@@ -84,3 +84,21 @@ def test_bad_quant_type_leaves_registry_unchanged(hf_dir: Path, tmp_path: Path, 
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Q9_Z" in r.stderr
     assert snapshot(tmp_path / "models") == before
     assert store.find_manifest_path(store.ModelName("registry.ollama.ai", "library", "x", "latest")) is None
+
+
+def test_adapter_folder_is_converted_against_the_base(hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("EMBER_MODELS", str(tmp_path / "models"))
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "lora")
+    (tmp_path / "Modelfile").write_text(f"FROM {hf_dir}\nADAPTER ./lora\n")
+    r = create_model("tuned", tmp_path / "Modelfile")
+    assert len(r.adapter_paths) == 1
+    info = ggufmeta.read_info(r.adapter_paths[0])
+    assert info.is_adapter and info.architecture == "llama" and info.n_tensors == 2 * 2 * 2  # 2 layers x q,v x A,B
+    # the same adapter over the stored GGUF (FROM a model name) gives the same adapter file
+    monkeypatch.chdir(tmp_path)
+    again = create_model("tuned2", "FROM tuned\nADAPTER lora\n")
+    assert store.hash_file(again.adapter_paths[0])[0] == store.hash_file(r.adapter_paths[0])[0]

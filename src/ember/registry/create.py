@@ -267,21 +267,24 @@ def _convert(src: Path, work: Path, outtype: str, progress: ProgressCallback | N
     return ggufmeta.find_shards(Path(first))
 
 
+def _named(files: list[Path], work: Path) -> Path:
+    """Blobs have no .gguf or shard names, which llama.cpp and the converters go
+    by: link them under such names in the work folder; return the first."""
+    if len(files) == 1 and files[0].name.endswith(".gguf"):
+        return files[0]
+    links = Path(tempfile.mkdtemp(prefix="in-", dir=work))
+    names = ["model.gguf"] if len(files) == 1 else [f"model-{i + 1:05d}-of-{len(files):05d}.gguf" for i in range(len(files))]
+    for f, n in zip(files, names, strict=True):
+        os.symlink(f, links / n)
+    return links / names[0]
+
+
 def _quantize(files: list[Path], work: Path, qtype: str, progress: ProgressCallback | None) -> list[Path]:
     try:
         from ember.quantize import quantize_model
     except ImportError:
         raise ModelfileError("quantizing is not supported yet (ember.quantize is missing)") from None
-    src = files[0]
-    if len(files) > 1:
-        # Blobs have no shard names; llama.cpp finds shards by name, so link them.
-        links = work / "in"
-        links.mkdir()
-        for i, f in enumerate(files):
-            link = links / f"model-{i + 1:05d}-of-{len(files):05d}.gguf"
-            os.symlink(f, link)
-        src = links / f"model-00001-of-{len(files):05d}.gguf"
-    out = quantize_model(src, work / "quantized.gguf", qtype, progress=progress)
+    out = quantize_model(_named(files, work), work / "quantized.gguf", qtype, progress=progress)
     return [Path(p) for p in out]
 
 
@@ -357,8 +360,11 @@ def create_model(
             model_files = _quantize(src, work, quantize, progress)
             derived = True
         adapters = list(pl.adapters)
-        for d, idx in pl.adapter_dirs:
-            adapters.append(_convert_adapter(d, work, mf, idx, progress))
+        if pl.adapter_dirs:
+            # A PEFT adapter is converted against its base: the HF folder, else the model GGUF.
+            lora_base = pl.convert_dir or _named(model_files or (base.model_paths if base else []), work)
+            for d, idx in pl.adapter_dirs:
+                adapters.append(_convert_adapter(d, lora_base, work, mf, idx, progress))
 
         layers: list[store.Layer] = []
         if model_files:
@@ -376,7 +382,8 @@ def create_model(
                 layers += pl.base.of_type(store.MEDIA_ADAPTER)
         for media, files in ((store.MEDIA_PROJECTOR, pl.projectors), (store.MEDIA_ADAPTER, adapters)):
             for f in files:
-                digest, size = store.add_file(f, progress, move=_move_sources and media == store.MEDIA_PROJECTOR,
+                moved = f.is_relative_to(work) or (_move_sources and media == store.MEDIA_PROJECTOR)
+                digest, size = store.add_file(f, progress, move=moved,
                                               expected=(_expected or {}).get(f.resolve()))
                 layers.append(store.Layer(media, digest, size))
 
@@ -411,11 +418,12 @@ def create_model(
     return from_manifest(found)
 
 
-def _convert_adapter(d: Path, work: Path, mf: Modelfile, idx: int, progress: ProgressCallback | None) -> Path:
+def _convert_adapter(d: Path, lora_base: Path, work: Path, mf: Modelfile, idx: int,
+                     progress: ProgressCallback | None) -> Path:
     convert_lora = _lora_converter()
     if convert_lora is None:
         raise ModelfileError(
             f"{mf.where('adapter', idx)}: converting PEFT adapter folders is not supported yet; convert it to a GGUF adapter first"
         )
-    out = convert_lora(d, work / f"adapter{idx}.gguf", progress=progress)
+    out = convert_lora(d, lora_base, work / f"adapter{idx}.gguf", progress=progress)
     return Path(out)
