@@ -285,6 +285,18 @@ def test_errors_name_the_line(text: str, pattern: str) -> None:
         "{{ 'x' | center(1000000000) }}",
         "{{ 7 ** 99999999 }}",
         "{{ range(10000000) | list }}",
+        "{{ lipsum(n=100000, max=100000) }}",
+        "{{ 'x' | indent(width=100000000) }}",
+        "{{ '%0*d' | format(100000000, 1) }}",
+        "{{ '%0100000000d' | format(1) }}",
+        "{{ '%0100000000d' % 1 }}",
+        "{{ '%0*d' % (100000000, 1) }}",
+        "{{ '{:>1000000000}'.format(1) }}",
+        "{{ '{:{}}'.format(1, 1000000000) }}",
+        "{{ 'x'.ljust(10000000000) }}",
+        "{{ 'x'.zfill(10000000000) }}",
+        "{{ ('x' * 1000000).replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy') }}",
+        "{{ ('x' * 1000000).join(range(1000000)) }}",
     ],
 )
 def test_expensive_templates_are_stopped(text: str) -> None:

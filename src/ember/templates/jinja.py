@@ -21,6 +21,7 @@ import contextvars
 import functools
 import json
 import operator
+import re
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -57,6 +58,21 @@ class _TemplateRaised(Exception):
 
 def _raise_exception(message: Any) -> None:
     raise _TemplateRaised(str(message))
+
+
+# A field width or precision of 7+ digits in a %- or {}-format string.
+_BIG_WIDTH = re.compile(r"[%:][^%{}\s\d]{0,3}\d{7,}")
+
+
+def _check_format(fmt: Any) -> None:
+    if isinstance(fmt, str) and _BIG_WIDTH.search(fmt):
+        raise _LimitExceeded(f"a format width above {MAX_INT_ARGUMENT}")
+
+
+def _check_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    for a in (*args, *kwargs.values()):
+        if type(a) is int and abs(a) > MAX_INT_ARGUMENT:
+            raise _LimitExceeded(f"argument {a} is above {MAX_INT_ARGUMENT}")
 
 
 def _check_size(value: Any) -> Any:
@@ -122,6 +138,13 @@ class _BoundedRange:
                 if budget[0] > MAX_ITERATIONS:
                     raise _LimitExceeded(f"more than {MAX_ITERATIONS} loop iterations")
             yield x
+
+
+def _bounded_lipsum(n: int = 5, html: bool = False, min: int = 20, max: int = 100) -> str:  # noqa: A002 - jinja2's names
+    # jinja2's lorem ipsum generator; lipsum(n=10**5, max=10**5) would run for minutes.
+    if n * max > 100_000:
+        raise _LimitExceeded("lipsum() asked for more than 100000 words")
+    return str(jinja2.utils.generate_lorem_ipsum(n=n, html=html, min=min, max=max))
 
 
 class _DictFactory:
@@ -191,9 +214,9 @@ def _bounded_filter(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        for a in (*args[skip:], *kwargs.values()):
-            if type(a) is int and a > MAX_INT_ARGUMENT:
-                raise _LimitExceeded(f"filter argument {a} is above {MAX_INT_ARGUMENT}")
+        _check_args(args[skip:], kwargs)
+        if func.__name__ == "do_format" and len(args) > skip - 1:
+            _check_format(args[skip - 1])
         return _check_size(func(*args, **kwargs))
 
     return wrapper
@@ -211,6 +234,9 @@ def _bounded_binop(op: Callable[[Any, Any], Any], name: str) -> Callable[[Any, A
                 raise _LimitExceeded(f"a value grew past {MAX_CHARS} items")
         elif name == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
             raise _LimitExceeded("exponent above 1024")
+        elif name == "%" and isinstance(left, str):
+            _check_format(left)
+            _check_args(right if isinstance(right, tuple) else (right,), {})
         return op(left, right)
 
     return run
@@ -218,7 +244,7 @@ def _bounded_binop(op: Callable[[Any, Any], Any], name: str) -> Callable[[Any, A
 
 class _Environment(ImmutableSandboxedEnvironment):
     code_generator_class = _BoundedCodeGenerator
-    intercepted_binops = frozenset({"+", "*", "**"})
+    intercepted_binops = frozenset({"+", "*", "**", "%"})
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -227,7 +253,32 @@ class _Environment(ImmutableSandboxedEnvironment):
             "+": _bounded_binop(operator.add, "+"),
             "*": _bounded_binop(operator.mul, "*"),
             "**": _bounded_binop(operator.pow, "**"),
+            "%": _bounded_binop(operator.mod, "%"),
         }
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja2's names
+        # Every call a template makes: str/list methods such as ljust(10**9)
+        # or replace('', big) would allocate before any later check.
+        _check_args(args, kwargs)
+        receiver = getattr(__obj, "__self__", None)
+        if isinstance(receiver, str):
+            name = getattr(__obj, "__name__", "")
+            if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+                hits = receiver.count(args[0]) if args[0] else len(receiver) + 1
+                if len(receiver) + hits * len(args[1]) > MAX_CHARS:
+                    raise _LimitExceeded(f"a value grew past {MAX_CHARS} items")
+            elif name == "join" and args:
+                parts = list(args[0])
+                if len(receiver) * len(parts) + sum(len(str(p)) for p in parts) > MAX_CHARS:
+                    raise _LimitExceeded(f"a value grew past {MAX_CHARS} items")
+                args = (parts, *args[1:])
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format(value.__self__)
+        return wrapped
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # jinja2 returns an Undefined that prints as "" and fails only when
@@ -305,6 +356,7 @@ def _make_environment() -> _Environment:
     env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.filters["tojson"] = _tojson
     env.globals["range"] = _BoundedRange
+    env.globals["lipsum"] = _bounded_lipsum
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _DictFactory()
