@@ -44,6 +44,5 @@ def convert_lora_cmd(
     """Convert a PEFT LoRA adapter to a GGUF adapter for llama.cpp."""
     from ember.convert import convert_lora
 
-    with progress_bar() as bar:
-        path = convert_lora(adapter_dir, base, outfile, outtype=outtype, progress=bar)
+    path = convert_lora(adapter_dir, base, outfile, outtype=outtype)  # adapters are small: no progress bar
     console.print(f"wrote {path}")

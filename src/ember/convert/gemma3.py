@@ -1,5 +1,7 @@
 """Gemma 3 text models: RMSNorm weights stored as (w - 1) in HF, so +1 here;
-tied embeddings (no lm_head); sliding-window and local rope base keys."""
+tied embeddings (no lm_head); sliding-window pattern and local rope base keys.
+For the multimodal Gemma3ForConditionalGeneration only the text model (its
+``text_config`` and ``language_model`` tensors) is converted."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def _plus_one(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return to_float32(a) + np.float32(1.0)
 
 
-@register("Gemma3ForCausalLM")
+@register("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 class Gemma3Model(Model):
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
 

@@ -49,15 +49,17 @@ def llama3_rope_factors(rp: dict[str, Any], dim: int) -> np.ndarray[Any, Any]:
     high = float(rp.get("high_freq_factor", 4.0))
     old_ctx = float(rp.get("original_max_position_embeddings", 8192))
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    f32 = np.float32
+    # float32 arithmetic throughout, as transformers (and llama.cpp's converter) compute it
+    freqs = f32(1.0) / (f32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / f32(dim)))
     out = []
     for f in freqs:
-        wavelen = 2 * math.pi / float(f)
+        wavelen = f32(2 * math.pi) / f
         if wavelen < high_wavelen:
-            out.append(1.0)
+            out.append(f32(1.0))
         elif wavelen > low_wavelen:
-            out.append(factor)
+            out.append(f32(factor))
         else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
+            smooth = (f32(old_ctx) / wavelen - f32(low)) / (f32(high) - f32(low))
+            out.append(f32(1.0) / ((f32(1.0) - smooth) / f32(factor) + smooth))
     return np.asarray(out, dtype=np.float32)

@@ -174,7 +174,7 @@ def convert_lora(
         raise ConversionError(f"{adapter_dir}: the adapter has no LoRA weights")
 
     arch_name = gguf.MODEL_ARCH_NAMES[model.gguf_arch]
-    w = gguf.GGUFWriter(None, arch_name)
+    w = core.Writer(None, arch_name)
     for p in plan:
         p.out_qtype = qt
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), core._nbytes(p.shape, qt), raw_dtype=qt)

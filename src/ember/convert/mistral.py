@@ -1,5 +1,5 @@
-"""Mistral: the Llama layout (q/k permutation, SentencePiece or BPE tokenizer);
-sliding-window configs are written as the context llama.cpp uses."""
+"""Mistral (HF transformers layout): the Llama layout and rules (q/k
+permutation, SentencePiece or BPE tokenizer); llama.cpp runs it as "llama"."""
 
 from __future__ import annotations
 

@@ -48,11 +48,7 @@ def is_bf16(a: np.ndarray[Any, Any]) -> bool:
 def to_float32(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """Any float array (bf16 included) as float32; a no-op for float32."""
     if a.dtype == BF16:
-        words = a.view(np.uint16)
-        out = np.empty(words.shape, dtype=np.float32)
-        out.view(np.uint32)[...] = words
-        out.view(np.uint32)[...] <<= 16
-        return out
+        return np.left_shift(a.view(np.uint16), 16, dtype=np.uint32).view(np.float32)
     if a.dtype == np.float32:
         return a
     return a.astype(np.float32)
