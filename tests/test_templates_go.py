@@ -209,6 +209,16 @@ def test_printf_bad_verbs_match_go() -> None:
     assert go_sprintf("%5s|%-5s|%05d|%x|%X|%c", "ab", "cd", 42, "hi", 255, 0x4E16) == "   ab|cd   |00042|6869|FF|世"
 
 
+def test_printf_huge_widths_refused_like_go() -> None:
+    # Go's fmt refuses widths/precisions above 1e6 (tooLarge), so a template
+    # cannot make it allocate gigabytes.
+    assert go_sprintf("%01000000000d", 1) == "%!(NOVERB)%!(EXTRA int=1)"
+    assert go_sprintf("%0*d", 1_000_000_000, 1) == "%!(BADWIDTH)1"
+    assert go_sprintf("%.*f", 10_000_000, 1.5) == "%!(BADPREC)1.500000"
+    assert go_sprintf("%.1000000000f", 1.0) == "%!(NOVERB)%!(EXTRA float64=1)"
+    assert len(go_sprintf("%1000000d", 1)) == 1_000_000
+
+
 def test_json_matches_go_encoding() -> None:
     assert go_json(1e21) == "1e+21"
     assert go_json(1e-7) == "1e-7"

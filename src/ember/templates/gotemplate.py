@@ -429,6 +429,30 @@ def _format_one(verb: str, arg: Any, flags: str, width: int | None, prec: int | 
     return _bad_verb(verb, arg)
 
 
+_GO_FMT_MAX = 1_000_000  # fmt's tooLarge: widths and precisions beyond are refused
+
+
+def _int_arg(args: tuple[Any, ...], i: int) -> bool:
+    """fmt's intFromArg: a ``*`` width/precision must be an int within 1e6."""
+    if i >= len(args):
+        return False
+    a = args[i]
+    return isinstance(a, int) and not isinstance(a, bool) and -_GO_FMT_MAX <= a <= _GO_FMT_MAX
+
+
+def _parsenum(fmt: str, i: int) -> tuple[int | None, int]:
+    """fmt's parsenum: digits at ``i``; a number that overflows 1e6 consumes
+    the rest of the format (Go then prints %!(NOVERB)), so no huge padding
+    is ever allocated."""
+    num, start = 0, i
+    while i < len(fmt) and fmt[i].isdigit():
+        if num > _GO_FMT_MAX:
+            return None, len(fmt)
+        num = num * 10 + int(fmt[i])
+        i += 1
+    return (num if i > start else None), i
+
+
 def go_sprintf(fmt: str, *args: Any) -> str:
     """fmt.Sprintf for the verbs templates use (%s %d %v %q %f %x %t %c %e %g
     %T %%), with flags, width and precision (``*`` included)."""
@@ -457,7 +481,7 @@ def go_sprintf(fmt: str, *args: Any) -> str:
         prec: int | None = None
         if i < n and fmt[i] == "*":
             i += 1
-            if argi < len(args) and isinstance(args[argi], int) and not isinstance(args[argi], bool):
+            if _int_arg(args, argi):
                 width = args[argi]
                 if width < 0:
                     flags += "-"
@@ -466,25 +490,19 @@ def go_sprintf(fmt: str, *args: Any) -> str:
                 out.append("%!(BADWIDTH)")
             argi += 1
         else:
-            start = i
-            while i < n and fmt[i].isdigit():
-                i += 1
-            if i > start:
-                width = int(fmt[start:i])
+            width, i = _parsenum(fmt, i)
         if i < n and fmt[i] == ".":
             i += 1
             if i < n and fmt[i] == "*":
                 i += 1
-                if argi < len(args) and isinstance(args[argi], int) and not isinstance(args[argi], bool):
+                if _int_arg(args, argi):
                     prec = args[argi] if args[argi] >= 0 else None
                 else:
                     out.append("%!(BADPREC)")
                 argi += 1
             else:
-                start = i
-                while i < n and fmt[i].isdigit():
-                    i += 1
-                prec = int(fmt[start:i]) if i > start else 0
+                prec, i = _parsenum(fmt, i)
+                prec = prec or 0
         if i >= n:
             out.append("%!(NOVERB)")
             break
