@@ -378,10 +378,11 @@ def _build_params(
         for i, (key, tag, value) in enumerate(kvs):
             over[i].key = key.encode()[:127]
             over[i].tag = tag
+            union: Any = over[i].value  # the ctypes union (typed loosely by llama_cpp)
             if tag == 3:
-                over[i].value.val_str = str(value).encode()[:127]
+                union.val_str = str(value).encode()[:127]
             else:
-                over[i].value.val_i64 = int(value)
+                union.val_i64 = int(value)
         over[len(kvs)].key = b""
         keep.append(over)
         p.kv_overrides = ctypes.cast(over, ctypes.POINTER(lc.llama_model_kv_override))
