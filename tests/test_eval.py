@@ -166,6 +166,14 @@ def test_kld_against_direct_computation(tiny_pair: tuple[Path, Path, Path], text
     assert 0 < r8.kld_mean < r2.kld_mean  # more bits, less divergence
     assert r8.same_top >= r2.same_top
     assert r2.n_scored == 2 * (N_CTX - 1 - N_CTX // 2)
+    # a base cache (the base evaluated once for many quants) gives the same numbers
+    cache: dict = {}
+    c8 = kl_divergence(f16, q8, text_file, n_ctx=N_CTX, max_chunks=2, threads=1, flash_attn=False, base_cache=cache)
+    c2 = kl_divergence(f16, q2, text_file, n_ctx=N_CTX, max_chunks=2, threads=1, flash_attn=False, base_cache=cache)
+    assert len(cache) == 2
+    for a, b in ((c8, r8), (c2, r2)):
+        assert abs(a.kld_mean - b.kld_mean) <= 1e-4 * b.kld_mean + 1e-9
+        assert a.same_top == b.same_top and abs(a.ppl_base - b.ppl_base) < 1e-4 * b.ppl_base
 
 
 def test_errors(tiny_pair: tuple[Path, Path, Path], tmp_path: Path) -> None:

@@ -189,9 +189,15 @@ def kl_divergence(
     threads: int | None = None,
     flash_attn: bool = True,
     progress: ProgressCallback | None = None,
+    base_cache: dict[int, np.ndarray] | None = None,
 ) -> KLDResult:
     """Mean KL(base || quant) over the scored positions, the same-top-token rate,
-    and both perplexities (llama-perplexity --kl-divergence)."""
+    and both perplexities (llama-perplexity --kl-divergence).
+
+    ``base_cache``: a dict kept by the caller between calls with the same
+    base, text and settings; it holds the base's log-probabilities per chunk
+    (float32, n_ctx/2 x n_vocab each) so comparing many quants against one
+    base evaluates the base once, as llama-perplexity's base-logits file does."""
     text = _read_text(text_file)
     mb, owned_b = _load(base, threads)
     try:
@@ -212,13 +218,21 @@ def kl_divergence(
         try:
             for i in range(n_chunks):
                 chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
-                lb_all = rb.run(chunk)
+                cached = base_cache.get(i) if base_cache is not None else None
+                if cached is None:
+                    lb_all = rb.run(chunk)
+                    if base_cache is not None:
+                        n_rows = n_ctx - 1 - first
+                        cached = np.empty((n_rows, mb.n_vocab), dtype=np.float32)
+                        for b in range(0, n_rows, _BLOCK):
+                            cached[b : b + _BLOCK] = _log_softmax(lb_all[b : min(b + _BLOCK, n_rows)])
+                        base_cache[i] = cached
                 lq_all = rq.run(chunk)
                 targets = np.asarray(chunk[first + 1 :], dtype=np.int64)
                 n_score = n_ctx - 1 - first
                 for b in range(0, n_score, _BLOCK):
                     e = min(b + _BLOCK, n_score)
-                    lpb = _log_softmax(lb_all[b:e])
+                    lpb = cached[b:e].astype(np.float64) if cached is not None else _log_softmax(lb_all[b:e])
                     lpq = _log_softmax(lq_all[b:e])
                     keep = lpb > -16.0
                     kld = np.where(keep, np.exp(lpb) * (lpb - lpq), 0.0).sum(axis=1)
