@@ -565,6 +565,7 @@ async def ps(request: Request) -> Any:
                         "parameter_size": _param_size(info.parameters), "quantization_level": info.quantization},
             "expires_at": e.expires_iso(), "size_vram": 0, "context_length": info.num_ctx,
             "num_parallel": info.num_parallel, "active_requests": e.refs,
+            "running": e.model.scheduler.active,
         })
     return {"models": out}
 

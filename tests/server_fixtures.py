@@ -1,0 +1,81 @@
+"""A real `ember serve` in a subprocess on a loopback ephemeral port, with its
+own EMBER_MODELS folder, for the server tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``ember serve`` with the given EMBER_* settings; ``url`` is its base."""
+
+    def __init__(self, models_dir: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.models_dir = models_dir
+        self.env = dict(os.environ)
+        self.env.update({"EMBER_HOST": f"127.0.0.1:{self.port}", "EMBER_MODELS": str(models_dir)})
+        for k in ("EMBER_API_KEY", "EMBER_ORIGINS", "EMBER_NUM_PARALLEL", "EMBER_MAX_QUEUE", "EMBER_KEEP_ALIVE"):
+            self.env.pop(k, None)
+        self.env.update(env)
+        self.log = models_dir / f"server-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ember.cli.main", "serve", "--log-level", "warning"],
+            env=self.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/api/version", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {self.log.read_text()}")
+            time.sleep(0.1)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def ps(self) -> list[dict[str, Any]]:
+        headers = {"Authorization": "Bearer " + self.env["EMBER_API_KEY"]} if self.env.get("EMBER_API_KEY") else {}
+        return list(httpx.get(self.url + "/api/ps", headers=headers, timeout=10).json()["models"])
+
+    def wait_running(self, name: str, want: int, timeout: float = 20.0) -> int:
+        """Poll /api/ps until model ``name`` has ``want`` running sequences."""
+        deadline = time.monotonic() + timeout
+        n = -1
+        while time.monotonic() < deadline:
+            n = sum(m["running"] for m in self.ps() if m["name"] == name)
+            if n == want:
+                return n
+            time.sleep(0.05)
+        return n
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def create(url: str, name: str, modelfile: str) -> None:
+    r = httpx.post(url + "/api/create", json={"model": name, "modelfile": modelfile, "stream": False}, timeout=120)
+    assert r.status_code == 200, r.text
