@@ -325,6 +325,7 @@ def test_every_type_without_imatrix(name: str, tiny: Path, work: Path, shapes: d
     out = work / f"plain-{name}.gguf"
     files = q.quantize_model(tiny, out, name, nthread=1)
     assert files == [out]
+    assert out.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044  # readable like any new file
     _check_output(out, tiny, name, shapes, has_imatrix=False)
     assert no_temp_files(work)
 

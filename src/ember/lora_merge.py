@@ -289,6 +289,9 @@ def merge_lora(
                 else:
                     kinds = sorted(set(restore.values()))
                     notes.append(f"{len(restore)} merged tensors re-quantized by llama.cpp to their original types ({', '.join(kinds)})")
+            from ember.quantize import default_mode
+
+            default_mode(final_tmp)
         finally:
             if stage_dir:
                 with contextlib.suppress(FileNotFoundError):

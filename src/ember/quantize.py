@@ -585,7 +585,15 @@ def quantize_model(
 
     with atomic_path(dst) as tmp:
         _run_quantize(src, str(tmp), params, progress, label)
+        default_mode(tmp)
     return [dst]
+
+
+def default_mode(path: Path) -> None:
+    """Temporary files are created 0600; give outputs the usual umask mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 @dataclass
