@@ -349,6 +349,7 @@ def crafted_chat() -> dict[str, Any]:
         messages.append({"role": "user", "content": f"user {i}: {text}"})
         messages.append({"role": "assistant", "content": f"assistant {i}: {text}", "model": "demo:latest",
                          "stats": {"eval_count": 10, "eval_duration": 250_000_000, "ttft_ms": 120}})
+    messages[-1]["pending"] = True  # was streaming when the page went away
     return {"id": "nasty", "title": "<img src=x onerror=alert(9)>", "model": "<b>demo</b>",
             "created": now, "updated": now, "messages": messages}
 
@@ -375,6 +376,7 @@ def test_stored_html_renders_as_text(tabs: Any) -> None:
     assert page.locator("#messages script, .md img, .md iframe, .md svg").count() == 0
     assert page.locator("#conversations img").count() == 0
     assert page.inner_text(".conv-item.active .conv-title") == "<img src=x onerror=alert(9)>"
+    assert page.inner_text(".msg.assistant >> nth=-1 >> .stats").startswith("Stopped")
     for i, text in enumerate(NASTY):
         shown = text.replace("\u0000", "")
         for role in ("user", "assistant"):

@@ -212,7 +212,8 @@ function sanitizeChat(c) {
       content: str(m.content),
       model: str(m.model) || undefined,
       error: str(m.error) || undefined,
-      stopped: m.stopped === true || undefined,
+      // A reply still streaming when the page went away was cut off.
+      stopped: m.stopped === true || m.pending === true || undefined,
       stats: m.stats && typeof m.stats === "object" ? {
         eval_count: num(m.stats.eval_count),
         eval_duration: num(m.stats.eval_duration),
@@ -376,8 +377,11 @@ async function refreshModels() {
   }
 }
 
+const narrow = window.matchMedia("(max-width: 820px)");
+
 function modelLabel(m) {
   const d = m.details || {};
+  if (narrow.matches) return shortName(String(m.name || m.model || ""));
   const bits = [d.parameter_size, d.quantization_level].filter((x) => typeof x === "string" && x);
   return shortName(String(m.name || m.model || "")) + (bits.length ? "  ·  " + bits.join(" ") : "");
 }
@@ -425,10 +429,11 @@ function updateModelState() {
   const el = $("model-state");
   const name = selectedModel();
   if (!name) { el.hidden = true; return; }
-  const loaded = state.loaded.some((m) => sameModel(String(m.name || m.model || ""), name));
+  const loaded = state.loaded.find((m) => sameModel(String(m.name || m.model || ""), name));
   el.hidden = false;
   el.className = "model-state " + (loaded ? "loaded" : "idle");
-  el.textContent = loaded ? "in memory" : "loads on first message";
+  const ctx = loaded && Number.isInteger(loaded.context_length) ? " · " + loaded.context_length + " ctx" : "";
+  el.textContent = loaded ? "in memory" + ctx : "loads on first message";
   el.title = loaded ? "This model is loaded and ready" : "This model will be loaded when you send a message";
 }
 
@@ -657,7 +662,7 @@ async function generate(chat) {
     .map((m) => ({ role: m.role, content: m.content }));
   const system = state.settings.system.trim();
   const messages = system ? [{ role: "system", content: system }, ...history] : history;
-  const reply = { role: "assistant", content: "", model };
+  const reply = { role: "assistant", content: "", model, pending: true };
   chat.messages.push(reply);
   // Most recently used conversation first.
   state.chats = [chat, ...state.chats.filter((c) => c !== chat)];
@@ -732,6 +737,7 @@ async function generate(chat) {
       reply.error = String(e && e.message || e);
     }
   } finally {
+    delete reply.pending;
     state.running = null;
     chat.updated = Date.now();
     persist();
@@ -750,9 +756,13 @@ function describeApiError(e, model) {
 async function refreshLoaded() {
   try {
     const ps = await (await api("api/ps")).json();
+    const before = JSON.stringify(state.loaded.map((m) => m.name));
     state.loaded = Array.isArray(ps.models) ? ps.models : [];
-    renderModelSelect();
-  } catch (_) { /* the next health check reports it */ }
+    if (JSON.stringify(state.loaded.map((m) => m.name)) !== before) renderModelSelect();
+    else updateModelState();
+  } catch (e) {
+    if (e instanceof ServerDown) setServerUp(false);
+  }
 }
 
 function stop() {
@@ -931,6 +941,7 @@ function boot() {
     updateComposer();
   });
   $("refresh-models").addEventListener("click", refreshModels);
+  narrow.addEventListener("change", renderModelSelect);
   $("banner-retry").addEventListener("click", () => { checkServer().then((up) => { if (up) refreshModels(); }); });
   $("settings-toggle").addEventListener("click", () => ($("settings").hidden ? openSettings() : closeSettings()));
   $("settings-close").addEventListener("click", closeSettings);
@@ -969,6 +980,10 @@ function boot() {
   render();
   scrollToBottom();
   checkServer().then((up) => { if (up) refreshModels(); });
+  // Notice models loading/unloading (keep_alive) and a server that went away.
+  setInterval(() => {
+    if (!document.hidden && !state.running && state.serverUp) refreshLoaded();
+  }, 15000);
 }
 
 // Exposed for tests and the curious: the renderer is a pure function.
