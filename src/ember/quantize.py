@@ -652,10 +652,8 @@ def plan_quantization(
 ) -> QuantPlan:
     """Per-tensor target types for ``qtype`` from llama.cpp's own dry run
     (nothing written, tensor data not read), for sizes and checks."""
-    src = Path(src)
     qtype = parse_quant_type(qtype)
-    if not src.is_file():
-        raise InvalidFileError(f"{src}: no such file")
+    src = _validate_input(Path(src))[0]  # llama.cpp wants the first shard
     im = None
     if has_imatrix:
         # A tiny placeholder entry only flips llama.cpp's "has imatrix" switch,
@@ -700,9 +698,9 @@ def plan_quantization(
 def model_file_size_estimate(src: str | os.PathLike[str], plan: QuantPlan) -> int:
     """Tensor bytes of the plan plus the source's metadata and alignment padding
     (metadata is copied unchanged)."""
-    src = Path(src)
+    shards = _validate_input(Path(src))
     data_bytes_src = sum(_nbytes(t.shape, t.current_type) for t in plan.tensors)
-    overhead = max(0, src.stat().st_size - data_bytes_src)
+    overhead = max(0, sum(p.stat().st_size for p in shards) - data_bytes_src)
     return plan.tensor_bytes + overhead
 
 
