@@ -152,6 +152,23 @@ def test_identical_layers_stored_once_and_prune_keeps_shared(models: Path, tmp_p
     assert b"two" not in texts and b"three" in texts
 
 
+def test_rm_never_prunes_a_fresh_upload(models: Path, tmp_path: Path) -> None:
+    """A blob stored for a create still to come (an API upload) survives another
+    model's rm; stale leftovers go once they are old."""
+    write_tiny_gguf(tmp_path / "m.gguf", seed=16)
+    create_model("gone", "FROM m.gguf\n")
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(b"uploaded layer")
+    digest, _ = store.add_file(upload)
+    leftover = models / "blobs" / (store.TMP_PREFIX + "killed.tmp")
+    leftover.write_bytes(b"partial")
+    delete_model("gone")
+    assert store.has_blob(digest) and leftover.exists()
+    assert [p.name for p in (models / "blobs").iterdir() if p.stat().st_size > 1000] == []  # the model's own layers went
+    store.prune(min_age=0)
+    assert not store.has_blob(digest) and not leftover.exists()
+
+
 def test_from_existing_model_inherits_and_overrides(models: Path, tmp_path: Path) -> None:
     write_tiny_gguf(tmp_path / "m.gguf", seed=3)
     create_model("base", 'FROM m.gguf\nTEMPLATE "{{ .Prompt }}"\nSYSTEM sys\nPARAMETER temperature 0.3\nPARAMETER top_k 5\nMESSAGE user hi\nLICENSE L\n')
@@ -354,7 +371,7 @@ def test_concurrent_creates(models: Path, tmp_path: Path) -> None:
         m = store.read_manifest(p)
         for layer in [m.config, *m.layers]:
             assert store.verify_blob(layer.digest)
-    store.prune()
+    store.prune(min_age=0)
     assert not [p for p in (models / "blobs").iterdir() if p.name.startswith(store.TMP_PREFIX)]
     referenced = store.referenced_digests()
     assert {p.name.replace("-", ":", 1) for p in (models / "blobs").iterdir()} == referenced

@@ -13,7 +13,7 @@ from ember import options
 from ember.errors import EmberError, InvalidFileError, InvalidNameError, ModelNotFoundError
 from ember.registry import ggufmeta, store
 from ember.registry.modelfile import quote, parameter_lines
-from ember.registry.names import ModelName, parse_name
+from ember.registry.names import parse_name
 
 DEMO_NAMES = ("demo", "demo:latest")
 
@@ -303,8 +303,5 @@ def delete_model(name: str) -> None:
     """``ember rm``: remove the manifest, then blobs nothing else references."""
     m = _require(name)
     store.delete_manifest(m.path)
-    store.prune()
+    store.prune({m.config.digest, *(layer.digest for layer in m.layers)})
 
-
-def model_name(name: str) -> ModelName:
-    return parse_name(name)

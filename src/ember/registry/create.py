@@ -410,8 +410,10 @@ def create_model(
             cfg_files = [store.blob_path(layer.digest) for layer in layers if layer.media_type == store.MEDIA_MODEL]
         cfg = _config(cfg_files, infos, layers, base_cfg)
         config = store.Layer(store.CONFIG_MEDIA, *store.add_json(cfg))
+        old = find_model(mname.display)
         store.write_manifest(mname, config, layers)
-    store.prune()  # layers of the model this one replaced
+    if old is not None:  # the layers of the version this one replaced
+        store.prune({old.config.digest, *(layer.digest for layer in old.layers)})
     found = find_model(mname.display)
     if found is None:  # pragma: no cover - a concurrent rm
         raise InvalidFileError(f"model {mname.display!r} was removed while it was being created")

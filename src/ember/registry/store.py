@@ -13,9 +13,12 @@ Pruning vs. concurrent creates: a create holds a *shared* ``flock`` on
 ``.lock`` from its first blob write to its manifest write; pruning needs the
 *exclusive* lock and is skipped (not waited for) when any create is running, so
 it never removes a blob or temporary file that a running create is about to
-reference. The kernel drops the lock of a killed process, so leftovers of a
-killed create are pruned by the next ``rm``. Where ``fcntl`` is missing
-(Windows) pruning only removes files older than a day.
+reference (the kernel drops the lock of a killed process). Pruning then removes
+at once the layers of the manifest just deleted or replaced that nothing else
+references; other unreferenced files (leftovers of killed creates, blobs
+uploaded through the API for a create still to come) only once they are an
+hour old, so a client's upload-then-create is never raced. Where ``fcntl`` is
+missing (Windows) only those candidates and files older than a day go.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,7 @@ MEDIA_LICENSE = "application/vnd.ollama.image.license"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 4 << 20
 TMP_PREFIX = ".partial-"
+GRACE_S = 3600.0
 UNLOCKED_GRACE_S = 24 * 3600
 
 
@@ -344,23 +348,26 @@ def writing() -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def prune() -> list[str]:
-    """Remove blobs no manifest references and leftovers of killed writes.
+def prune(candidates: Iterable[str] = (), *, min_age: float = GRACE_S) -> list[str]:
+    """Remove blobs no manifest references; returns the removed digests.
 
-    Returns the removed digests; skips everything (returns []) while another
-    process is writing.
+    ``candidates`` (the layers of a manifest just deleted or replaced) go at
+    once when nothing references them any more. Anything else unreferenced
+    (leftovers of killed writes, blobs uploaded for a create that has not
+    happened yet, temporary files) goes only once it is ``min_age`` seconds
+    old. Skipped entirely (returns []) while a create/pull/copy is writing.
     """
     if not blobs_dir().is_dir():
         return []
     if fcntl is None:  # pragma: no cover
-        return _prune(min_age=UNLOCKED_GRACE_S)
+        return _prune(set(candidates), max(min_age, UNLOCKED_GRACE_S))
     with open(root() / ".lock", "a+b") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return []
         try:
-            return _prune(min_age=0)
+            return _prune(set(candidates), min_age)
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
@@ -378,7 +385,7 @@ def referenced_digests() -> set[str]:
     return used
 
 
-def _prune(min_age: float) -> list[str]:
+def _prune(candidates: set[str], min_age: float) -> list[str]:
     used = referenced_digests()
     now = time.time()
     removed = []
@@ -396,15 +403,18 @@ def _prune(min_age: float) -> list[str]:
                     shutil.rmtree(d) if d.is_dir() else d.unlink()
     for b in blobs_dir().iterdir():
         try:
-            if now - b.stat().st_mtime < min_age:
-                continue
+            mtime = b.stat().st_mtime
         except FileNotFoundError:
             continue
         if b.name.startswith(TMP_PREFIX):
+            if now - mtime < min_age:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 b.unlink()
             continue
         digest = b.name.replace("-", ":", 1)
+        if digest not in candidates and now - mtime < min_age:
+            continue
         if _DIGEST.fullmatch(digest) and digest not in used:
             with contextlib.suppress(FileNotFoundError):
                 b.unlink()
