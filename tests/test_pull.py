@@ -292,6 +292,14 @@ def test_pull_from_modelscope(hub: tuple[Hub, str], monkeypatch: pytest.MonkeyPa
     assert any(hdr.get("range") == "bytes=700-" for _, _, hdr in h.log)
 
 
+def test_unsafe_paths_from_a_hub_are_ignored() -> None:
+    from ember.registry.pull import _safe_path
+
+    assert _safe_path("a/b-Q4_K_M.gguf") and _safe_path("x.gguf")
+    for bad in ("../x.gguf", "a/../../x.gguf", "/etc/x.gguf", "a//b.gguf", "./x.gguf", "C:/x.gguf", "..\\x.gguf", ""):
+        assert not _safe_path(bad), bad
+
+
 def test_select_and_parse_ref() -> None:
     files = [RemoteFile(p, 1, None) for p in [
         "a-Q4_K_M-00002-of-00002.gguf", "a-Q4_K_M-00001-of-00002.gguf", "a-Q4_K_S.gguf", "a-Q4_K.gguf",

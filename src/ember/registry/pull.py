@@ -315,6 +315,12 @@ def _source(name: str) -> _Source:
 # ---------------------------------------------------------------- pull
 
 
+def _safe_path(path: str) -> bool:
+    """A hub's file list is untrusted: only plain relative paths are downloaded."""
+    parts = path.replace("\\", "/").split("/")
+    return bool(path) and not path.startswith(("/", "\\")) and ":" not in path and all(p not in ("", ".", "..") for p in parts)
+
+
 def _safe_dirname(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
@@ -335,7 +341,7 @@ def pull_model(ref: str, *, progress: ProgressCallback | None = None) -> Resolve
 
     pr = parse_ref(ref)
     src = _source(pr.source)
-    files = src.list_files(pr.repo)
+    files = [f for f in src.list_files(pr.repo) if _safe_path(f.path)]
     has_gguf = any(f.path.lower().endswith(".gguf") for f in files)
     staging = store.root() / "downloads" / pr.source / _safe_dirname(pr.repo.replace("/", "--"))
     staging.mkdir(parents=True, exist_ok=True)
