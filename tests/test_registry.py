@@ -320,7 +320,11 @@ def test_template_that_does_not_parse_is_rejected(models: Path, tmp_path: Path) 
     # the template opens on line 3 and is cut off on line 5
     assert r.stderr.strip().startswith("Error: Modelfile line 5: TEMPLATE does not parse"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(ModelfileError, match=r"^Modelfile line 5: TEMPLATE does not parse: .*endfor"):
+        create_model("j", 'FROM ok.gguf\n\nTEMPLATE """\n{% for m in messages %}\n{{ m.content }}"""\n')
     assert snapshot(models) == before
+    ok = create_model("j", 'FROM ok.gguf\nTEMPLATE """{% for m in messages %}{{ m.content }}{% endfor %}"""\n')
+    assert ok.template == "{% for m in messages %}{{ m.content }}{% endfor %}"
 
 
 def test_blob_verified_against_expected_digest(models: Path, tmp_path: Path) -> None:

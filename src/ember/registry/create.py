@@ -73,7 +73,7 @@ def check_template(mf: Modelfile) -> None:
     except TemplateError as e:
         msg = str(e)
         line = mf.line_of("template")
-        m = re.match(r"template line (\d+):\s*(.*)", msg)
+        m = re.match(r"(?:chat |jinja |go )?template line (\d+):\s*(.*)", msg, re.IGNORECASE)
         if m and line:
             # The template's text starts on the TEMPLATE line: report the Modelfile's line.
             line += int(m.group(1)) - 1
