@@ -485,7 +485,7 @@ def test_cli_quantize_and_list(tiny: Path, work: Path) -> None:
 
 
 @pytest.mark.skipif(not (TOOLS / "llama-quantize").exists(), reason="bench/.tools/bin/llama-quantize not built")
-@pytest.mark.parametrize("name", ["Q4_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ2_XXS"])
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q5_K_M", "Q3_K_S", "Q2_K", "Q8_0", "IQ4_XS", "TQ1_0", "IQ2_XXS"])
 def test_same_bytes_as_llama_quantize(name: str, tiny: Path, work: Path, imatrix: Path) -> None:
     ours, theirs = work / f"ours-{name}.gguf", work / f"theirs-{name}.gguf"
     extra = ["--imatrix", str(imatrix)] if q.QUANT_TYPES[name][3] else []
