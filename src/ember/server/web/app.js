@@ -41,13 +41,15 @@ function renderInline(escaped) {
   return s;
 }
 
+// Emphasis never spans a tag ("<" only appears in tags we added: the text is
+// escaped), so the tags it adds always nest properly.
 function emphasis(s) {
   return s
-    .replace(/\*\*(?=\S)([^\n]*?\S)\*\*/g, "<strong>$1</strong>")
-    .replace(/(^|[^\w])__(?=\S)([^\n]*?\S)__(?!\w)/g, "$1<strong>$2</strong>")
-    .replace(/(^|[^*\w])\*(?=[^\s*])([^*\n]*?[^\s*])\*(?!\*)/g, "$1<em>$2</em>")
-    .replace(/(^|[^\w])_(?=[^\s_])([^_\n]*?[^\s_])_(?!\w)/g, "$1<em>$2</em>")
-    .replace(/~~(?=\S)([^\n]*?\S)~~/g, "<del>$1</del>");
+    .replace(/\*\*(?=[^\s<])([^<\n]*?[^\s<])\*\*/g, "<strong>$1</strong>")
+    .replace(/(^|[^\w])__(?=[^\s<])([^<\n]*?[^\s<])__(?!\w)/g, "$1<strong>$2</strong>")
+    .replace(/~~(?=[^\s<])([^<\n]*?[^\s<])~~/g, "<del>$1</del>")
+    .replace(/(^|[^*\w])\*(?=[^\s*<])([^*<\n]*?[^\s*<])\*(?!\*)/g, "$1<em>$2</em>")
+    .replace(/(^|[^\w])_(?=[^\s_<])([^_<\n]*?[^\s_<])_(?!\w)/g, "$1<em>$2</em>");
 }
 
 const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([\w+#.-]*)[^`]*$/;
