@@ -10,6 +10,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -292,26 +294,53 @@ def test_model_that_fails_to_load_shows_the_servers_error(tabs: Any, server: Ser
     tab.shot("web-desktop-error.png")
 
 
-def test_server_down_is_reported(tabs: Any, tmp_path: Path) -> None:
-    srv = Server(tmp_path, EMBER_NUM_PARALLEL="1")
+def test_api_key_then_server_down(tabs: Any, tmp_path: Path) -> None:
+    """A server with EMBER_API_KEY: the page asks for the key, then works with it;
+    when the server goes away, the page says so."""
+    srv = Server(tmp_path, EMBER_NUM_PARALLEL="1", EMBER_API_KEY="s3cret")
     try:
         write_tiny_gguf(tmp_path / "tiny.gguf")
-        create(srv.url, "tiny", f"FROM {tmp_path / 'tiny.gguf'}\n")
+        r = httpx.post(srv.url + "/api/create", headers={"Authorization": "Bearer s3cret"}, timeout=60,
+                       json={"model": "tiny", "modelfile": f"FROM {tmp_path / 'tiny.gguf'}\n", "stream": False})
+        assert r.status_code == 200, r.text
         tab = tabs(url=srv.url)
         page = tab.open()
+        page.wait_for_selector("#banner:not([hidden])")
+        assert "API key" in page.inner_text("#banner")
+        page.click("#settings-toggle")
+        page.fill("#opt-api-key", "s3cret")
+        page.press("#opt-api-key", "Tab")
+        page.click("#settings-close")
         tab.wait_models("tiny:latest")
+        assert page.is_hidden("#banner")
         assert "connected" in page.inner_text("#server-status")
+        tab.send("Hi")  # the chat request carries the key too: the error is tiny's own
+        page.wait_for_selector(".msg-error", timeout=30_000)
+        assert page.inner_text(".msg-error").startswith('Error: Model "tiny" failed: ')
+        assert "unauthorized" not in page.inner_text(".msg-error")
+        tab.wait_done(timeout=5)
     finally:
         srv.stop()
     with pytest.raises(httpx.HTTPError):
         httpx.get(srv.url + "/api/version", timeout=2)
     tab.send("Anyone there?")
-    page.wait_for_selector(".msg-error", timeout=10_000)
-    assert "Can't reach the Ember server" in page.inner_text(".msg-error")
+    page.wait_for_selector(".msg[data-index='3'] .msg-error", timeout=10_000)
+    assert "Can't reach the Ember server" in page.inner_text(".msg[data-index='3'] .msg-error")
     banner = page.inner_text("#banner")
     assert "Can't reach the Ember server" in banner and "ember serve" in banner
     assert "Server unreachable" in page.inner_text("#server-status")
     assert page.is_visible("#banner-retry")
+
+    # The page keeps checking: a server back on the same address clears the banner.
+    back = subprocess.Popen([sys.executable, "-m", "ember.cli.main", "serve", "--log-level", "warning"],
+                            env=srv.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        page.wait_for_selector("#banner", state="hidden", timeout=30_000)
+        assert "connected" in page.inner_text("#server-status")
+        tab.wait_models("tiny:latest")
+    finally:
+        back.terminate()
+        back.wait(15)
 
 
 # Stored conversations are untrusted too: a crafted one must render as text.

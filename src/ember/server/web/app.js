@@ -197,7 +197,7 @@ function saveJSON(key, value) {
   try {
     localStorage.setItem(key, JSON.stringify(value));
   } catch (e) {
-    showBanner("Could not save to this browser's storage (" + e.name + "): older conversations may be lost.", false);
+    showBanner("Could not save to this browser's storage (" + e.name + "): older conversations may be lost.", false, "storage");
   }
 }
 
@@ -313,11 +313,11 @@ function setServerUp(up, version, refresh = true) {
   el.querySelector(".label").textContent = up ? "Ember " + (state.version || "") + " · connected" : "Server unreachable";
   if (!up) {
     showBanner("Can't reach the Ember server at " + location.host +
-      ". Is `ember serve` running? Retrying every few seconds…", true);
+      ". Is `ember serve` running? Retrying every few seconds…", true, "down");
     clearTimeout(healthTimer);
     healthTimer = setTimeout(checkServer, 3000);
   } else if (was === false) {
-    hideBanner();
+    hideBanner("down");
     if (refresh) refreshModels();
   }
 }
@@ -334,13 +334,17 @@ async function checkServer() {
   }
 }
 
-function showBanner(text, retry) {
+// kind: "down" (server unreachable), "models" (listing problems: cleared by
+// the next good listing) or "storage".
+function showBanner(text, retry, kind = "models") {
+  state.bannerKind = kind;
   $("banner-text").textContent = text;
   $("banner-retry").hidden = !retry;
   $("banner").hidden = false;
 }
 
-function hideBanner() {
+function hideBanner(kind) {
+  if (kind && state.bannerKind !== kind) return;
   $("banner").hidden = true;
 }
 
@@ -369,10 +373,11 @@ async function refreshModels() {
     state.installed = Array.isArray(tags.models) ? tags.models : [];
     state.loaded = Array.isArray(ps.models) ? ps.models : [];
     if (state.serverUp !== true) setServerUp(true, null, false);
+    hideBanner("models");
     renderModelSelect();
   } catch (e) {
     if (e instanceof ServerDown) setServerUp(false);
-    else if (e instanceof ApiError && e.status === 401) showBanner("The server needs an API key: enter it in Settings.", false);
+    else if (e instanceof ApiError && e.status === 401) showBanner("The server needs an API key (it was started with EMBER_API_KEY): enter it in Settings.", false);
     else showBanner("Could not list models: " + e.message, true);
   } finally {
     setTimeout(() => btn.classList.remove("spinning"), 300);
