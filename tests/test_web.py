@@ -174,9 +174,8 @@ def test_streamed_reply_settings_script_echo_and_reload(tabs: Any, server: Serve
         """() => {
             window.__lengths = [];
             new MutationObserver(() => {
-                const md = document.querySelectorAll('.msg.assistant .md');
-                if (md.length && document.querySelector('.md.streaming, .typing'))
-                    window.__lengths.push(md[md.length - 1].textContent.length);
+                const md = document.querySelector('.md.streaming');  // a reply with text, still streaming
+                if (md) window.__lengths.push(md.textContent.length);
             }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
         }"""
     )
@@ -251,8 +250,20 @@ def test_switch_model_then_edit_and_resend(tabs: Any, server: Server) -> None:
     tab.wait_models("demo2:latest")
     page.select_option("#model", "demo2:latest")
     assert "loads on first message" in page.inner_text("#model-state") or "in memory" in page.inner_text("#model-state")
+    page.evaluate(
+        """() => {
+            window.__labels = [];
+            new MutationObserver(() => {
+                const el = document.querySelector('.typing-label');
+                if (el) window.__labels.push(el.textContent);
+            }).observe(document.getElementById('messages'), {childList: true, subtree: true});
+        }"""
+    )
+    loaded_before = any(m["name"] == "demo2:latest" for m in server.ps())
     tab.send("The capital of France is")
     tab.wait_done()
+    if not loaded_before:
+        assert "Loading demo2 into memory…" in page.evaluate("window.__labels")
     assert tab.chat_bodies[-1]["model"] == "demo2:latest"
     assert page.inner_text(".msg.assistant .meta-model") == "demo2"
     assert any(m["name"] == "demo2:latest" for m in server.ps())
@@ -362,6 +373,7 @@ ALLOWED = {
     "p": set(), "br": set(), "strong": set(), "em": set(), "del": set(), "code": set(), "pre": set(),
     "ul": set(), "ol": {"start"}, "li": set(), "h3": set(), "h4": set(), "h5": set(), "h6": set(),
     "blockquote": set(), "hr": set(), "a": {"href", "target", "rel"},
+    "table": set(), "thead": set(), "tbody": set(), "tr": set(), "th": {"class"}, "td": {"class"},
     "div": {"class"}, "span": {"class"}, "button": {"type", "class", "data-copy"},
 }
 
@@ -377,6 +389,11 @@ MARKDOWN = """Here is **bold**, *italic*, ~~gone~~ and `inline <code>`.
 def greet(name):
     return f"<b>{name}</b>"
 ```
+
+| Quant | Size | Speed |
+|:------|-----:|:-----:|
+| Q4_K_M | 253 MB | **fast** |
+| Q8_0 | 292 MB | `ok` |
 
 > a quote with https://example.com/path.
 """
@@ -468,6 +485,8 @@ def test_markdown_renderer(tabs: Any) -> None:
         "# Title": "<h3>Title</h3>",
         "a\n\n---\n\nb": "<p>a</p><hr><p>b</p>",
         "> quoted **x**": "<blockquote><p>quoted <strong>x</strong></p></blockquote>",
+        "a | b\n--|--:\n1 | <i>": '<div class="table-wrap"><table><thead><tr><th>a</th><th class="al-r">b</th></tr></thead>'
+                                  '<tbody><tr><td>1</td><td class="al-r">&lt;i&gt;</td></tr></tbody></table></div>',
     }
     got = page.evaluate("(cases) => Object.keys(cases).map(k => window.ember.renderMarkdown(k))", cases)
     for (src, want), html in zip(cases.items(), got):
@@ -483,7 +502,7 @@ def test_markdown_renderer(tabs: Any) -> None:
     # the tags the string has (well nested: nothing for the parser to repair).
     problems = page.evaluate(
         """(allowed) => {
-            const pieces = ['*', '**', '_', '__', '~~', '`', '```', '```js', '~~~', '\\n', '\\n\\n', '- ', '  - ',
+            const pieces = ['|', ' | ', '|---|', '\\n|:-:|--|\\n', '*', '**', '_', '__', '~~', '`', '```', '```js', '~~~', '\\n', '\\n\\n', '- ', '  - ',
                 '1. ', '7) ', '> ', '# ', '---', ' ', 'word', 'x_y', '[a](https://x.y/_a_*b*)', '[b](javascript:x)',
                 '[c](', ')', '<', '>', '&', '&amp;', '"', "'", '<script>', '</b>', '<img src=x onerror=alert(1)>',
                 'https://e.com/a*b*_c_', 'http://', '\\t', '\\u0000', '\\u00001\\u0000', '\\r\\n'];

@@ -57,6 +57,24 @@ const LIST_ITEM = /^( *)([-*+]|\d{1,9}[.)]) +(.*)$/;
 const HEADING = /^ {0,3}(#{1,6}) +(.*?)(?: +#+)? *$/;
 const RULE = /^ {0,3}([-*_])(?: *\1){2,} *$/;
 const QUOTE = /^ {0,3}&gt; ?(.*)$/;
+const TABLE_RULE = /^ {0,3}\|? *:?-+:? *(\| *:?-+:? *)*\|? *$/;
+
+function tableCells(line) {
+  let row = line.trim();
+  if (row.startsWith("|")) row = row.slice(1);
+  if (row.endsWith("|")) row = row.slice(0, -1);
+  return row.split("|").map((c) => c.trim());
+}
+
+function renderTable(header, rule, rows) {
+  const align = tableCells(rule).map((c) =>
+    c.startsWith(":") && c.endsWith(":") ? ' class="al-c"' : c.endsWith(":") ? ' class="al-r"' : "");
+  const cols = header.length;
+  const row = (cells, tag) => "<tr>" + Array.from({ length: cols }, (_, k) =>
+    "<" + tag + (align[k] || "") + ">" + renderInline(cells[k] || "") + "</" + tag + ">").join("") + "</tr>";
+  return '<div class="table-wrap"><table><thead>' + row(header, "th") + "</thead><tbody>" +
+    rows.map((r) => row(r, "td")).join("") + "</tbody></table></div>";
+}
 
 function codeBlock(code, lang) {
   return '<div class="code"><div class="code-head"><span class="code-lang">' + (lang || "text") +
@@ -120,6 +138,17 @@ function renderBlocks(lines) {
       const level = Math.min(heading[1].length + 2, 6);
       out.push("<h" + level + ">" + renderInline(heading[2]) + "</h" + level + ">");
       i++;
+      continue;
+    }
+    if (line.includes("|") && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1]) && lines[i + 1].includes("|") &&
+        tableCells(lines[i + 1]).length === tableCells(line).length) {
+      flush();
+      const header = tableCells(line);
+      const rule = lines[i + 1];
+      const rows = [];
+      i += 2;
+      while (i < lines.length && lines[i].includes("|") && lines[i].trim()) rows.push(tableCells(lines[i++]));
+      out.push(renderTable(header, rule, rows));
       continue;
     }
     if (RULE.test(line)) { flush(); out.push("<hr>"); i++; continue; }
@@ -531,7 +560,10 @@ function messageElement(msg, index, chat) {
   const running = state.running && state.running.reply === msg;
   const body = h("div", { class: "md" });
   body.innerHTML = renderMarkdown(msg.content);
-  if (running && !msg.content) body.append(h("span", { class: "typing", "aria-label": "waiting for the model" }, h("i"), h("i"), h("i")));
+  if (running && !msg.content) {
+    body.append(h("span", { class: "typing", "aria-label": "waiting for the model" }, h("i"), h("i"), h("i"),
+      state.running.loading ? h("span", { class: "typing-label", text: "Loading " + shortName(msg.model || "") + " into memory…" }) : null));
+  }
   else if (running) body.classList.add("streaming");
 
   const bubble = h("div", { class: "bubble" + (!msg.content && !running ? " no-text" : "") }, body);
@@ -674,7 +706,8 @@ async function generate(chat) {
   // Most recently used conversation first.
   state.chats = [chat, ...state.chats.filter((c) => c !== chat)];
   const controller = new AbortController();
-  state.running = { controller, chat, reply };
+  const loading = !state.loaded.some((m) => sameModel(String(m.name || m.model || ""), model));
+  state.running = { controller, chat, reply, loading };
   persist();
   render();
   scrollToBottom();
