@@ -707,7 +707,9 @@ async function generate(chat) {
   state.chats = [chat, ...state.chats.filter((c) => c !== chat)];
   const controller = new AbortController();
   const loading = !state.loaded.some((m) => sameModel(String(m.name || m.model || ""), model));
-  state.running = { controller, chat, reply, loading };
+  let ended;
+  const finished_ = new Promise((resolve) => { ended = resolve; });
+  state.running = { controller, chat, reply, loading, finished: finished_ };
   persist();
   render();
   scrollToBottom();
@@ -784,6 +786,7 @@ async function generate(chat) {
     render();
     scrollToBottom();
     refreshLoaded();
+    ended();
   }
 }
 
@@ -828,14 +831,15 @@ function startEdit(index) {
   const save = () => {
     const text = area.value.trim();
     if (!text) return;
-    if (state.running) stop();
-    // Wait a tick so the aborted run finishes its bookkeeping first.
-    setTimeout(() => {
+    // A reply still streaming is stopped first, and its bookkeeping done.
+    const previous = state.running ? state.running.finished : Promise.resolve();
+    stop();
+    previous.then(() => {
       chat.messages = chat.messages.slice(0, index);
       chat.messages.push({ role: "user", content: text });
       if (index === 0) chat.title = titleFrom(text);
       generate(chat);
-    }, state.running ? 50 : 0);
+    });
   };
   area.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); save(); }
