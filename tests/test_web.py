@@ -396,6 +396,8 @@ def greet(name):
 | Q8_0 | 292 MB | `ok` |
 
 > a quote with https://example.com/path.
+
+Long words wrap: https://example.com/a/very/long/path/that/keeps/going/and/going/without/any/spaces/at/all
 """
 
 
@@ -571,8 +573,8 @@ def test_layouts_and_screenshots(tabs: Any, server: Server) -> None:
     assert bg != "rgb(255, 255, 255)", "dark scheme not applied"
     dark.shot("web-desktop-dark.png")
 
-    for scheme in ("light", "dark"):
-        phone = tabs(PHONE, scheme)
+    for scheme, size in (("light", PHONE), ("dark", {"width": 375, "height": 667})):
+        phone = tabs(size, scheme)
         page = phone.open(chats=[nice_chat()])
         phone.wait_models()
         page.wait_for_selector(".code")
@@ -585,7 +587,7 @@ def test_layouts_and_screenshots(tabs: Any, server: Server) -> None:
         box = page.locator("#sidebar").bounding_box()
         assert box is not None and box["x"] + box["width"] <= 0, "the drawer should start closed on a phone"
         composer = page.locator("#composer").bounding_box()
-        assert composer is not None and composer["y"] + composer["height"] <= PHONE["height"] + 1
+        assert composer is not None and composer["y"] + composer["height"] <= size["height"] + 1
         phone.shot(f"web-phone-{scheme}.png")
         if scheme == "light":
             page.click("#menu")
