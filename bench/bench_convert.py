@@ -50,8 +50,8 @@ def make_model(d: Path, layers: int) -> None:
     (d / "README.md").write_text("---\nlicense: llama3.2\n---\n# Bench-Llama\n")
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of one child process."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, ru = os.wait4(p.pid, 0)
@@ -59,7 +59,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     err = p.stderr.read().decode(errors="replace") if p.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
-    return wall, ru.ru_maxrss * 1024
+    return wall, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, int, list[str]]:
@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/ember-bench/out"))
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--outtypes", default="bf16,f16")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per converter and type (fastest kept)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -113,22 +114,27 @@ def main() -> None:
     for ot in args.outtypes.split(","):
         ours = args.out_dir / f"ember-{ot}.gguf"
         theirs = args.out_dir / f"llamacpp-{ot}.gguf"
-        e_wall, e_rss = run([py, "-c", f"from ember.convert import convert_model; convert_model({str(args.model_dir)!r}, {str(ours)!r}, outtype={ot!r})"])
-        l_wall, l_rss = run([py, str(args.llama_cpp / "convert_hf_to_gguf.py"), str(args.model_dir), "--outfile", str(theirs), "--outtype", ot], env=env)
+        e_runs, l_runs = [], []
+        for _ in range(args.repeat):  # alternate the two; keep each one's fastest run
+            e_runs.append(run([py, "-c", f"from ember.convert import convert_model; convert_model({str(args.model_dir)!r}, {str(ours)!r}, outtype={ot!r})"]))
+            l_runs.append(run([py, str(args.llama_cpp / "convert_hf_to_gguf.py"), str(args.model_dir), "--outfile", str(theirs), "--outtype", ot], env=env))
+        e_wall, e_rss, e_cpu = min(e_runs)
+        l_wall, l_rss, l_cpu = min(l_runs)
         same, n, diff = compare_in_child(py, ours, theirs)
         results.append({
             "outtype": ot, "checkpoint_bytes": size,
             "ember_s": round(e_wall, 2), "llamacpp_s": round(l_wall, 2), "time_ratio": round(e_wall / l_wall, 3),
+            "ember_cpu_s": round(e_cpu, 2), "llamacpp_cpu_s": round(l_cpu, 2), "cpu_ratio": round(e_cpu / l_cpu, 3),
             "ember_rss": e_rss, "llamacpp_rss": l_rss, "rss_ratio": round(e_rss / l_rss, 3),
             "identical": same, "tensors_compared": n, "differing": diff[:10],
         })
         print(json.dumps(results[-1]), flush=True)
         ours.unlink()
         theirs.unlink()
-    print("\n| outtype | ember s | llama.cpp s | time ratio | ember peak RSS | llama.cpp peak RSS | RSS ratio | tensor data |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| outtype | ember s | llama.cpp s | time ratio | CPU s (ember / llama.cpp) | ember peak RSS | llama.cpp peak RSS | RSS ratio | tensor data |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['outtype']} | {r['ember_s']} | {r['llamacpp_s']} | {r['time_ratio']} | {r['ember_rss'] / 2**20:.0f} MiB | {r['llamacpp_rss'] / 2**20:.0f} MiB | {r['rss_ratio']} | {'identical' if r['identical'] else 'DIFFERENT: ' + ', '.join(r['differing'])} ({r['tensors_compared']} tensors) |")
+        print(f"| {r['outtype']} | {r['ember_s']} | {r['llamacpp_s']} | {r['time_ratio']} | {r['ember_cpu_s']} / {r['llamacpp_cpu_s']} | {r['ember_rss'] / 2**20:.0f} MiB | {r['llamacpp_rss'] / 2**20:.0f} MiB | {r['rss_ratio']} | {'identical' if r['identical'] else 'DIFFERENT: ' + ', '.join(r['differing'])} ({r['tensors_compared']} tensors) |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -152,14 +152,9 @@ def _tiny_llama(vocab: int, seed: int, layers: int = 2, hidden: int = 64, heads:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def test_internlm2_packed_wqkv_sharded(tmp_path: Path) -> None:
-    torch_threads()
-    d = tmp_path / "internlm2"
-    sp = make_spm_tokenizer(
-        d, user_symbols=("<|im_start|>", "<|im_end|>"),
-        extra_config={"added_tokens_decoder": {}},
-    )
-    im_end = sp.piece_to_id("<|im_end|>")
+def _internlm2_checkpoint(d: Path):
+    """A tiny Llama and the same weights in InternLM2's layout (packed wqkv)."""
+    sp = make_spm_tokenizer(d, user_symbols=("<|im_start|>", "<|im_end|>"))
     cfgj = json.loads((d / "tokenizer_config.json").read_text())
     cfgj["added_tokens_decoder"] = {str(sp.piece_to_id(t)): {"content": t, "special": True} for t in ("<|im_start|>", "<|im_end|>")}
     (d / "tokenizer_config.json").write_text(json.dumps(cfgj))
@@ -180,6 +175,19 @@ def test_internlm2_packed_wqkv_sharded(tmp_path: Path) -> None:
         out[p + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
         out[p + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
         out[p + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    config = {
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": E, "intermediate_size": c.intermediate_size,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": c.num_hidden_layers, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": 10000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": 256, "vocab_size": sp.vocab_size(),
+        "bias": False, "bos_token_id": 1, "eos_token_id": 2,
+    }
+    return model, sp, out, config
+
+
+def test_internlm2_packed_wqkv_sharded(tmp_path: Path) -> None:
+    torch_threads()
+    d = tmp_path / "internlm2"
+    model, sp, out, config = _internlm2_checkpoint(d)
     names = sorted(out)
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
     weight_map = {}
@@ -187,12 +195,7 @@ def test_internlm2_packed_wqkv_sharded(tmp_path: Path) -> None:
         save_file({n: out[n].to(torch.bfloat16) if n.endswith("w2.weight") else out[n] for n in ns}, d / fn)
         weight_map.update({n: fn for n in ns})
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": E, "intermediate_size": c.intermediate_size,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": c.num_hidden_layers, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": 10000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": 256, "vocab_size": sp.vocab_size(),
-        "bias": False, "bos_token_id": 1, "eos_token_id": 2,
-    }))
+    (d / "config.json").write_text(json.dumps(config))
     with torch.no_grad():  # the reference sees the same bf16-rounded w2
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight.to(torch.bfloat16).float())
@@ -200,7 +203,21 @@ def test_internlm2_packed_wqkv_sharded(tmp_path: Path) -> None:
     check(model, g, sp.vocab_size(), seed=5)
     meta = kv(g)
     assert meta["general.architecture"] == "internlm2"
-    assert meta["tokenizer.ggml.eos_token_id"] == im_end
+    assert meta["tokenizer.ggml.eos_token_id"] == sp.piece_to_id("<|im_end|>")
+
+
+def test_internvl_extracts_internlm2(tmp_path: Path) -> None:
+    torch_threads()
+    d = tmp_path / "internvl-internlm2"
+    model, sp, out, config = _internlm2_checkpoint(d)
+    sd = {"language_model." + k: v for k, v in out.items()}
+    sd["vision_model.embeddings.class_embedding"] = torch.randn(1, 1, 32)
+    sd["mlp1.3.weight"] = torch.randn(64, 64)
+    save_file(sd, d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"], "llm_config": config, "vision_config": {"hidden_size": 32}}))
+    g = convert_model(d, tmp_path / "ivl.gguf", outtype="f32")
+    check(model, g, sp.vocab_size(), seed=8)
+    assert kv(g)["general.architecture"] == "internlm2"
 
 
 def test_baichuan2_normhead_from_bin(tmp_path: Path) -> None:

@@ -132,11 +132,11 @@ def _copy_span(src: Path, offset: int, nbytes: int, out_fd: int) -> None:
             done += len(chunk)
 
 
-_REGISTRY: dict[str, type[Model]] = {}
+_REGISTRY: dict[str, Any] = {}  # HF architecture -> Model subclass (or a class with from_config)
 
 
-def register(*hf_archs: str) -> Callable[[type[Model]], type[Model]]:
-    def deco(cls: type[Model]) -> type[Model]:
+def register(*hf_archs: str) -> Callable[[Any], Any]:
+    def deco(cls: Any) -> Any:
         for a in hf_archs:
             _REGISTRY[a] = cls
         return cls
@@ -347,19 +347,46 @@ def _nbytes(shape: tuple[int, ...], q: Q) -> int:
     return n // block * size
 
 
+def _bf16_to_f16_range(words: np.ndarray[Any, Any], out: np.ndarray[Any, Any], lo: int, hi: int) -> None:
+    """bf16 -> f16 by integer arithmetic where the value is a normal f16 (the
+    exponent is re-biased, the 7 mantissa bits fit in f16's 10); zeros,
+    subnormals, overflow, inf and NaN go through a float32 cast. Bit-identical
+    to casting through float32, about twice as fast."""
+    o16 = out.view(np.uint16)
+    buf = np.empty(_CHUNK, dtype=np.uint32)
+    lo_e, hi_e = np.uint16(113 << 7), np.uint16(143 << 7)
+    for i in range(lo, hi, _CHUNK):
+        j = min(hi, i + _CHUNK)
+        x = words[i:j]
+        o = o16[i:j]
+        ax = x & np.uint16(0x7FFF)
+        np.subtract(ax, np.uint16(112 << 7), out=o)
+        np.left_shift(o, np.uint16(3), out=o)
+        np.bitwise_or(o, x & np.uint16(0x8000), out=o)
+        bad = (ax < lo_e) | (ax >= hi_e)
+        if bad.any():
+            idx = np.flatnonzero(bad)
+            b = buf[: idx.size]
+            np.left_shift(x[idx], 16, out=b, dtype=np.uint32)
+            o[idx] = b.view(np.float32).astype(np.float16).view(np.uint16)
+
+
 def _cast_range(flat: np.ndarray[Any, Any], out: np.ndarray[Any, Any], lo: int, hi: int) -> None:
-    if is_bf16(flat):
-        words = flat.view(np.uint16)
-        buf = np.empty(_CHUNK, dtype=np.uint32)
-        for i in range(lo, hi, _CHUNK):
-            j = min(hi, i + _CHUNK)
-            b = buf[: j - i]
-            np.left_shift(words[i:j], 16, out=b, dtype=np.uint32)
-            out[i:j] = b.view(np.float32)
-    else:
-        for i in range(lo, hi, _CHUNK):
-            j = min(hi, i + _CHUNK)
-            out[i:j] = flat[i:j]
+    with np.errstate(over="ignore"):  # f16 overflow becomes inf, as in llama.cpp's converter
+        if is_bf16(flat) and out.dtype == np.float16:
+            _bf16_to_f16_range(flat.view(np.uint16), out, lo, hi)
+        elif is_bf16(flat):
+            words = flat.view(np.uint16)
+            buf = np.empty(_CHUNK, dtype=np.uint32)
+            for i in range(lo, hi, _CHUNK):
+                j = min(hi, i + _CHUNK)
+                b = buf[: j - i]
+                np.left_shift(words[i:j], 16, out=b, dtype=np.uint32)
+                out[i:j] = b.view(np.float32)
+        else:
+            for i in range(lo, hi, _CHUNK):
+                j = min(hi, i + _CHUNK)
+                out[i:j] = flat[i:j]
 
 
 def _cast_chunked(a: np.ndarray[Any, Any], dtype: Any) -> np.ndarray[Any, Any]:
@@ -452,7 +479,7 @@ def _auto_outtype(plan: list[Planned]) -> str:
 
 
 def _metadata(model_dir: Path, total_params: int, shared: int, expert: int, n_expert: int) -> gguf.Metadata:
-    import yaml
+    import yaml  # type: ignore[import-untyped]
 
     try:
         md = gguf.Metadata.load(None, model_dir, None, total_params)
@@ -534,7 +561,7 @@ def convert_model(
     return dests[0]
 
 
-def _write(w: gguf.GGUFWriter, plan: list[Planned], dests: list[Path], progress: ProgressCallback | None) -> None:
+def _write(w: Writer, plan: list[Planned], dests: list[Path], progress: ProgressCallback | None) -> None:
     total = sum(_nbytes(p.shape, p.out_qtype) for p in plan)
     desc = f"Writing {dests[0].name}"
     done = 0

@@ -49,7 +49,11 @@ class InternLM2Model(Model):
 
         fmt = gguf.TENSOR_NAMES
         for which, key, r in (("q", gguf.MODEL_TENSOR.ATTN_Q, n_head), ("k", gguf.MODEL_TENSOR.ATTN_K, n_kv), ("v", gguf.MODEL_TENSOR.ATTN_V, n_kv)):
-            yield Planned(fmt[key].format(bid=bid) + ".weight", (r * head_dim, cols), ref.dtype, lambda which=which: part(which))
+
+            def load(which: str = which) -> np.ndarray[Any, Any]:
+                return part(which)
+
+            yield Planned(fmt[key].format(bid=bid) + ".weight", (r * head_dim, cols), ref.dtype, load)
 
     def set_parameters(self, w: gguf.GGUFWriter) -> None:
         super().set_parameters(w)

@@ -129,9 +129,9 @@ def convert_lora(
     pairs: dict[str, dict[str, TensorRef]] = {}
     for name, ref in refs.items():
         short = name
-        for p in _PREFIXES:
-            if short.startswith(p):
-                short = short[len(p) :]
+        for prefix in _PREFIXES:
+            if short.startswith(prefix):
+                short = short[len(prefix) :]
                 break
         if "lora_magnitude_vector" in short:
             raise ConversionError(f"{adapter_dir}: tensor {name!r} is a DoRA magnitude; DoRA adapters have no llama.cpp equivalent")

@@ -114,7 +114,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
 def _reader(path: Path, offset: int, nbytes: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Callable[[], np.ndarray[Any, Any]]:
     def load() -> np.ndarray[Any, Any]:
         out = np.empty(shape, dtype=dtype)
-        buf = memoryview(out.reshape(-1).view(np.uint8)) if nbytes else memoryview(b"")
+        buf = out.reshape(-1).view(np.uint8).data
         with open(path, "rb", buffering=0) as f:
             f.seek(offset)
             got = 0

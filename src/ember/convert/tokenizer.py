@@ -181,7 +181,7 @@ def spm_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], lis
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
 
-        proto = pb.ModelProto()
+        proto = pb.ModelProto()  # type: ignore[attr-defined]
         proto.ParseFromString(path.read_bytes())
         add_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
     except Exception:  # protobuf missing or an unusual proto: keep the default
@@ -263,6 +263,7 @@ def write_vocab(
     special ids, add_bos/add_eos and the chat template."""
     vocab_size = hparams.get("vocab_size")
     kind = tokenizer_kind(model_dir)
+    all_tokens: list[str] | list[bytes]
     if kind == "spm":
         from sentencepiece import SentencePieceProcessor
 
@@ -280,9 +281,12 @@ def write_vocab(
         sp = SentencePieceProcessor()
         sp.LoadFromFile(str(model_dir / "tokenizer.model"))
         sv = special_vocab(model_dir, tokens, merges=False, spm=sp)
+        all_tokens = tokens
     elif kind == "hf-spm":
         hv = gguf.LlamaHfVocab(model_dir)
-        btoks, bscores, btypes = [], [], []
+        btoks: list[bytes] = []
+        bscores: list[float] = []
+        btypes: list[int] = []
         for text, score, tt in hv.all_tokens():
             btoks.append(text)
             bscores.append(score)
@@ -293,7 +297,7 @@ def write_vocab(
         w.add_token_scores(bscores)
         w.add_token_types(btypes)
         sv = special_vocab(model_dir, btoks, merges=False)
-        tokens = btoks
+        all_tokens = btoks
     else:
         stoks, stypes, pre, _ = bpe_vocab(model_dir, vocab_size)
         w.add_tokenizer_model("gpt2")
@@ -303,9 +307,9 @@ def write_vocab(
         sv = special_vocab(model_dir, stoks, merges=True)
         if not sv.merges:
             raise InvalidFileError(f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; download the tokenizer again")
-        tokens = stoks
+        all_tokens = stoks
     if eos_override is not None:
-        texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in tokens]
+        texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in all_tokens]
         if eos_override in texts:
             sv.special_token_ids["eos"] = texts.index(eos_override)
     sv.add_to_gguf(w, quiet=True)
