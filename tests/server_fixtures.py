@@ -61,6 +61,8 @@ class Server:
         n = -1
         while time.monotonic() < deadline:
             n = sum(m["running"] for m in self.ps() if m["name"] == name)
+            if os.environ.get("EMBER_TEST_DEBUG"):
+                print("running", name, n, self.ps())
             if n == want:
                 return n
             time.sleep(0.05)
