@@ -32,7 +32,7 @@ _SPECS = [
     OptionSpec("low_vram", bool, False, True, "accepted for compatibility; no effect"),
     OptionSpec("flash_attn", bool, False, True, "use flash attention"),
     OptionSpec("kv_cache_type", str, "f16", True, "KV cache type: f16, q8_0 or q4_0"),
-    OptionSpec("batch_invariant", bool, False, True, "identical results whatever else is batched (slower prompt processing: no repacked CPU kernels)"),
+    OptionSpec("batch_invariant", bool, False, True, "never batch sequences together, so each gets exactly the numbers it would get alone (lower throughput under load)"),
     # Per-request options (Ollama's Options).
     OptionSpec("num_keep", int, 4, False, "tokens of the prompt kept when the context is shifted"),
     OptionSpec("seed", int, -1, False, "random seed (-1: random)"),

@@ -81,9 +81,6 @@ class LoadedModel:
         num_gpu = self.options["num_gpu"]
         params.n_gpu_layers = 999 if num_gpu < 0 else num_gpu
         params.main_gpu = self.options["main_gpu"]
-        # llama.cpp's repacked CPU kernels switch between GEMM and GEMV paths by
-        # batch size, so a sequence's numbers can depend on what else is batched.
-        params.use_extra_bufts = not self.options["batch_invariant"]
         mmap, mlock = self.options["use_mmap"], self.options["use_mlock"]
         params.load_mode = (
             lc.LLAMA_LOAD_MODE_MMAP_MLOCK if mmap and mlock

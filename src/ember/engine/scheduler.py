@@ -149,6 +149,7 @@ class Scheduler:
         self.num_parallel = num_parallel
         self.max_queue = max_queue
         self.ctx: Context = model.new_context(num_ctx * num_parallel, n_seq_max=num_parallel, options=options)
+        self.batch_invariant = bool((options or {}).get("batch_invariant", model.options.get("batch_invariant")))
         self.n_batch = self.ctx.n_batch
         self.slots = [_Slot(i) for i in range(num_parallel)]
         self._queue: collections.deque[_Request] = collections.deque()
@@ -279,12 +280,22 @@ class Scheduler:
         slot.start(req, n_keep, sampler, stops)
 
     def _step(self) -> None:
-        entries: list[tuple[int, int, int, bool]] = []
         active = [s for s in self.slots if s.req is not None]
         for s in active:
             if s.req.handle.cancelled:  # type: ignore[union-attr]
                 self._finish(s, "cancel", notify=False)
         active = [s for s in active if s.req is not None]
+        if self.batch_invariant:
+            # llama.cpp's kernels pick different summation orders for different
+            # batch shapes; decoding each sequence on its own keeps its numbers
+            # exactly those of a lone request.
+            for s in active:
+                self._decode_group([s])
+        else:
+            self._decode_group(active)
+
+    def _decode_group(self, active: list[_Slot]) -> None:
+        entries: list[tuple[int, int, int, bool]] = []
         for s in active:
             s.batch_row = -1
             s.taken = 0
