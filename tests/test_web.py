@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -25,7 +25,7 @@ from gguf_fixtures import write_tiny_gguf
 from server_fixtures import Server, create
 
 pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, Page, Request, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, Request, ViewportSize, sync_playwright  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -33,8 +33,10 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
 ARTIFACTS = Path(__file__).parent / "artifacts"
-DESKTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
+SMALL_PHONE: ViewportSize = {"width": 375, "height": 667}
+Scheme = Literal["light", "dark"]
 # A base model continues the pattern: greedy decoding echoes the tags back.
 ECHO_SCRIPT = "<script>alert(1)</script>\n<script>alert(1)</script>\n<script>alert(1)</script>\n<script>"
 STATS = re.compile(r"\d+ tokens · \d+(\.\d)? tok/s · TTFT \d+\.\d\d s")
@@ -69,7 +71,7 @@ class Tab:
     """One page in a fresh browser context (own localStorage) that records
     dialogs (an alert() would be an injection), page errors and /api/chat bodies."""
 
-    def __init__(self, browser: Browser, url: str, viewport: dict[str, int], scheme: str) -> None:
+    def __init__(self, browser: Browser, url: str, viewport: ViewportSize, scheme: Scheme) -> None:
         self.context = browser.new_context(viewport=viewport, color_scheme=scheme)
         self.page: Page = self.context.new_page()
         self.url = url
@@ -130,7 +132,7 @@ class Tab:
 def tabs(browser: Browser, server: Server) -> Iterator[Any]:
     opened: list[Tab] = []
 
-    def make(viewport: dict[str, int] = DESKTOP, scheme: str = "light", url: str | None = None) -> Tab:
+    def make(viewport: ViewportSize = DESKTOP, scheme: Scheme = "light", url: str | None = None) -> Tab:
         tab = Tab(browser, url or server.url, viewport, scheme)
         opened.append(tab)
         return tab
@@ -573,7 +575,8 @@ def test_layouts_and_screenshots(tabs: Any, server: Server) -> None:
     assert bg != "rgb(255, 255, 255)", "dark scheme not applied"
     dark.shot("web-desktop-dark.png")
 
-    for scheme, size in (("light", PHONE), ("dark", {"width": 375, "height": 667})):
+    phones: list[tuple[Scheme, ViewportSize]] = [("light", PHONE), ("dark", SMALL_PHONE)]
+    for scheme, size in phones:
         phone = tabs(size, scheme)
         page = phone.open(chats=[nice_chat()])
         phone.wait_models()
