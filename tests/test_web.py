@@ -80,7 +80,13 @@ class Tab:
         self.chat_bodies: list[dict[str, Any]] = []
         self.page.on("dialog", self._dialog)
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", self._console)
         self.page.on("request", self._request)
+
+    def _console(self, msg: Any) -> None:
+        # Failed requests are expected in some tests; a blocked resource is a bug.
+        if "Content Security Policy" in msg.text:
+            self.errors.append(msg.text)
 
     def _dialog(self, dialog: Any) -> None:
         self.dialogs.append(dialog.message)

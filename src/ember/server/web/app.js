@@ -996,6 +996,7 @@ function boot() {
     loadSettingsForm();
   });
   for (const [id] of FIELDS) $(id).addEventListener("input", onSettingsInput);
+  $("settings-form").addEventListener("submit", (e) => { e.preventDefault(); refreshModels(); });
   $("opt-api-key").addEventListener("change", refreshModels);
   $("menu").addEventListener("click", openSidebar);
   $("scrim").addEventListener("click", () => { closeSidebar(); closeSettings(); });
