@@ -216,6 +216,7 @@ def test_streamed_reply_settings_script_echo_and_reload(tabs: Any, server: Serve
     tab.wait_models()
     assert page.inner_text(".conv-item.active .conv-title").startswith("<script>alert(1)</script>")
     assert tab.last_reply() == reply
+    assert page.title().startswith("<script>alert(1)</script>") and page.title().endswith(" · Ember")
     assert STATS.search(page.inner_text(".msg.assistant .meta"))
     assert page.input_value("#opt-num-predict") == "12"  # settings survive too
     assert page.locator("#messages script").count() == 0

@@ -624,6 +624,8 @@ function renderMessages() {
 }
 
 function render() {
+  const chat = currentChat();
+  document.title = chat && chat.title ? chat.title + " · Ember" : "Ember";
   renderConversations();
   renderMessages();
   updateComposer();
@@ -960,8 +962,10 @@ function boot() {
     autoGrow();
     send(text);
   });
+  // On touch screens Enter is a new line (the send button sends), as in messaging apps.
+  const touch = window.matchMedia("(pointer: coarse)");
   $("prompt").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touch.matches) {
       e.preventDefault();
       $("composer").requestSubmit();
     }
