@@ -94,6 +94,25 @@ class Writer(gguf.GGUFWriter):
         arr = np.asarray(val, dtype=fmt)
         return head + struct.pack("<IQ", ltype, len(arr)) + arr.tobytes()
 
+    def begin_tensor(self, nbytes: int) -> tuple[Any, int]:
+        """Start the next tensor's data (the bookkeeping of ``write_tensor_data``):
+        returns its file and the aligned offset where its bytes go. The caller
+        fills them (os.pwrite, copy_file_range), then calls :meth:`end_tensor`."""
+        assert self.fout is not None
+        file_id = next(i for i, t in enumerate(self.tensors) if t)
+        fout = self.fout[file_id]
+        ti = self.tensors[file_id].pop(next(iter(self.tensors[file_id])))
+        if ti.nbytes != nbytes:
+            raise ConversionError(f"internal error: tensor data of {nbytes} bytes for a {ti.nbytes}-byte slot")
+        self.write_padding(fout, fout.tell())
+        fout.flush()
+        return fout, fout.tell()
+
+    def end_tensor(self, fout: Any, start: int, nbytes: int) -> None:
+        fout.seek(start + nbytes)
+        self.write_padding(fout, nbytes)
+        self.state = gguf.gguf_writer.WriterState.WEIGHTS
+
     def write_tensor_span(self, src: Path, offset: int, nbytes: int) -> None:
         """Like ``write_tensor_data`` for a tensor whose bytes already sit in a
         file: the kernel copies them (copy_file_range), nothing passes through
@@ -110,12 +129,12 @@ class Writer(gguf.GGUFWriter):
         self.state = gguf.gguf_writer.WriterState.WEIGHTS
 
 
-def _copy_span(src: Path, offset: int, nbytes: int, out_fd: int) -> None:
+def _copy_span(src: Path, offset: int, nbytes: int, out_fd: int, dst_offset: int | None = None) -> None:
     with open(src, "rb", buffering=0) as f:
         done = 0
         try:
             while done < nbytes:
-                k = os.copy_file_range(f.fileno(), out_fd, nbytes - done, offset + done)
+                k = os.copy_file_range(f.fileno(), out_fd, nbytes - done, offset + done, None if dst_offset is None else dst_offset + done)
                 if k <= 0:
                     raise InvalidFileError(f"{src}: truncated while reading tensor data; download it again")
                 done += k
@@ -128,8 +147,19 @@ def _copy_span(src: Path, offset: int, nbytes: int, out_fd: int) -> None:
             chunk = f.read(min(1 << 24, nbytes - done))
             if not chunk:
                 raise InvalidFileError(f"{src}: truncated while reading tensor data; download it again")
-            os.write(out_fd, chunk)
+            if dst_offset is None:
+                os.write(out_fd, chunk)
+            else:
+                _pwrite_all(out_fd, memoryview(chunk), dst_offset + done)
             done += len(chunk)
+
+
+def _pwrite_all(fd: int, buf: Any, pos: int) -> None:
+    mv = memoryview(buf).cast("B")
+    while len(mv):
+        k = os.pwrite(fd, mv, pos)
+        mv = mv[k:]
+        pos += k
 
 
 _REGISTRY: dict[str, Any] = {}  # HF architecture -> Model subclass (or a class with from_config)
@@ -405,6 +435,42 @@ def _cast_chunked(a: np.ndarray[Any, Any], dtype: Any) -> np.ndarray[Any, Any]:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_BLOCK = 1 << 19  # elements converted into a staging buffer per pwrite
+_OUT_DTYPE: dict[Q, np.dtype[Any]] = {Q.F32: np.dtype("<f4"), Q.F16: np.dtype("<f2"), Q.BF16: np.dtype("<u2")}
+
+
+def _stream_range(flat: np.ndarray[Any, Any], q: Q, fd: int, start: int, lo: int, hi: int) -> None:
+    """Convert ``flat[lo:hi]`` to ``q`` block by block and pwrite each block to its place."""
+    od = _OUT_DTYPE[q]
+    same = flat.dtype == od or (q == Q.BF16 and is_bf16(flat))
+    staging = None if same else np.empty(_BLOCK, dtype=od)
+    for i in range(lo, hi, _BLOCK):
+        j = min(hi, i + _BLOCK)
+        if staging is None:
+            block = flat[i:j]
+        else:
+            block = staging[: j - i]
+            if q == Q.BF16:
+                block[...] = _to_bf16(flat[i:j])
+            else:
+                _cast_range(flat[i:j], block, 0, j - i)
+        _pwrite_all(fd, block.view(np.uint8), start + i * od.itemsize)
+
+
+def _stream_tensor(a: np.ndarray[Any, Any], q: Q, fd: int, start: int) -> None:
+    """Write tensor ``a`` as GGML type ``q`` (f32/f16/bf16) at ``start`` without
+    materialising the converted tensor; big tensors on two threads."""
+    flat = np.ascontiguousarray(a).reshape(-1)
+    n = flat.size
+    if n >= 4 * _BLOCK and _POOL is not None:
+        mid = (n // 2) // _BLOCK * _BLOCK
+        fut = _POOL.submit(_stream_range, flat, q, fd, start, mid, n)
+        try:
+            _stream_range(flat, q, fd, start, 0, mid)
+        finally:
+            fut.result()
+    else:
+        _stream_range(flat, q, fd, start, 0, n)
 _PREFETCH_MAX = 256 * 1024 * 1024  # read the next tensor while writing this one, if it is at most this big
 
 
@@ -580,27 +646,34 @@ def _write(w: Writer, plan: list[Planned], dests: list[Path], progress: Progress
         reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="ember-read"))
         _POOL = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="ember-cast"))
         stack.callback(_reset_pool)
+        # read-ahead of the next tensor overlaps with converting and writing this one
         pending: Future[np.ndarray[Any, Any]] | None = None
         for k, p in enumerate(plan):
+            expect = _nbytes(p.shape, p.out_qtype)
             if _is_span(p):
                 assert p.source is not None and p.source.span is not None
-                w.write_tensor_span(p.source.file, *p.source.span)
-                done += p.source.span[1]
-                if progress:
-                    progress(desc, done, total)
-                continue
-            src = pending.result() if pending is not None else p.load()
-            pending = None
-            if k + 1 < len(plan) and not _is_span(plan[k + 1]) and _src_nbytes(plan[k + 1]) <= _PREFETCH_MAX:
-                pending = reader.submit(plan[k + 1].load)
-            data = convert_data(src, p.out_qtype)
-            del src
-            expect = _nbytes(p.shape, p.out_qtype)
-            if data.nbytes != expect:
-                raise ConversionError(f"tensor {p.name}: produced {data.nbytes} bytes, expected {expect} for shape {list(p.shape)}; the checkpoint is inconsistent with its config")
-            w.write_tensor_data(data)
-            done += data.nbytes
-            del data
+                fout, start = w.begin_tensor(expect)
+                _copy_span(p.source.file, p.source.span[0], p.source.span[1], fout.fileno(), start)
+                w.end_tensor(fout, start, expect)
+            else:
+                src = pending.result() if pending is not None else p.load()
+                pending = None
+                if k + 1 < len(plan) and not _is_span(plan[k + 1]) and _src_nbytes(plan[k + 1]) <= _PREFETCH_MAX:
+                    pending = reader.submit(plan[k + 1].load)
+                if src.size * _OUT_DTYPE.get(p.out_qtype, np.dtype("u1")).itemsize != expect and p.out_qtype in _OUT_DTYPE:
+                    raise ConversionError(f"tensor {p.name}: has {src.size} values, expected {int(np.prod(p.shape))} for shape {list(p.shape)}; the checkpoint is inconsistent with its config")
+                fout, start = w.begin_tensor(expect)
+                if p.out_qtype in _OUT_DTYPE:
+                    _stream_tensor(src, p.out_qtype, fout.fileno(), start)
+                else:
+                    data = convert_data(src, p.out_qtype)
+                    if data.nbytes != expect:
+                        raise ConversionError(f"tensor {p.name}: produced {data.nbytes} bytes, expected {expect} for shape {list(p.shape)}; the checkpoint is inconsistent with its config")
+                    _pwrite_all(fout.fileno(), np.ascontiguousarray(data).reshape(-1).view(np.uint8), start)
+                    del data
+                w.end_tensor(fout, start, expect)
+                del src
+            done += expect
             if progress:
                 progress(desc, done, total)
         for f in w.fout:

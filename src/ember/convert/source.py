@@ -10,7 +10,9 @@ that reshapes and slices like any array but refuses arithmetic until
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -112,18 +114,21 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
 
 
 def _reader(path: Path, offset: int, nbytes: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Callable[[], np.ndarray[Any, Any]]:
+    """A loader mapping the tensor's bytes read-only: no copy, pages come from
+    the page cache as the converter touches them and leave with the array."""
+
     def load() -> np.ndarray[Any, Any]:
-        out = np.empty(shape, dtype=dtype)
-        buf = out.reshape(-1).view(np.uint8).data
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            got = 0
-            while got < nbytes:
-                k = f.readinto(buf[got:])
-                if not k:
-                    raise InvalidFileError(f"{path}: truncated while reading tensor data; download it again")
-                got += k
-        return out
+        if nbytes == 0:
+            return np.empty(shape, dtype=dtype)
+        try:
+            m = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
+        except (ValueError, OSError) as e:
+            raise InvalidFileError(f"{path}: cannot read tensor data ({e}); the file is truncated or unreadable, download it again") from None
+        mm = getattr(m, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_WILLNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_WILLNEED)  # start reading ahead now
+        return m.view(np.ndarray).view(dtype).reshape(shape)
 
     return load
 
