@@ -212,11 +212,11 @@ def create(
     quantize: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> ResolvedModel:
-    """Create a registry model from a Modelfile (a path or its text)."""
+    """Create a registry model from a Modelfile: a path to one, or its text."""
     from ember.registry import create_model
 
     source: Any = modelfile
-    if modelfile is not None and not isinstance(modelfile, str):
+    if modelfile is not None and (not isinstance(modelfile, str) or ("\n" not in modelfile and Path(modelfile).is_file())):
         source = Path(modelfile)
     return create_model(name, source, quantize=quantize, progress=progress)
 
