@@ -547,12 +547,11 @@ def test_recommend_on_quantized_source_only_offers_smaller(work: Path, tiny: Pat
 def test_plan_reproduces_the_demo_models_own_mix() -> None:
     """The demo file was made by llama-quantize Q4_K_M (tied 262k embeddings,
     640-wide rows): llama.cpp's dry run through Ember plans exactly its types."""
-    from gguf import GGUFReader
-
     from ember.demo import demo_model_path
+    from ember.gguf import read_model
 
     demo = demo_model_path()
-    actual = {t.name: t.tensor_type.name for t in GGUFReader(demo).tensors}
+    actual = {t.name: t.type.name for t in read_model(demo)[0].tensors}
     plan = q.plan_quantization(demo, "Q4_K_M")
     assert {t.name: t.target_type for t in plan.tensors} == actual
     assert actual["token_embd.weight"] == "Q8_0"  # Q6_K does not fit 640-wide rows

@@ -779,16 +779,15 @@ def _kv_and_compute(src: Path, num_ctx: int) -> tuple[int, int]:
     """Bytes of an f16 KV cache for ``num_ctx`` tokens (every layer full size,
     as Ember's engine allocates it) and an estimate of llama.cpp's compute
     buffers for a 512-token batch."""
-    from gguf import GGUFReader
+    from ember.gguf import read_model
 
-    r = GGUFReader(src)
+    h = read_model(src)[0]
 
     def val(key: str, default: Any = None) -> Any:
-        f = r.get_field(key)
-        if f is None:
+        v = h.get(key)
+        if v is None:
             return default
-        v = f.contents()
-        if isinstance(v, list):
+        if isinstance(v, (list, tuple)):
             v = max(v) if v else default
         return v
 
@@ -800,8 +799,8 @@ def _kv_and_compute(src: Path, num_ctx: int) -> tuple[int, int]:
     k_len = int(val(f"{arch}.attention.key_length", n_embd // n_head if n_head else 0))
     v_len = int(val(f"{arch}.attention.value_length", k_len))
     n_ff = int(val(f"{arch}.feed_forward_length", 4 * n_embd) or 4 * n_embd)
-    tokens = r.get_field("tokenizer.ggml.tokens")
-    n_vocab = len(tokens.data) if tokens is not None else 32000
+    tokens = h.kv.get("tokenizer.ggml.tokens")
+    n_vocab = tokens.count if tokens is not None else 32000
     kv = n_layer * num_ctx * n_head_kv * (k_len + v_len) * 2
     ubatch = 512
     # llama.cpp reserves its compute buffer for a full batch of outputs: the
@@ -812,10 +811,10 @@ def _kv_and_compute(src: Path, num_ctx: int) -> tuple[int, int]:
 
 
 def _source_ftype(src: Path) -> int | None:
-    from gguf import GGUFReader
+    from ember.gguf import read_model
 
-    f = GGUFReader(src).get_field("general.file_type")
-    return None if f is None else int(f.contents())
+    v = read_model(src)[0].get("general.file_type")
+    return None if v is None else int(v)
 
 
 def recommend(
