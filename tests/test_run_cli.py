@@ -141,3 +141,16 @@ def _chat_rp() -> pexpect.spawn:
     )
     child.expect_exact("用户：")
     return child
+
+
+def test_inspect_memory_reports_kv_cache_for_the_chosen_context():
+    import json
+
+    path = str(demo_model_path())
+    small = json.loads(run_ember("inspect", path, "--memory", "--json", "--param", "num_ctx=1024").stdout)["memory"]
+    big = json.loads(run_ember("inspect", path, "--memory", "--json", "--param", "num_ctx=4096").stdout)["memory"]
+    assert big["kv_cache_bytes"] == 4 * small["kv_cache_bytes"] > 0
+    assert small["model_bytes"] == big["model_bytes"] > 200_000_000
+    assert small["compute_bytes"] > 0 and small["rss_bytes"] > 0
+    r = run_ember("inspect", path, "--memory", "--param", "temperature=1")
+    assert r.returncode == 1 and "load options" in r.stderr

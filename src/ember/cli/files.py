@@ -85,17 +85,47 @@ def inspect(
     file: Path = typer.Argument(..., help="A GGUF file, or any shard of a split model."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
     tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor."),
-    # The memory report (`--memory`) is added here by the engine layer.
+    memory: bool = typer.Option(False, "--memory", help="Load the model and report the memory it needs."),
+    param: list[str] = typer.Option([], "--param", "-p", help="With --memory: NAME=VALUE load option (num_ctx, kv_cache_type, num_gpu, ...)."),
 ) -> None:
     """Show what a GGUF model is: architecture, size, quantization, tokenizer, template, shards."""
     info = inspect_model(file)
+    report = _memory_report(file, param) if memory else None
     if as_json:
         data = info.to_dict()
         if not tensors:
             data.pop("tensors")
+        if report is not None:
+            data["memory"] = report
         sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         return
     _print_info(info, tensors)
+    if report is not None:
+        t = Table(title="memory", show_header=False, box=None, pad_edge=False)
+        t.add_column(style="bold", no_wrap=True)
+        t.add_column()
+        t.add_row("context (num_ctx)", str(report["num_ctx"]))
+        for key, label in (("model_bytes", "weights"), ("kv_cache_bytes", "KV cache"), ("compute_bytes", "compute buffers"),
+                           ("output_bytes", "output buffer"), ("gpu_bytes", "on the GPU"), ("rss_bytes", "process RSS")):
+            t.add_row(label, format_size(report[key]))
+        t.add_row("total", format_size(report["model_bytes"] + report["kv_cache_bytes"] + report["compute_bytes"] + report["output_bytes"]))
+        console.print(t)
+
+
+def _memory_report(file: Path, params: list[str]) -> dict[str, int]:
+    """Load the model with the given load options and measure what llama.cpp allocates."""
+    from ember.api import Model
+    from ember.cli.run import parse_params
+    from ember.options import LOAD_OPTIONS
+
+    options = parse_params(params)
+    unknown = [k for k in options if k not in LOAD_OPTIONS]
+    if unknown:
+        raise OptionError(f"--param {unknown[0]}: only load options (e.g. num_ctx, kv_cache_type, num_gpu) change memory")
+    with Model(str(file), **options) as model:
+        report = model.memory.to_dict()
+        report["num_ctx"] = model.scheduler.num_ctx
+        return report
 
 
 @app.command()
