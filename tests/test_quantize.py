@@ -533,6 +533,11 @@ def test_recommend_fits_memory(tiny: Path, work: Path) -> None:
     assert "KLD 0.0010" in rec.rows[0].quality and "measured" in rec.quality_source
     r = _ember("quantize", "--recommend", str(tiny), "--memory", "1G", "--num-ctx", "2048")
     assert r.returncode == 0 and "recommended: F16" in r.stdout
+    # registry names work like files (demo: the bundled model, already Q4_K_M)
+    r = _ember("quantize", "--recommend", "demo", "--memory", "2G")
+    assert r.returncode == 0 and "recommended: Q4_K_M" in r.stdout, r.stderr
+    r = _ember("quantize", "--recommend", "no-such-model", "--memory", "2G")
+    assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_recommend_on_quantized_source_only_offers_smaller(work: Path, tiny: Path) -> None:

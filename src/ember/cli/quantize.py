@@ -30,6 +30,29 @@ def _lazy_bar() -> Iterator[ProgressCallback]:
         yield callback
 
 
+def _model_file(arg: str | Path | None) -> Path | None:
+    """A GGUF path, or a registry name (``demo``, ``llama3:8b``) resolved to
+    its model file, so every command here takes what ``ember run`` takes."""
+    if arg is None:
+        return None
+    path = Path(arg).expanduser()
+    if path.exists():
+        return path
+    from ember.registry import resolve
+
+    resolved = resolve(str(arg))
+    return Path(resolved.model_paths[0])
+
+
+def _model_files(arg: str) -> list[Path]:
+    path = Path(arg).expanduser()
+    if path.exists():
+        return [path]
+    from ember.registry import resolve
+
+    return [Path(p) for p in resolve(arg).model_paths]
+
+
 def _parse_tensor_types(items: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
@@ -42,8 +65,8 @@ def _parse_tensor_types(items: list[str]) -> dict[str, str]:
 
 @app.command("quantize")
 def quantize_cmd(
-    input: Path = typer.Argument(None, help="GGUF model (F16/F32/BF16), or the first shard of a split model.", show_default=False),
-    output: Path = typer.Argument(None, help="Output GGUF file.", show_default=False),
+    input: str = typer.Argument(None, metavar="INPUT", help="GGUF model (F16/F32/BF16; any shard of a split model) or a registry name.", show_default=False),
+    output: Path = typer.Argument(None, metavar="OUTPUT", help="Output GGUF file.", show_default=False),
     qtype: str = typer.Argument(None, metavar="TYPE", help="Quantization type, e.g. Q4_K_M (see --list).", show_default=False),
     imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat); required for IQ1/IQ2/IQ3_XXS/IQ3_XS/Q2_K_S."),
     output_tensor_type: str = typer.Option(None, "--output-tensor-type", help="ggml type for output.weight, e.g. q8_0."),
@@ -63,20 +86,21 @@ def quantize_cmd(
     """Quantize a GGUF model with llama.cpp (every type llama-quantize knows)."""
     import ember.quantize as q  # the submodule (ember.quantize is also an API function)
 
+    model = _model_file(input)
     if list_types:
-        _list(input)
+        _list(model)
         return
     if recommend:
-        if input is None or memory is None:
+        if model is None or memory is None:
             raise OptionError("use: ember quantize --recommend MODEL --memory 8G")
-        _recommend(input, parse_size(memory), num_ctx, quality)
+        _recommend(model, parse_size(memory), num_ctx, quality)
         return
-    if input is None or output is None or qtype is None:
+    if model is None or output is None or qtype is None:
         raise OptionError("use: ember quantize INPUT OUTPUT TYPE (or --list [MODEL], --recommend MODEL --memory SIZE)")
     name = q.parse_quant_type(qtype)
     with _lazy_bar() as bar:
         files = q.quantize_model(
-            input,
+            model,
             output,
             name,
             imatrix=imatrix,
@@ -90,7 +114,9 @@ def quantize_cmd(
             nthread=threads,
             progress=bar,
         )
-    size_in = input.stat().st_size
+    from ember.gguf import validate_model
+
+    size_in = sum(Path(p).stat().st_size for p in validate_model(model))
     size_out = sum(f.stat().st_size for f in files)
     for f in files:
         console.print(f"wrote {f}")
@@ -140,7 +166,7 @@ def _recommend(model: Path, memory: int, num_ctx: int, quality: Path | None) -> 
 
 @app.command("merge-lora")
 def merge_lora_cmd(
-    base: Path = typer.Argument(..., help="Base model GGUF."),
+    base: str = typer.Argument(..., help="Base model GGUF (or a registry name)."),
     adapter: Path = typer.Argument(..., help="LoRA adapter GGUF (ember convert-lora makes one)."),
     output: Path = typer.Argument(..., help="Output GGUF with the adapter merged in."),
     scale: float = typer.Option(1.0, "--scale", help="Adapter strength (like `ember run --lora FILE:SCALE`)."),
@@ -152,7 +178,7 @@ def merge_lora_cmd(
     from ember.lora_merge import merge_lora
 
     with _lazy_bar() as bar:
-        result = merge_lora(base, adapter, output, scale=scale, outtype=outtype, progress=bar)
+        result = merge_lora(_model_file(base) or Path(base), adapter, output, scale=scale, outtype=outtype, progress=bar)
     console.print(f"wrote {output}: {result.n_merged} tensors merged")
     for note in result.notes:
         console.print(note)
@@ -164,7 +190,7 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("perplexity")
 def perplexity_cmd(
-    model: Path = typer.Argument(..., help="GGUF model."),
+    model: str = typer.Argument(..., help="GGUF model or registry name."),
     file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text file to score."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
     chunks: int = typer.Option(0, "--chunks", help="Score at most this many chunks (0: all)."),
@@ -175,14 +201,14 @@ def perplexity_cmd(
     from ember.evaluate import perplexity
 
     with _lazy_bar() as bar:
-        r = perplexity(model, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
+        r = perplexity(_model_files(model), file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
     console.print(f"perplexity: {r.ppl:.4f} +/- {r.ppl_stderr:.4f} ({r.n_chunks} chunks of {r.n_ctx} tokens, {r.n_scored} tokens scored)")
 
 
 @eval_app.command("kld")
 def kld_cmd(
-    base: Path = typer.Argument(..., help="Reference model (e.g. the F16 GGUF)."),
-    quant: Path = typer.Argument(..., help="Model to compare (e.g. a quantization of BASE)."),
+    base: str = typer.Argument(..., help="Reference model (e.g. the F16 GGUF), file or registry name."),
+    quant: str = typer.Argument(..., help="Model to compare (e.g. a quantization of BASE), file or registry name."),
     file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text file."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk."),
     chunks: int = typer.Option(0, "--chunks", help="At most this many chunks (0: all)."),
@@ -194,7 +220,7 @@ def kld_cmd(
     from ember.evaluate import kl_divergence
 
     with _lazy_bar() as bar:
-        r = kl_divergence(base, quant, file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
+        r = kl_divergence(_model_files(base), _model_files(quant), file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
     console.print(f"mean KLD:        {r.kld_mean:.6f} +/- {r.kld_stderr:.6f}")
     console.print(f"same top token:  {100 * r.same_top:.2f}% +/- {100 * r.same_top_stderr:.2f}%")
     console.print(f"perplexity base: {r.ppl_base:.4f}   quant: {r.ppl_quant:.4f}   ratio: {r.ppl_quant / r.ppl_base:.4f}")
