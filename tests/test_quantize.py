@@ -6,7 +6,6 @@ test), loaded and run in llama.cpp; options, imatrix, splits, errors, CLI."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 import ember.quantize as q  # the submodule (ember.quantize is also an API function)
 from ember.errors import InvalidFileError, QuantizationError
-from test_quantize_support import FF, HIDDEN, file_type, tensor_types, write_tiny_llama
+from test_quantize_support import file_type, tensor_types, write_tiny_llama
 
 N_LAYER = 8
 TOOLS = Path(__file__).resolve().parent.parent / "bench" / ".tools" / "bin"

@@ -148,6 +148,7 @@ def _list(model: Path | None) -> None:
             else:
                 row[2] = f"{plan.bits_per_weight:.2f}"
                 row += [format_size(q.model_file_size_estimate(model, plan))]
+                needs = plan.requires_imatrix  # llama.cpp's verdict for this model
         row += ["required" if needs else "", desc]
         table.add_row(*row)
     console.print(table)
