@@ -435,6 +435,8 @@ def test_bad_inputs(tiny: Path, work: Path) -> None:
         q.quantize_model(tiny, work / "o.gguf", "Q3")
     with pytest.raises(InvalidFileError):
         q.quantize_model(tiny, work / "o.gguf", "IQ2_XXS", imatrix=work / "nope.dat")
+    with pytest.raises(QuantizationError, match="cannot write"):
+        q.quantize_model(tiny, tiny / "o.gguf", "Q4_0")  # parent is a file
     assert not (work / "o.gguf").exists() and no_temp_files(work)
 
 

@@ -231,6 +231,29 @@ def merge_lora(
     if outtype != "auto":
         notes.append(f"merged tensors written as {outtype.upper()}; other tensors keep their types")
 
+    try:
+        _write_merged(br, arch, pairs, alpha, scale, plan, restore, adapter, output, notes, progress)
+    except OSError as e:
+        raise QuantizationError(f"{output}: cannot write the output ({e.strerror or e})") from None
+    return MergeResult(output, len(pairs), notes)
+
+
+def _write_merged(
+    br: Any,
+    arch: str,
+    pairs: dict[str, _Pair],
+    alpha: float,
+    scale: float,
+    plan: dict[str, str],
+    restore: dict[str, str],
+    adapter: Path,
+    output: Path,
+    notes: list[str],
+    progress: ProgressCallback | None,
+) -> None:
+    """Stream the merged model to ``output`` (atomically)."""
+    from gguf import GGUFWriter
+
     alignment = _field(br, "general.alignment")
     output.parent.mkdir(parents=True, exist_ok=True)
     from ember.fsutil import atomic_path
@@ -299,4 +322,3 @@ def merge_lora(
                         p.unlink()
                 with contextlib.suppress(OSError):
                     os.rmdir(stage_dir)
-    return MergeResult(output, len(pairs), notes)

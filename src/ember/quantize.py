@@ -561,8 +561,17 @@ def quantize_model(
         dry_run=False,
     )
     label = f"quantizing to {qtype}"
+    try:
+        return _quantize_to(src, dst, params, progress, label, keep_split and n_shards > 1, n_shards)
+    except OSError as e:
+        raise QuantizationError(f"{dst}: cannot write the output ({e.strerror or e})") from None
+
+
+def _quantize_to(
+    src: Path, dst: Path, params: _Params, progress: ProgressCallback | None, label: str, keep_split: bool, n_shards: int
+) -> list[Path]:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if keep_split and n_shards > 1:
+    if keep_split:
         final_prefix = str(dst)[: -len(".gguf")] if dst.name.endswith(".gguf") else str(dst)
         tmp_prefix = tempfile.mktemp(prefix=f".{Path(final_prefix).name}.", suffix=".tmp", dir=dst.parent)
         tmp_files = [Path(_split_name(tmp_prefix, i, n_shards)) for i in range(n_shards)]
