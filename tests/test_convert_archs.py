@@ -273,3 +273,29 @@ def test_internvl_extracts_qwen2(qwen2, tmp_path: Path) -> None:
     names = {t.name for t in gguf.GGUFReader(g).tensors}
     assert not any(n.startswith(("v.", "mm.", "vision")) for n in names)
     assert kv(g)["general.architecture"] == "qwen2"
+
+
+def test_gemma3_multimodal_extracts_text_model(tmp_path: Path) -> None:
+    """Gemma3ForConditionalGeneration (Gemma 3 4B and up): text_config and the
+    language_model tensors are converted, the SigLIP tower is skipped."""
+    torch_threads()
+    d = tmp_path / "gemma3mm"
+    sp = make_spm_tokenizer(d, add_dummy_prefix=False, bos="<bos>", eos="<eos>")
+    tc = transformers.Gemma3TextConfig(
+        vocab_size=sp.vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=256, initializer_range=0.15,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+    )
+    vc = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=tc.to_dict(), vision_config=vc.to_dict(), mm_tokens_per_image=4, image_token_index=5, boi_token_index=6, eoi_token_index=7)
+    torch.manual_seed(9)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    model.save_pretrained(d)
+    g = convert_model(d, tmp_path / "g.gguf", outtype="f32")
+    check(model, g, sp.vocab_size(), seed=9)
+    names = {t.name for t in gguf.GGUFReader(g).tensors}
+    assert all(n.startswith(("blk.", "token_embd", "output_norm")) for n in names)

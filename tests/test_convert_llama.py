@@ -122,3 +122,30 @@ def test_mistral_spm(mistral_dir, tmp_path: Path) -> None:
     assert cpp_greedy(llm, ids[:6], 6) == hf_greedy(model, ids[:6], 6)
     for text in PARITY_TEXT:
         assert llm.tokenize(text.encode(), add_bos=True) == [1] + sp.encode(text), text
+
+
+def test_sentencepiece_style_tokenizer_json_only(tmp_path: Path) -> None:
+    """A Llama-2-style tokenizer shipped only as tokenizer.json (BPE with byte
+    fallback and "▁"): converted for llama.cpp's SentencePiece tokenizer with
+    merge-rank scores, it tokenizes like the HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    from convert_fixtures import corpus
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    d = tmp_path / "hfspm"
+    fast.save_pretrained(d)
+    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    assert not (d / "tokenizer.model").exists()
+    out = convert_model(d, tmp_path / "t.gguf", vocab_only=True)
+    llm = llama_load(out, vocab_only=True)
+    for text in PARITY_TEXT:
+        assert llm.tokenize(text.encode(), add_bos=True) == fast.encode(text), text

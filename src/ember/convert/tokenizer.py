@@ -168,6 +168,53 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[str], list[
     return tokens, types, pre, tj
 
 
+def hf_spm_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[str], list[float], list[int], bool]:
+    """A SentencePiece-style BPE (byte fallback, "▁" for spaces) that ships only
+    as tokenizer.json, for llama.cpp's SentencePiece tokenizer. llama.cpp merges
+    the pair whose result has the highest score, HF the pair of lowest merge
+    rank: so each token's score is minus the rank of the merge that makes it.
+    (gguf-py's LlamaHfVocab gives every token -1000, which tokenizes some
+    words differently from the original.)"""
+    path = model_dir / "tokenizer.json"
+    tj = _read_json(path)
+    model = tj.get("model") or {}
+    vocab: dict[str, int] = model.get("vocab") or {}
+    merges = model.get("merges") or []
+    added = {int(a["id"]): a for a in tj.get("added_tokens") or []}
+    rev = {i: t for t, i in vocab.items()}
+    for i, a in added.items():
+        rev[i] = a["content"]
+    n = max(rev) + 1 if vocab_size is None else int(vocab_size)
+    if max(rev) >= n:
+        raise ConversionError(f"{path}: token id {max(rev)} does not fit the model's vocab_size {n} (config.json); the tokenizer does not belong to this model")
+    score: dict[str, float] = {}
+    for rank, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        score.setdefault(a + b, -float(rank))
+    unk = model.get("unk_token")
+    tokens, scores, types = [], [], []
+    for i in range(n):
+        t = rev.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(int(T.UNUSED))
+            continue
+        tokens.append(t)
+        scores.append(score.get(t, 0.0) if i not in added else -1000.0)
+        if i in added:
+            types.append(int(T.CONTROL if (added[i].get("special") or _looks_special(t)) else T.USER_DEFINED))
+        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(int(T.BYTE))
+        elif t == unk:
+            types.append(int(T.UNKNOWN))
+        else:
+            types.append(int(T.NORMAL))
+    spec = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")], ensure_ascii=False)
+    add_prefix = any(k in spec for k in ('"prepend": "\u2581"', '"prepend_scheme": "always"', '"prepend_scheme": "first"', '"add_prefix_space": true'))
+    return tokens, scores, types, add_prefix
+
+
 def spm_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], list[float], list[int], bool]:
     from sentencepiece import SentencePieceProcessor
 
@@ -283,21 +330,15 @@ def write_vocab(
         sv = special_vocab(model_dir, tokens, merges=False, spm=sp)
         all_tokens = tokens
     elif kind == "hf-spm":
-        hv = gguf.LlamaHfVocab(model_dir)
-        btoks: list[bytes] = []
-        bscores: list[float] = []
-        btypes: list[int] = []
-        for text, score, tt in hv.all_tokens():
-            btoks.append(text)
-            bscores.append(score)
-            btypes.append(tt)
+        htoks, hscores, htypes, hprefix = hf_spm_vocab(model_dir, vocab_size)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
-        w.add_token_list(btoks)
-        w.add_token_scores(bscores)
-        w.add_token_types(btypes)
-        sv = special_vocab(model_dir, btoks, merges=False)
-        all_tokens = btoks
+        w.add_token_list(htoks)
+        w.add_token_scores(hscores)
+        w.add_token_types(htypes)
+        w.add_add_space_prefix(hprefix if add_space_prefix is None else add_space_prefix)
+        sv = special_vocab(model_dir, htoks, merges=False)
+        all_tokens = htoks
     else:
         stoks, stypes, pre, _ = bpe_vocab(model_dir, vocab_size)
         w.add_tokenizer_model("gpt2")
