@@ -82,3 +82,17 @@ def test_lora_refuses_dora_and_embeddings(base, tmp_path: Path) -> None:
     assert not (tmp_path / "x.gguf").exists()
     cfg = json.loads((tmp_path / "emb" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
+
+
+def test_cli_convert_lora(base, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    d, g, _ = base
+    _adapter(d, tmp_path / "ad", seed=2, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    ok = subprocess.run([sys.executable, "-m", "ember.cli.main", "convert-lora", str(tmp_path / "ad"), "--base", str(g), "-o", str(tmp_path / "a.gguf")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    r = gguf.GGUFReader(tmp_path / "a.gguf")
+    assert float(r.fields["adapter.lora.alpha"].parts[-1][0]) == 8.0
+    bad = subprocess.run([sys.executable, "-m", "ember.cli.main", "convert-lora", str(tmp_path), "--base", str(g)], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("Error: ") and "adapter_config.json: missing" in bad.stderr and bad.stderr.count("\n") == 1
