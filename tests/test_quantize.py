@@ -562,3 +562,42 @@ def test_plan_reproduces_the_demo_models_own_mix() -> None:
     assert {t.name: t.target_type for t in plan.tensors} == actual
     assert actual["token_embd.weight"] == "Q8_0"  # Q6_K does not fit 640-wide rows
     assert abs(q.model_file_size_estimate(demo, plan) - demo.stat().st_size) / demo.stat().st_size < 0.001
+
+
+# --------------------------------------------------------------------------
+# importance matrix from text
+# --------------------------------------------------------------------------
+
+
+def test_compute_imatrix_matches_numpy_and_enables_iq_types(work: Path) -> None:
+    path = work / "im-src.gguf"
+    tensors = write_tiny_llama(path, n_layer=2, seed=4)
+    text = work / "im-text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    r = q.compute_imatrix(path, text, work / "computed-imatrix.gguf", n_ctx=64, threads=1)
+    im = q.load_imatrix(r.path)
+    assert len(im.data) == 2 * 7 and im.chunk_count == r.n_chunks and im.datasets == ["im-text.txt"]
+    # blk.0's attention input is rms_norm(embedding) * attn_norm: recompute it.
+    from ember.engine import load_model
+
+    m = load_model(path, {"num_thread": 1})
+    toks = m.tokenize(text.read_text(encoding="utf-8"))
+    m.close()
+    emb = tensors["token_embd.weight"].astype(np.float16).astype(np.float64)
+    g = tensors["blk.0.attn_norm.weight"].astype(np.float64)
+    acc = np.zeros(emb.shape[1])
+    for c in range(r.n_chunks):
+        chunk = list(toks[c * 64 : (c + 1) * 64])
+        chunk[0] = 1  # BOS
+        x = emb[chunk]
+        h = x / np.sqrt((x * x).mean(axis=1, keepdims=True) + 1e-5) * g
+        acc += (h * h).sum(axis=0)
+    want = acc / (64 * r.n_chunks)
+    np.testing.assert_allclose(im.data["blk.0.attn_q.weight"], want, rtol=2e-3)
+    np.testing.assert_allclose(im.data["blk.0.attn_k.weight"], want, rtol=2e-3)
+    out = work / "iq2xxs-computed.gguf"
+    q.quantize_model(path, out, "IQ2_XXS", imatrix=r.path, nthread=1)
+    generate(out, 2)
+    cli = _ember("imatrix", str(path), "--file", str(text), "-o", str(work / "cli-imatrix.gguf"), "--ctx", "64", "-t", "1")
+    assert cli.returncode == 0, cli.stderr
+    assert set(q.load_imatrix(work / "cli-imatrix.gguf").data) == set(im.data)

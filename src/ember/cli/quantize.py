@@ -165,6 +165,23 @@ def _recommend(model: Path, memory: int, num_ctx: int, quality: Path | None) -> 
         raise typer.Exit(1)
 
 
+@app.command("imatrix")
+def imatrix_cmd(
+    model: str = typer.Argument(..., help="GGUF model (F16/F32 for best results) or registry name."),
+    file: Path = typer.Option(..., "--file", "-f", help="UTF-8 sample text (a few thousand tokens or more)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Importance matrix to write (GGUF, as llama-imatrix)."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk."),
+    chunks: int = typer.Option(0, "--chunks", help="At most this many chunks (0: all)."),
+    threads: int = typer.Option(0, "--threads", "-t", help="Threads (0: physical cores)."),
+) -> None:
+    """Compute an importance matrix from sample text (for --imatrix; needed by IQ1/IQ2/IQ3_XXS types)."""
+    from ember.quantize import compute_imatrix
+
+    with _lazy_bar() as bar:
+        r = compute_imatrix(_model_file(model) or Path(model), file, output, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
+    console.print(f"wrote {r.path}: {r.n_entries} tensors, {r.n_chunks} chunks of {ctx} tokens")
+
+
 @app.command("merge-lora")
 def merge_lora_cmd(
     base: str = typer.Argument(..., help="Base model GGUF (or a registry name)."),
