@@ -480,7 +480,7 @@ def _explain_failure(src: Path, state: _LogState) -> str:
                 tensor = " (first tensor: " + line.split("offending tensor:", 1)[1].strip() + ")"
         return (
             f"{src}: this quantization type needs an importance matrix{tensor}; "
-            "pass --imatrix FILE (made by llama-imatrix on sample text), or choose a type that does not need one"
+            "pass --imatrix FILE (make one with `ember imatrix MODEL --file TEXT -o FILE`), or choose a type that does not need one"
         )
     if "requantizing from type" in reason:
         return f"{src}: {reason}: the model is already quantized; pass --allow-requantize (quality suffers) or start from an F16/F32 model"

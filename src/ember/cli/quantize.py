@@ -68,7 +68,7 @@ def quantize_cmd(
     input: str = typer.Argument(None, metavar="INPUT", help="GGUF model (F16/F32/BF16; any shard of a split model) or a registry name.", show_default=False),
     output: Path = typer.Argument(None, metavar="OUTPUT", help="Output GGUF file.", show_default=False),
     qtype: str = typer.Argument(None, metavar="TYPE", help="Quantization type, e.g. Q4_K_M (see --list).", show_default=False),
-    imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat); required for IQ1/IQ2/IQ3_XXS/IQ3_XS/Q2_K_S."),
+    imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix (ember imatrix, or llama-imatrix GGUF/.dat); required for IQ1/IQ2/IQ3_XXS/IQ3_XS/Q2_K_S."),
     output_tensor_type: str = typer.Option(None, "--output-tensor-type", help="ggml type for output.weight, e.g. q8_0."),
     token_embedding_type: str = typer.Option(None, "--token-embedding-type", help="ggml type for the token embeddings."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="PATTERN=TYPE (regex on tensor names), repeatable."),
