@@ -299,3 +299,26 @@ def test_gemma3_multimodal_extracts_text_model(tmp_path: Path) -> None:
     check(model, g, sp.vocab_size(), seed=9)
     names = {t.name for t in gguf.GGUFReader(g).tensors}
     assert all(n.startswith(("blk.", "token_embd", "output_norm")) for n in names)
+
+
+def test_qwen2_vocab_json_merges_txt(qwen2, tmp_path: Path) -> None:
+    """Slow-tokenizer files only (vocab.json + merges.txt, as InternVL2.5 ships
+    its Qwen2 tokenizer): the pre-tokenizer comes from tokenizer_class."""
+    src, model, tok = qwen2
+    d = tmp_path / "slow"
+    d.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (d / name).write_bytes((src / name).read_bytes())
+    tok.backend_tokenizer.model.save(str(d))  # vocab.json + merges.txt
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "Qwen2Tokenizer"
+    cfg["added_tokens_decoder"] = {str(tok.convert_tokens_to_ids(t)): {"content": t, "special": True} for t in SPECIALS_QWEN}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert not (d / "tokenizer.json").exists() and (d / "merges.txt").is_file()
+    g = convert_model(d, tmp_path / "s.gguf", vocab_only=True)
+    meta = kv(g)
+    assert meta["tokenizer.ggml.pre"] == "qwen2"
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+    llm = llama_load(g, vocab_only=True)
+    for text in PARITY_TEXT + ["<|im_start|>user\nhi<|im_end|>"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text

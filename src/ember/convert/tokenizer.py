@@ -125,6 +125,8 @@ def tokenizer_kind(model_dir: Path) -> str:
         if model.get("type") == "BPE":
             return "bpe"
         raise ConversionError(f"{model_dir / 'tokenizer.json'}: tokenizer model type {model.get('type')!r} is not supported (BPE or a SentencePiece tokenizer.model)")
+    if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
+        return "bpe"  # GPT-2 style files (e.g. InternVL2.5's Qwen2 tokenizer)
     raise ConversionError(f"{model_dir}: no tokenizer found (tokenizer.json or tokenizer.model); copy the tokenizer files of the base model into this folder")
 
 
@@ -132,13 +134,44 @@ def _is_byte_level(tj: dict[str, Any]) -> bool:
     return "ByteLevel" in json.dumps(tj.get("pre_tokenizer")) or "ByteLevel" in json.dumps(tj.get("decoder"))
 
 
+#: Pre-tokenizers of slow tokenizer classes that ship as vocab.json + merges.txt.
+CLASS_PRE = {"Qwen2Tokenizer": "qwen2", "Qwen2TokenizerFast": "qwen2", "GPT2Tokenizer": "gpt-2", "GPT2TokenizerFast": "gpt-2"}
+
+
+def _files_tokenizer(model_dir: Path) -> tuple[dict[str, Any], str]:
+    """vocab.json + merges.txt (+ added_tokens.json, tokenizer_config.json) as a
+    tokenizer.json-like dict; the pre-tokenizer follows the tokenizer class."""
+    cfg_file = model_dir / "tokenizer_config.json"
+    cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+    cls = str(cfg.get("tokenizer_class") or "")
+    pre = CLASS_PRE.get(cls)
+    if pre is None:
+        raise ConversionError(
+            f"{cfg_file}: tokenizer_class {cls or '(none)'!r} with vocab.json + merges.txt: its pre-tokenizer is unknown "
+            f"(known: {', '.join(sorted(CLASS_PRE))}); add the model's tokenizer.json"
+        )
+    added: dict[int, dict[str, Any]] = {}
+    if (f := model_dir / "added_tokens.json").is_file():
+        for text, i in (_read_json(f) or {}).items():
+            added[int(i)] = {"id": int(i), "content": text, "special": _looks_special(text)}
+    for i, d in (cfg.get("added_tokens_decoder") or {}).items():
+        added[int(i)] = {"id": int(i), "content": d["content"], "special": bool(d.get("special"))}
+    return {"model": {"type": "BPE", "vocab": _read_json(model_dir / "vocab.json")}, "added_tokens": list(added.values())}, pre
+
+
 def bpe_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[str], list[int], str, dict[str, Any]]:
     path = model_dir / "tokenizer.json"
-    tj = _read_json(path)
+    if path.is_file():
+        tj = _read_json(path)
+        pre = None
+    else:
+        path = model_dir / "vocab.json"
+        tj, pre = _files_tokenizer(model_dir)
     vocab: dict[str, int] = (tj.get("model") or {}).get("vocab") or {}
     if not isinstance(vocab, dict) or not vocab:
-        raise InvalidFileError(f"{path}: no 'model.vocab' table; the tokenizer file is malformed")
-    pre = detect_pre(tj, path)
+        raise InvalidFileError(f"{path}: no vocabulary table; the tokenizer file is malformed")
+    if pre is None:
+        pre = detect_pre(tj, path)
     added = {int(a["id"]): a for a in tj.get("added_tokens") or []}
     rev: dict[int, str] = {i: t for t, i in vocab.items()}
     for i, a in added.items():
@@ -347,7 +380,7 @@ def write_vocab(
         w.add_token_types(stypes)
         sv = special_vocab(model_dir, stoks, merges=True)
         if not sv.merges:
-            raise InvalidFileError(f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; download the tokenizer again")
+            raise InvalidFileError(f"{model_dir}: a BPE tokenizer without merges (tokenizer.json or merges.txt); download the tokenizer again")
         all_tokens = stoks
     if eos_override is not None:
         texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in all_tokens]
