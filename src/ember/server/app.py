@@ -137,8 +137,7 @@ def create_app(manager: ModelManager | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404 and exc.detail == "Not Found":
-            return PlainTextResponse("404 page not found", status_code=404) if not request.url.path.startswith(("/api", "/v1")) \
-                else error_response(request, 404, f"{request.method} {request.url.path}: no such endpoint")
+            return error_response(request, 404, f"404 page not found: no endpoint {request.method} {request.url.path[:200]}")
         return error_response(request, exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)

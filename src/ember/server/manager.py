@@ -33,6 +33,19 @@ _LOAD_LIMITS = {"num_ctx": (0, 1 << 20), "num_batch": (0, 1 << 16), "num_thread"
 _INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
+def resolve_name(name: str) -> Any:
+    """ember.registry.resolve, with names no file system accepts (too long, NUL
+    bytes) reported as an unknown model rather than an OS error."""
+    from ember.registry import resolve
+
+    from ember.errors import ModelNotFoundError
+
+    try:
+        return resolve(name)
+    except (OSError, ValueError):
+        raise ModelNotFoundError(f"model '{name[:200]}' not found") from None
+
+
 class ServerBusyError(EmberError):
     """The model is busy and cannot be reloaded or evicted now; retry later."""
 
@@ -196,11 +209,9 @@ class ModelManager:
             self.release(entry, ka)
 
     async def acquire(self, name: str, options: dict[str, Any], keep_alive: float) -> Entry:
-        from ember.registry import resolve
-
         if not isinstance(name, str) or not name.strip():
             raise OptionError("model is required")
-        resolved = await asyncio.to_thread(resolve, name)
+        resolved = await asyncio.to_thread(resolve_name, name)
         key = resolved.name
         wanted = {k: v for k, v in options.items() if k in opts.LOAD_OPTIONS}
         t0 = time.perf_counter()
@@ -319,10 +330,8 @@ class ModelManager:
     async def unload(self, name: str) -> bool:
         """Unload ``name`` now when idle, else as soon as its requests finish.
         Returns False when it is not loaded."""
-        from ember.registry import resolve
-
         try:
-            key = (await asyncio.to_thread(resolve, name)).name
+            key = (await asyncio.to_thread(resolve_name, name)).name
         except EmberError:
             key = name
         async with self._lock:

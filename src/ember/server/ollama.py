@@ -19,10 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ember.__about__ import __version__
-from ember.errors import EmberError, InvalidFileError, ModelNotFoundError, OptionError
+from ember.errors import EmberError, InvalidFileError, InvalidNameError, ModelNotFoundError, OptionError
 from ember.server import schemas as s
 from ember.server.common import collect, iso, manager, message_of, ndjson, now_iso, with_progress
-from ember.server.manager import Entry, check_options, parse_keep_alive
+from ember.server.manager import Entry, check_options, parse_keep_alive, resolve_name
 
 router = APIRouter(tags=["ollama"])
 
@@ -32,12 +32,10 @@ def _not_found(name: str) -> ModelNotFoundError:
 
 
 async def _resolve_or_404(name: str) -> Any:
-    from ember.registry import resolve
-
     if not name:
         raise OptionError("model is required")
     try:
-        return await asyncio.to_thread(resolve, name)
+        return await asyncio.to_thread(resolve_name, name)
     except ModelNotFoundError:
         raise _not_found(name) from None
 
@@ -309,7 +307,7 @@ def _capabilities(template: str | None) -> list[str]:
 @router.post("/api/show")
 async def show(body: s.NameRequest) -> Any:
     """A model's Modelfile, parameters, template, details and GGUF metadata."""
-    from ember.registry import resolve, show_model
+    from ember.registry import show_model
     from ember.registry.ggufmeta import read_info
 
     name = body.target()
@@ -317,12 +315,10 @@ async def show(body: s.NameRequest) -> Any:
         raise OptionError("model is required")
     try:
         d = await asyncio.to_thread(show_model, name)
-    except (ModelNotFoundError, EmberError) as e:
-        if not isinstance(e, ModelNotFoundError) and "not found" not in str(e):
-            raise
+    except (ModelNotFoundError, InvalidNameError, OSError, ValueError):
         # Not in the registry: the demo model or a GGUF path.
         try:
-            r = await asyncio.to_thread(resolve, name)
+            r = await asyncio.to_thread(resolve_name, name)
         except ModelNotFoundError:
             raise _not_found(name) from None
         info: dict[str, Any] = {}

@@ -9,7 +9,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Format = str | dict[str, Any] | None
-KeepAlive = str | float | int | None
+# Checked by ember.server.manager.parse_keep_alive (a duration string or seconds;
+# JSON true/false are refused there, not coerced to 1/0).
+KeepAlive = Any
 
 
 class _Body(BaseModel):
