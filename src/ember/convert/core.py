@@ -629,7 +629,8 @@ def convert_model(
 
 def _write(w: Writer, plan: list[Planned], dests: list[Path], progress: ProgressCallback | None) -> None:
     total = sum(_nbytes(p.shape, p.out_qtype) for p in plan)
-    desc = f"Writing {dests[0].name}"
+    # the f16 intermediate of a quantized --outtype has a hidden temporary name
+    desc = "Converting to F16" if dests[0].name.startswith(".") else f"Writing {dests[0].name}"
     done = 0
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_path(d)) for d in dests]
