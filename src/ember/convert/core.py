@@ -457,6 +457,19 @@ def _stream_range(flat: np.ndarray[Any, Any], q: Q, fd: int, start: int, lo: int
         _pwrite_all(fd, block.view(np.uint8), start + i * od.itemsize)
 
 
+def _stream_rows_quantized(a: np.ndarray[Any, Any], q: Q, fd: int, start: int) -> None:
+    """Quantize (gguf-py's reference quantizer) a few rows at a time: blocks run
+    along rows, so row groups are independent and no float32 copy of the
+    whole tensor is made."""
+    rows = a.reshape(-1, a.shape[-1])
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    row_bytes = a.shape[-1] // block * size
+    step = max(1, _BLOCK // a.shape[-1])
+    for i in range(0, rows.shape[0], step):
+        data = gguf.quants.quantize(to_float32(rows[i : i + step]), q)
+        _pwrite_all(fd, np.ascontiguousarray(data).reshape(-1).view(np.uint8), start + i * row_bytes)
+
+
 def _stream_tensor(a: np.ndarray[Any, Any], q: Q, fd: int, start: int) -> None:
     """Write tensor ``a`` as GGML type ``q`` (f32/f16/bf16) at ``start`` without
     materialising the converted tensor; big tensors on two threads."""
@@ -666,6 +679,8 @@ def _write(w: Writer, plan: list[Planned], dests: list[Path], progress: Progress
                 fout, start = w.begin_tensor(expect)
                 if p.out_qtype in _OUT_DTYPE:
                     _stream_tensor(src, p.out_qtype, fout.fileno(), start)
+                elif p.out_qtype == Q.Q8_0 and len(p.shape) >= 2:
+                    _stream_rows_quantized(src, p.out_qtype, fout.fileno(), start)
                 else:
                     data = convert_data(src, p.out_qtype)
                     if data.nbytes != expect:
