@@ -601,3 +601,21 @@ def test_compute_imatrix_matches_numpy_and_enables_iq_types(work: Path) -> None:
     cli = _ember("imatrix", str(path), "--file", str(text), "-o", str(work / "cli-imatrix.gguf"), "--ctx", "64", "-t", "1")
     assert cli.returncode == 0, cli.stderr
     assert set(q.load_imatrix(work / "cli-imatrix.gguf").data) == set(im.data)
+
+
+@pytest.mark.skipif(not (TOOLS / "llama-imatrix").exists(), reason="bench/.tools/bin/llama-imatrix not built")
+def test_compute_imatrix_matches_llama_imatrix(work: Path) -> None:
+    path = work / "im-cmp.gguf"
+    write_tiny_llama(path, n_layer=2, seed=4)
+    text = work / "im-cmp.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    ours = q.compute_imatrix(path, text, work / "ours-imatrix.gguf", n_ctx=64, threads=1)
+    r = subprocess.run(
+        [str(TOOLS / "llama-imatrix"), "-m", str(path), "-f", str(text), "-c", "64", "-o", str(work / "theirs-imatrix.gguf"), "-t", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = q.load_imatrix(ours.path), q.load_imatrix(work / "theirs-imatrix.gguf")
+    assert set(a.data) == set(b.data) and a.chunk_count == b.chunk_count
+    for k in b.data:
+        np.testing.assert_allclose(a.data[k], b.data[k], rtol=1e-3, atol=1e-3 * float(np.abs(b.data[k]).max()))
