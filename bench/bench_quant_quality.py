@@ -11,7 +11,9 @@ model, ships only as Q4_K_M (no hub access here to fetch its F16 weights), so
 it is first expanded to F16 with `ember quantize --allow-requantize`: the
 table then measures what each type loses *relative to that F16 expansion*;
 types at or above Q4_K_M's precision show only the rounding they add.
-Types that need an importance matrix are left out (no llama-imatrix here).
+Types in --imatrix-types are quantized with an importance matrix that
+`ember imatrix` computes from the reference on a separate calibration text
+(docstrings of other standard-library modules), marked "+im" in the table.
 
 Text: --text FILE, else the docstrings of a fixed list of Python standard
 library modules (deterministic for a given Python version).
@@ -61,6 +63,25 @@ def default_text() -> str:
     return "\n\n".join(parts)
 
 
+def calibration_text() -> str:
+    import dataclasses as c1
+    import os as c2
+    import re as c3
+    import subprocess as c4
+    import typing as c5
+    import threading as c6
+
+    parts = []
+    for mod in (c1, c2, c3, c4, c5, c6):
+        parts.append(inspect.getdoc(mod) or "")
+        for _name, obj in sorted(vars(mod).items()):
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == mod.__name__:
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 200:
+                    parts.append(doc)
+    return "\n\n".join(parts)
+
+
 def llama_perplexity(model: Path, text: Path, ctx: int, chunks: int, fa: str) -> float | None:
     tool = TOOLS / "llama-perplexity"
     if not tool.exists():
@@ -80,12 +101,14 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--types", default=DEFAULT_TYPES)
+    ap.add_argument("--imatrix-types", default="IQ4_XS,IQ3_XXS,IQ2_M,IQ2_XXS", help="types quantized with an importance matrix ('' for none)")
+    ap.add_argument("--no-compare", action="store_true", help="skip the Ember vs llama-perplexity comparison")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     from ember.evaluate import kl_divergence, perplexity
-    from ember.quantize import parse_quant_type, plan_quantization, quantize_model
+    from ember.quantize import compute_imatrix, parse_quant_type, plan_quantization, quantize_model
 
     OUT.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -117,21 +140,32 @@ def main() -> None:
     print(f"{note}; F16 PPL {ppl_base.ppl:.4f} ({ppl_base.n_chunks} chunks of {args.ctx})", flush=True)
     results: dict[str, dict[str, float]] = {"F16": {"kld": 0.0, "ppl": ppl_base.ppl, "ppl_base": ppl_base.ppl, "same_top": 1.0, "size": base.stat().st_size}}
     cache: dict = {}  # the reference's log-probabilities, computed once
-    for name in [parse_quant_type(t) for t in args.types.split(",") if t.strip()]:
-        dst = OUT / f"{base.stem}-{name}.gguf"
-        quantize_model(base, dst, name, nthread=args.threads)
-        plan = plan_quantization(base, name)
+    jobs = [(parse_quant_type(t), False) for t in args.types.split(",") if t.strip()]
+    jobs += [(parse_quant_type(t), True) for t in args.imatrix_types.split(",") if t.strip()]
+    imatrix = None
+    if any(im for _, im in jobs):
+        calib = OUT / "calibration.txt"
+        calib.write_text(calibration_text(), encoding="utf-8")
+        imatrix = OUT / (base.stem + "-imatrix.gguf")
+        ri = compute_imatrix(base, calib, imatrix, n_ctx=args.ctx, max_chunks=16, threads=args.threads)
+        print(f"importance matrix: {ri.n_entries} tensors from {ri.n_chunks} chunks of {args.ctx} tokens of {calib.name}", flush=True)
+    for name, use_im in jobs:
+        label = name + ("+im" if use_im else "")
+        dst = OUT / f"{base.stem}-{label}.gguf"
+        quantize_model(base, dst, name, imatrix=imatrix if use_im else None, nthread=args.threads)
+        plan = plan_quantization(base, name, has_imatrix=use_im)
         r = kl_divergence(base, dst, text, n_ctx=args.ctx, max_chunks=args.chunks, threads=args.threads, base_cache=cache)
         size = dst.stat().st_size
-        rows.append((name, size, plan.bits_per_weight, r.ppl_quant, 0.0, r.kld_mean, r.same_top))
-        results[name] = {"kld": r.kld_mean, "kld_stderr": r.kld_stderr, "ppl": r.ppl_quant, "ppl_base": r.ppl_base,
-                         "same_top": r.same_top, "size": size, "bpw": plan.bits_per_weight}
-        print(f"{name:8} {size / 1e6:8.1f} MB {plan.bits_per_weight:5.2f} bpw  PPL {r.ppl_quant:8.4f}  KLD {r.kld_mean:.5f}  same top {100 * r.same_top:.1f}%", flush=True)
+        rows.append((label, size, plan.bits_per_weight, r.ppl_quant, 0.0, r.kld_mean, r.same_top))
+        if not use_im or name not in results:
+            results[name] = {"kld": r.kld_mean, "kld_stderr": r.kld_stderr, "ppl": r.ppl_quant, "ppl_base": r.ppl_base,
+                             "same_top": r.same_top, "size": size, "bpw": plan.bits_per_weight}
+        print(f"{label:11} {size / 1e6:8.1f} MB {plan.bits_per_weight:5.2f} bpw  PPL {r.ppl_quant:8.4f}  KLD {r.kld_mean:.5f}  same top {100 * r.same_top:.1f}%", flush=True)
         dst.unlink()
 
     # Ember vs llama-perplexity on the demo model itself (as shipped).
     cmp_lines = []
-    for fa, flag in (("on", True), ("off", False)):
+    for fa, flag in () if args.no_compare else (("on", True), ("off", False)):
         ours = perplexity(model, text, n_ctx=args.ctx, max_chunks=args.chunks, threads=args.threads, flash_attn=flag)
         theirs = llama_perplexity(model, text, args.ctx, args.chunks, fa)
         if theirs is None:

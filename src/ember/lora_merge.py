@@ -183,8 +183,6 @@ def merge_lora(
     progress: ProgressCallback | None = None,
 ) -> MergeResult:
     """Write ``output``: ``base`` with the LoRA ``adapter`` merged in at ``scale``."""
-    from gguf import GGUFWriter
-
     base, adapter, output = Path(base), Path(adapter), Path(output)
     outtype = outtype.lower()
     if outtype not in _OUTTYPES:
