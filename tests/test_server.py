@@ -413,3 +413,29 @@ def test_auth_and_cors(tmp_path: Path) -> None:
     finally:
         srv.stop()
     assert os.path.isdir(tmp_path)
+
+
+def test_max_loaded_models_evicts_idle_and_keep_alive_expires(tmp_path: Path) -> None:
+    import time
+
+    srv = Server(tmp_path, EMBER_MAX_LOADED_MODELS="1", EMBER_KEEP_ALIVE="2s")
+    try:
+        from ember.demo import demo_model_path
+
+        for name in ("one", "two"):
+            create(srv.url, name, f"FROM {demo_model_path()}\nPARAMETER num_ctx 128\n")
+        c = ollama.Client(host=srv.url, timeout=120)
+        assert c.generate(model="one", prompt="", keep_alive=-1).done_reason == "load"
+        assert [m.model for m in c.ps().models] == ["one:latest"]
+        assert c.ps().models[0].expires_at.year == 2318  # forever
+        # a second model needs the only place: the idle first one is evicted
+        c.generate(model="two", prompt="Hi", options={"num_predict": 1})
+        assert [m.model for m in c.ps().models] == ["two:latest"]
+        # EMBER_KEEP_ALIVE=2s: gone a little after its last request
+        deadline = time.monotonic() + 15
+        while c.ps().models and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert c.ps().models == []
+        assert time.monotonic() < deadline
+    finally:
+        srv.stop()

@@ -214,8 +214,6 @@ class ModelManager:
         resolved = await asyncio.to_thread(resolve_name, name)
         key = resolved.name
         wanted = {k: v for k, v in options.items() if k in opts.LOAD_OPTIONS}
-        t0 = time.perf_counter()
-        waited_for_load = False
         while True:
             async with self._lock:
                 entry = self._models.get(key)
@@ -226,8 +224,6 @@ class ModelManager:
                     entry.last_used = time.monotonic()
                     entry.keep_alive = keep_alive
                     entry.expires_at = math.inf
-                    if not waited_for_load:
-                        entry.load_duration = 0
                     return entry
                 else:
                     if entry is not None:  # loaded with other load options
@@ -243,10 +239,8 @@ class ModelManager:
                     self._models[key] = entry
                     asyncio.get_running_loop().create_task(self._load(entry, name))
                     fut = entry.loading
-            waited_for_load = True
             await asyncio.shield(fut)
             # loaded: loop again to take a reference (or reload if options differ)
-            _ = t0
 
     def release(self, entry: Entry, keep_alive: float) -> None:
         entry.refs = max(0, entry.refs - 1)
@@ -294,7 +288,7 @@ class ModelManager:
     async def _make_room_locked(self, size: int) -> None:
         """Unload idle models (least recently used first) until one more fits
         the loaded-model limit and the available memory."""
-        import psutil
+        import psutil  # type: ignore[import-untyped]
 
         def idle() -> list[Entry]:
             return sorted((e for e in self._models.values() if e.model is not None and e.refs == 0), key=lambda e: e.last_used)
@@ -338,10 +332,8 @@ class ModelManager:
             entry = self._models.get(key)
             if entry is None:
                 return False
-            if entry.loading is not None:
-                fut = entry.loading
-            else:
-                fut = None
+            fut = entry.loading
+            if fut is None:
                 entry.keep_alive = 0
                 entry.expires_at = time.time()
                 if entry.refs == 0:
