@@ -130,7 +130,8 @@ _BLOCK = 16  # rows per numpy block (bounded memory for 256k vocabularies)
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
     x = rows.astype(np.float64)
     mx = x.max(axis=1, keepdims=True)
-    return x - mx - np.log(np.exp(x - mx).sum(axis=1, keepdims=True))
+    out: np.ndarray = x - mx - np.log(np.exp(x - mx).sum(axis=1, keepdims=True))
+    return out
 
 
 def perplexity(

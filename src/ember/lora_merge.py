@@ -129,7 +129,8 @@ def _delta(name: str, pair: _Pair, base_shape: tuple[int, ...], alpha: float, sc
         rank = a.shape[0]
         d = b @ a
     s = scale * alpha / rank if alpha else scale
-    return (s * d).astype(np.float32)
+    out: np.ndarray = (s * d).astype(np.float32)
+    return out
 
 
 def _encode(values: np.ndarray, tname: str) -> tuple[np.ndarray, Any]:
