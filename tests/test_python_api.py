@@ -67,3 +67,13 @@ def test_help_explains_every_load_option_and_mypy_strict_passes():
 def test_errors_are_a_small_hierarchy():
     for cls in (ember.ModelNotFoundError, ember.OptionError, ember.InvalidFileError, ember.TemplateError, ember.ConversionError, ember.QuantizationError):
         assert issubclass(cls, ember.EmberError)
+
+
+def test_api_functions_survive_submodule_imports():
+    import importlib
+
+    for name in ("quantize", "convert"):
+        module = importlib.import_module(f"ember.{name}")
+        assert callable(getattr(ember, name)) and getattr(ember, name) is not module
+    importlib.import_module("ember.gguf")
+    assert callable(ember.split) and callable(ember.inspect)

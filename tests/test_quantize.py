@@ -5,6 +5,8 @@ test), loaded and run in llama.cpp; options, imatrix, splits, errors, CLI."""
 
 from __future__ import annotations
 
+import importlib
+
 import os
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ember.quantize as q  # the submodule (ember.quantize is also an API function)
+q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
 from ember.errors import InvalidFileError, QuantizationError
 from test_quantize_support import file_type, tensor_types, write_tiny_llama
 

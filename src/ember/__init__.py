@@ -42,6 +42,13 @@ from ember.errors import (
 )
 from ember.progress import ProgressCallback
 
+# Two submodules share their names with API functions below. Import them first:
+# Python binds a submodule to its package's attribute when it is first loaded,
+# which would otherwise replace ember.convert() and ember.quantize() later on.
+# (Code that wants the modules uses importlib.import_module("ember.quantize").)
+import ember.convert  # noqa: E402,F401
+import ember.quantize  # noqa: E402,F401
+
 if TYPE_CHECKING:
     from ember.api import Model, ModelInfo, Result, StreamChunk
     from ember.engine import MemoryReport

@@ -3,6 +3,8 @@ ember.quantize, ember.lora_merge and ember.evaluate."""
 
 from __future__ import annotations
 
+import importlib
+
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,7 +86,7 @@ def quantize_cmd(
     quality: Path = typer.Option(None, "--quality", help="JSON of measured quality (bench/bench_quant_quality.py --json) for --recommend."),
 ) -> None:
     """Quantize a GGUF model with llama.cpp (every type llama-quantize knows)."""
-    import ember.quantize as q  # the submodule (ember.quantize is also an API function)
+    q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
 
     model = _model_file(input)
     if list_types:
@@ -126,7 +128,7 @@ def quantize_cmd(
 def _list(model: Path | None) -> None:
     from rich.table import Table
 
-    import ember.quantize as q  # the submodule (ember.quantize is also an API function)
+    q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
 
     table = Table(title="quantization types" + (f" for {model.name}" if model else ""))
     table.add_column("type")
@@ -156,7 +158,7 @@ def _list(model: Path | None) -> None:
 
 
 def _recommend(model: Path, memory: int, num_ctx: int, quality: Path | None) -> None:
-    import ember.quantize as q  # the submodule (ember.quantize is also an API function)
+    q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
 
     rec = q.recommend(model, memory, num_ctx=num_ctx, quality_file=quality)
     for line in rec.report_lines():
