@@ -24,7 +24,7 @@ BIN_DIR="$TOOLS_DIR/bin"
 SRC_DIR="$TOOLS_DIR/llama_cpp_python-$VERSION"
 BUILD_DIR="$TOOLS_DIR/build-$VERSION"
 STAMP="$BIN_DIR/.built-$VERSION"
-TARGETS=(llama-gguf-split llama-bench llama-simple llama-server llama-quantize llama-perplexity llama-cli)
+TARGETS=(llama-gguf-split llama-bench llama-simple llama-server llama-imatrix llama-quantize llama-perplexity llama-cli)
 
 PIP="${PIP:-}"
 if [ -z "$PIP" ]; then
