@@ -4,6 +4,7 @@ and the engine, so every entry point accepts exactly the same options."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +83,9 @@ def parse_value(name: str, text: str) -> Any:
                 return False
             raise ValueError
         if s.type is int:
-            return int(text)
+            return _check(name, int(text))
         if s.type is float:
-            return float(text)
+            return _check(name, float(text))
     except ValueError:
         raise OptionError(f"parameter {name!r} needs a {s.type.__name__} value, got {text!r}") from None
     if s.type is list:
@@ -126,7 +127,26 @@ def coerce(name: str, value: Any) -> Any:
     return _check(name, value)
 
 
+# Integers reach llama.cpp as C ints: keep them where a typo cannot ask for a
+# billion threads or a terabyte context.
+_INT_RANGES = {
+    "num_ctx": (0, 1 << 20),
+    "num_batch": (0, 1 << 16),
+    "num_thread": (0, 1024),
+    "num_gpu": (-1, 1 << 16),
+    "main_gpu": (0, 64),
+    "seed": (-(1 << 63), (1 << 64) - 1),
+}
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
 def _check(name: str, value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionError(f"parameter {name!r} must be a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        lo, hi = _INT_RANGES.get(name, _INT32)
+        if not lo <= value <= hi:
+            raise OptionError(f"parameter {name!r} must be between {lo} and {hi}, got {value}")
     if name == "kv_cache_type" and value not in KV_CACHE_TYPES:
         raise OptionError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}")
     if name in ("num_ctx", "num_batch") and value < 0:
