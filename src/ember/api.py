@@ -361,11 +361,11 @@ class Model:
         if prep.chat:
             message = {"role": "assistant", "content": text}
             if prep.tools:
-                from ember.templates.tools import parse_tool_calls
+                from ember.templates.tools import split_tool_calls
 
-                calls = parse_tool_calls(text, self.template)
+                content, calls = split_tool_calls(text, self.template)
                 if calls:
-                    message = {"role": "assistant", "content": "", "tool_calls": calls}
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
         return Result(
             model=self.name,
             text=text,

@@ -80,6 +80,8 @@ def run(
     session = _Session(model, load_params, request_params, parse_lora(lora), system, raw, reverse_prompt, format, verbose)
     try:
         if text or not sys.stdin.isatty():
+            if session.model.template is None and not raw and not reverse_prompt:
+                err_console.print(f"[dim]Note: {FALLBACK_NOTE}.[/dim]")
             session.answer(text)
         else:
             session.interactive()
