@@ -11,7 +11,8 @@ with the previous one, against the cold request.
     .venv/bin/python bench/bench_server.py --threads 2
 
 Each server is started fresh per concurrency level (llama-server with
-``-np N``, Ember with EMBER_NUM_PARALLEL=N) and warmed up with one request.
+``-np N``, Ember with EMBER_NUM_PARALLEL=N) and warmed up with one request;
+the servers' rounds are interleaved and the best round of each is reported.
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ def start(kind: str, model: str, n: int, args: argparse.Namespace, work: Path) -
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, n_predict: int) -> dict[str, Any]:
-    body = {"model": model, "prompt": prompt, "max_tokens": n_predict, "temperature": 0, "stream": True}
+    # repeat_penalty 1.0 everywhere: llama-server's default; Ember's model sets it too
+    # (Ollama's default, 1.1, costs a pass over the 262k-token vocabulary per token).
+    body = {"model": model, "prompt": prompt, "max_tokens": n_predict, "temperature": 0, "stream": True,
+            "repeat_penalty": 1.0}
     t0 = time.perf_counter()
     ttft = None
     pieces = 0
@@ -113,7 +117,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
     return {"ttft": ttft or 0.0, "tokens": tokens, "finish": finish, "elapsed": time.perf_counter() - t0}
 
 
-async def level(url: str, model: str, n: int, n_predict: int, repeat: int) -> tuple[float, int, float]:
+async def level(url: str, model: str, n: int, n_predict: int, repeat: int, offset: int = 0) -> tuple[float, int, float]:
     """Best of ``repeat`` rounds (the machine is shared: the best round is the
     one least disturbed by other processes)."""
     best = (0.0, 0, 0.0)
@@ -121,7 +125,7 @@ async def level(url: str, model: str, n: int, n_predict: int, repeat: int) -> tu
         await stream_one(client, url, model, "1, 2, 3,", 4)  # warm-up
         for r in range(repeat):
             # Counting prompts: the model keeps counting, so no end-of-text cuts a client short.
-            prompts = [", ".join(str(100 * r + k * 7 + i) for i in range(8)) + "," for k in range(n)]
+            prompts = [", ".join(str(1000 * (offset + r) + k * 7 + i) for i in range(8)) + "," for k in range(n)]
             t0 = time.perf_counter()
             res = await asyncio.gather(*(stream_one(client, url, model, p, n_predict) for p in prompts))
             wall = time.perf_counter() - t0
@@ -138,7 +142,7 @@ LONG_TEXT = (
 )
 
 
-async def prefix_ttft(url: str, model: str, prefix_tokens: int, repeat: int) -> tuple[float, float, int]:
+async def prefix_ttft(url: str, model: str, prefix_tokens: int, repeat: int, offset: int = 0) -> tuple[float, float, int]:
     """(cold TTFT, follow-up TTFT), the best of ``repeat`` pairs of prompts
     sharing a long prefix (each pair starts with a new document: cold)."""
     words = (LONG_TEXT * 40).split(" ")
@@ -147,7 +151,7 @@ async def prefix_ttft(url: str, model: str, prefix_tokens: int, repeat: int) -> 
     cold_best = warm_best = float("inf")
     async with httpx.AsyncClient(timeout=600) as client:
         for r in range(repeat):
-            prefix = f"Document {r + 1}. " + body
+            prefix = f"Document {offset + r + 1}. " + body
             cold = await stream_one(client, url, model, prefix + "\n\nQuestion: what was built first?\nAnswer:", 4)
             warm = await stream_one(client, url, model, prefix + "\n\nQuestion: what made the harbour busy?\nAnswer:", 4)
             cold_best, warm_best = min(cold_best, cold["ttft"]), min(warm_best, warm["ttft"])
@@ -177,27 +181,41 @@ def main() -> None:
         if "ember" in servers:
             (work / "models").mkdir()
             mf = work / "Modelfile"
-            mf.write_text(f"FROM {model}\nPARAMETER num_ctx {args.ctx}\nPARAMETER num_thread {args.threads}\n")
+            mf.write_text(f"FROM {model}\nPARAMETER num_ctx {args.ctx}\nPARAMETER num_thread {args.threads}\n"
+                          "PARAMETER repeat_penalty 1.0\n")
             env = dict(os.environ, EMBER_MODELS=str(work / "models"))
             subprocess.run([sys.executable, "-m", "ember.cli.main", "create", "server-bench", "-f", str(mf)], env=env,
                            check=True, capture_output=True)
         results: dict[str, dict[int, tuple[float, int, float]]] = {s: {} for s in servers}
         ttft: dict[str, tuple[float, float, int]] = {}
-        for kind in servers:
-            for n in levels:
-                proc, name = start(kind, model, n, args, work)
-                try:
-                    results[kind][n] = asyncio.run(level(proc.url, name, n, args.n_predict, args.repeat))
-                    print(f"{kind:>17} clients={n:<3} {results[kind][n][0]:7.1f} tok/s "
-                          f"({results[kind][n][1]} tokens in {results[kind][n][2]:.1f} s)", flush=True)
-                finally:
+        for n in levels:
+            # All servers up at once, rounds interleaved (ember, llama-server, ...,
+            # ember, ...): the load of a shared machine drifts, so every server
+            # sees the same conditions; the best round of each is kept.
+            procs = {kind: start(kind, model, n, args, work) for kind in servers}
+            try:
+                for rnd in range(args.repeat):
+                    for kind, (proc, name) in procs.items():
+                        r = asyncio.run(level(proc.url, name, n, args.n_predict, 1, offset=rnd))
+                        if r[0] > results[kind].get(n, (0.0, 0, 0.0))[0]:
+                            results[kind][n] = r
+                for kind in servers:
+                    tps, tokens, wall = results[kind][n]
+                    print(f"{kind:>17} clients={n:<3} {tps:7.1f} tok/s ({tokens} tokens in {wall:.1f} s)", flush=True)
+            finally:
+                for proc, _ in procs.values():
                     proc.stop()
-            if kind != "llama-cpp-python":
-                proc, name = start(kind, model, 1, args, work)
-                try:
-                    ttft[kind] = asyncio.run(prefix_ttft(proc.url, name, args.prefix_tokens, args.repeat))
-                finally:
-                    proc.stop()
+        procs = {kind: start(kind, model, 1, args, work) for kind in servers if kind != "llama-cpp-python"}
+        try:
+            best: dict[str, list[float]] = {k: [float("inf"), float("inf")] for k in procs}
+            for r in range(args.repeat):
+                for kind, (proc, name) in procs.items():
+                    cold, warm, n_words = asyncio.run(prefix_ttft(proc.url, name, args.prefix_tokens, 1, offset=r))
+                    best[kind] = [min(best[kind][0], cold), min(best[kind][1], warm)]
+                    ttft[kind] = (best[kind][0], best[kind][1], n_words)
+        finally:
+            for proc, _ in procs.values():
+                proc.stop()
         print()
         print(f"model: {Path(model).name}, threads={args.threads}, ctx/client={args.ctx}, "
               f"{args.n_predict} tokens per client, greedy, streaming /v1/completions, best of {args.repeat}, "

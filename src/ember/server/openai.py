@@ -162,6 +162,7 @@ async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> A
     try:
         if body.debug_render_only:
             text = entry.model.render_chat(messages, tools=tools)
+            mgr.release(entry, ka)
             return {"model": body.model, "_debug_info": {"rendered_template": text}}
         for i in range(body.n):
             streams.append(await entry.model.achat(messages, tools=tools, format=fmt, options=_seeded(options, i),
