@@ -21,7 +21,8 @@ def reference_greedy(prompt: str, n: int) -> list[int]:
     """Greedy token ids from llama-cpp-python's reference path (not our engine)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(demo_model_path()), n_ctx=512, verbose=False, seed=0)
+    # flash_attn as llama.cpp's AUTO gives on a CPU (Ember's default, like llama.cpp's tools).
+    llm = llama_cpp.Llama(model_path=str(demo_model_path()), n_ctx=512, verbose=False, seed=0, flash_attn=True)
     ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
     out = []
     for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):

@@ -158,7 +158,7 @@ def test_concurrent_sequences(invariant):
                 logits = m.logits(prompt + out)
                 for j, tok in enumerate(out):
                     row = logits[len(prompt) - 1 + j]
-                    assert int((row > row[tok]).sum()) < 3
+                    assert row.max() - row[tok] < 1.5  # a near-tie at worst
     finally:
         sched.close()
         m.close()

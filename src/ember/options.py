@@ -31,7 +31,7 @@ _SPECS = [
     OptionSpec("use_mlock", bool, False, True, "lock the model in RAM"),
     OptionSpec("numa", bool, False, True, "NUMA optimizations"),
     OptionSpec("low_vram", bool, False, True, "accepted for compatibility; no effect"),
-    OptionSpec("flash_attn", bool, False, True, "use flash attention"),
+    OptionSpec("flash_attn", bool, None, True, "flash attention (default: llama.cpp decides; on for CPUs)"),
     OptionSpec("kv_cache_type", str, "f16", True, "KV cache type: f16, q8_0 or q4_0"),
     OptionSpec("batch_invariant", bool, False, True, "never batch sequences together, so each gets exactly the numbers it would get alone (lower throughput under load)"),
     # Per-request options (Ollama's Options).
@@ -98,6 +98,8 @@ def parse_value(name: str, text: str) -> Any:
 def coerce(name: str, value: Any) -> Any:
     """Check a JSON value (HTTP ``options``, Python keyword) and return it typed."""
     s = spec(name)
+    if value is None and s.default is None:
+        return None  # "let llama.cpp decide"
     if s.type is list:
         if isinstance(value, str):
             return [value]

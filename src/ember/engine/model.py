@@ -298,7 +298,10 @@ class Context:
             raise OptionError(f"kv_cache_type {o['kv_cache_type']!r} is not supported")
         params.type_k = kv_type
         params.type_v = kv_type
-        params.flash_attn_type = 1 if o["flash_attn"] else (-1 if kv_type != lc.GGML_TYPE_F16 else 0)
+        # None: llama.cpp's own choice (AUTO: on where the backend supports it),
+        # which is also what its tools (llama-bench, llama-server) use.
+        fa = o["flash_attn"]
+        params.flash_attn_type = -1 if fa is None else int(bool(fa))
         _check_memory(model, n_ctx, o["kv_cache_type"], o["num_gpu"])
         with llama.capture_log() as lines:
             ptr = lc.llama_init_from_model(model.ptr, params)

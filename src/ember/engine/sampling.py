@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 import llama_cpp as lc
+import numpy as np
 
 from ember.engine.model import LoadedModel
 from ember.errors import OptionError
@@ -35,6 +36,10 @@ class Sampler:
                 lc.llama_sampler_free(self.chain)
                 raise OptionError("the JSON grammar for 'format' could not be compiled")
             add(g)
+        # Plain greedy (no penalties, no grammar) needs no chain: an argmax over the
+        # logits in place skips building a candidate array of the whole vocabulary.
+        self.plain_greedy = self.penalty_index is None and not grammar and o["temperature"] <= 0
+        self.n_vocab = model.n_vocab
         seed = o["seed"]
         if seed is None or seed < 0:
             seed = random.getrandbits(32)
@@ -72,6 +77,9 @@ class Sampler:
 
     def sample(self, ctx_ptr: Any, index: int) -> int:
         """Sample from the logits of batch row ``index`` (and accept the token)."""
+        if self.plain_greedy:
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx_ptr, index), shape=(self.n_vocab,))
+            return int(logits.argmax())
         return int(lc.llama_sampler_sample(self.chain, ctx_ptr, index))
 
     def close(self) -> None:
