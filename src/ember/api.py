@@ -130,7 +130,7 @@ class Model:
         t0 = time.perf_counter()
         ref = str(model)
         path = Path(ref).expanduser()
-        if path.is_dir():
+        if path.is_dir() and (path / "config.json").is_file():  # a Hugging Face checkpoint, not a registry name
             ref = str(converted_gguf(path, progress=progress))
         self.resolved = resolve(ref)
         self.name = self.resolved.name

@@ -241,6 +241,8 @@ class Scheduler:
                 self._start(req, free)
             except EmberError as e:
                 req.handle._put(e)
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
+                req.handle._put(EngineError(f"could not start the request: {e}"))
 
     def _start(self, req: _Request, free: list[_Slot]) -> None:
         tokens = req.tokens
