@@ -43,6 +43,7 @@ class Sampler:
         seed = o["seed"]
         if seed is None or seed < 0:
             seed = random.getrandbits(32)
+        seed &= 0xFFFFFFFF  # llama.cpp seeds are 32-bit
         temperature = o["temperature"]
         if temperature <= 0:
             add(lc.llama_sampler_init_greedy())
@@ -62,7 +63,7 @@ class Sampler:
             if o["min_p"] > 0.0:
                 add(lc.llama_sampler_init_min_p(o["min_p"], 1))
             add(lc.llama_sampler_init_temp(temperature))
-            add(lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+            add(lc.llama_sampler_init_dist(seed))
 
     def _add(self, sampler: Any) -> None:
         lc.llama_sampler_chain_add(self.chain, sampler)
