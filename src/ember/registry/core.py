@@ -12,7 +12,7 @@ from typing import Any
 from ember import options
 from ember.errors import EmberError, InvalidFileError, InvalidNameError, ModelNotFoundError
 from ember.registry import ggufmeta, store
-from ember.registry.modelfile import quote, parameter_lines
+from ember.registry.modelfile import Modelfile, parameter_lines
 from ember.registry.names import parse_name
 
 DEMO_NAMES = ("demo", "demo:latest")
@@ -275,20 +275,16 @@ def modelfile_text(r: ResolvedModel) -> str:
         f"# FROM {r.name}",
         "",
     ]
-    for p in r.model_paths + r.projector_paths:
-        out.append(f"FROM {quote(str(p))}")
-    for p in r.adapter_paths:
-        out.append(f"ADAPTER {quote(str(p))}")
-    if r.template is not None:
-        out.append(f"TEMPLATE {quote(r.template)}")
-    if r.system is not None:
-        out.append(f"SYSTEM {quote(r.system)}")
-    out.extend(parameter_lines(r.parameters))
-    for msg in r.messages:
-        out.append(f"MESSAGE {msg['role']} {quote(msg['content'])}")
-    for lic in r.license:
-        out.append(f"LICENSE {quote(lic)}")
-    return "\n".join(out) + "\n"
+    body = Modelfile(
+        from_=[str(p) for p in r.model_paths + r.projector_paths],
+        adapters=[str(p) for p in r.adapter_paths],
+        template=r.template,
+        system=r.system,
+        parameters=r.parameters,
+        messages=r.messages,
+        licenses=r.license,
+    )
+    return "\n".join(out) + "\n" + body.to_text()
 
 
 def copy_model(src: str, dst: str) -> None:
