@@ -813,9 +813,10 @@ def _kv_and_compute(src: Path, num_ctx: int) -> tuple[int, int]:
     kv = n_layer * num_ctx * n_head_kv * (k_len + v_len) * 2
     ubatch = 512
     # llama.cpp reserves its compute buffer for a full batch of outputs: the
-    # logits of 512 tokens dominate for large vocabularies, attention scores
-    # (heads x context) and the feed-forward activations for the rest.
-    compute = 4 * ubatch * (n_vocab + n_head * num_ctx + 3 * n_ff + 4 * n_embd) + 4 * n_vocab
+    # logits of 512 tokens dominate for large vocabularies, the feed-forward
+    # activations for the rest. Flash attention (on by default on CPUs) never
+    # materializes the heads x context attention scores.
+    compute = 4 * ubatch * (n_vocab + 3 * n_ff + 4 * n_embd) + 4 * n_vocab
     return kv, compute
 
 
