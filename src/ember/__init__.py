@@ -131,7 +131,7 @@ def load(
     from ember.api import Model
 
     adapters = [(str(p), float(s)) for p, s in lora or []]
-    return Model(str(model), num_parallel=num_parallel, lora=adapters, progress=progress, **options)  # type: ignore[arg-type]
+    return Model(str(model), num_parallel=num_parallel, lora=adapters, progress=progress, **options)
 
 
 def convert(

@@ -14,7 +14,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -121,7 +121,7 @@ class Model:
         *,
         num_parallel: int = 1,
         max_queue: int = 512,
-        lora: list[tuple[str | Path, float]] | None = None,
+        lora: Sequence[tuple[str | os.PathLike[str], float]] | None = None,
         progress: ProgressCallback | None = None,
         **options: Any,
     ) -> None:

@@ -208,9 +208,10 @@ class _Session:
                 print("\nUse Ctrl + d or /bye to exit.")
                 continue
             if line.lstrip().startswith('"""'):
-                line = self._multiline(line.lstrip()[3:])
-                if line is None:
+                block = self._multiline(line.lstrip()[3:])
+                if block is None:
                     continue
+                line = block
             stripped = line.strip()
             if not stripped:
                 continue

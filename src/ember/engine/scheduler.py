@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
-import contextlib
 import queue
 import threading
 import time
