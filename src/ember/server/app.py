@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.__about__ import __version__
 from ember.errors import EmberError
+from ember.server.common import error_body
 from ember.server.manager import ModelManager
 
 log = logging.getLogger("ember.server")
@@ -29,16 +30,6 @@ WEB_DIR = Path(__file__).parent / "web"
 # Origins always allowed: pages served from this machine.
 LOCAL_ORIGINS = r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:\d+)?)|(app|tauri|file|vscode-webview)://.*"
 OPEN_PATHS = ("/", "/api/version")
-
-
-def error_body(path: str, message: str, status: int) -> dict[str, Any]:
-    """``{"error": "..."}`` (Ollama) or OpenAI's ``{"error": {"message", "type", ...}}`` under /v1."""
-    if path.startswith("/v1"):
-        kind = "invalid_request_error" if status < 500 else "api_error"
-        if status == 404:
-            kind = "not_found_error"
-        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return {"error": message}
 
 
 def error_response(request: Request, status: int, message: str) -> JSONResponse:

@@ -114,3 +114,13 @@ async def with_progress(fn: Callable[[Any], Any]) -> AsyncIterator[dict[str, Any
         if not task.done():
             # A thread cannot be interrupted; let it finish in the background.
             task.add_done_callback(lambda t: t.exception())
+
+
+def error_body(path: str, message: str, status: int) -> dict[str, Any]:
+    """``{"error": "..."}`` (Ollama) or OpenAI's ``{"error": {"message", "type", ...}}`` under /v1."""
+    if path.startswith("/v1"):
+        kind = "invalid_request_error" if status < 500 else "api_error"
+        if status == 404:
+            kind = "not_found_error"
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": message}

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from ember.errors import EmberError, ModelNotFoundError, OptionError
 from ember.server import schemas as s
-from ember.server.common import collect, dumps, manager, message_of
+from ember.server.common import collect, dumps, error_body, manager, message_of
 from ember.server.manager import check_options
 from ember.server.ollama import _acquire, _resolve_or_404, embed_texts, messages_of
 
@@ -58,6 +58,18 @@ def _seeded(options: dict[str, Any], i: int) -> dict[str, Any]:
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse_error(e: Exception) -> bytes:
+    """An error after the headers went out: OpenAI's error object as an event."""
+    status = e.status if isinstance(e, EmberError) else 500
+    return _sse(error_body("/v1", message_of(e), status))
+
+
+async def _close_streams(streams: list[Any]) -> None:
+    for st in streams:
+        with contextlib.suppress(Exception):
+            await st.aclose()
 
 
 def _sse(obj: Any) -> bytes:
@@ -229,13 +241,9 @@ async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> A
                 yield _sse(chunk([], _usage(prompt_tokens, completion_tokens)))
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-stream
-            status = e.status if isinstance(e, EmberError) else 500
-            yield _sse({"error": {"message": message_of(e), "type": "api_error" if status >= 500 else "invalid_request_error",
-                                  "param": None, "code": None}})
+            yield _sse_error(e)
         finally:
-            for st in streams:
-                with contextlib.suppress(Exception):
-                    await st.aclose()  # type: ignore[attr-defined]
+            await _close_streams(streams)
             mgr.release(entry, ka)
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -312,12 +320,10 @@ async def completions(body: s.CompletionRequest, request: Request) -> Any:
             if include_usage:
                 yield _sse(chunk([], _usage(prompt_tokens, completion_tokens)))
             yield b"data: [DONE]\n\n"
-        except Exception as e:  # noqa: BLE001
-            yield _sse({"error": {"message": message_of(e), "type": "api_error", "param": None, "code": None}})
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-stream
+            yield _sse_error(e)
         finally:
-            for st in streams:
-                with contextlib.suppress(Exception):
-                    await st.aclose()  # type: ignore[attr-defined]
+            await _close_streams(streams)
             mgr.release(entry, ka)
 
     return StreamingResponse(events(), media_type="text/event-stream")
