@@ -526,13 +526,18 @@ def load_config(model_dir: Path) -> tuple[dict[str, Any], Path]:
         raise ConversionError(f"{model_dir}: not a directory; give the folder of a Hugging Face model (with config.json)")
     if not config_file.is_file():
         raise ConversionError(f"{config_file}: missing; a Hugging Face model folder needs its config.json")
+    return read_json_object(config_file, "; download it again"), config_file
+
+
+def read_json_object(path: Path, fix: str = "") -> dict[str, Any]:
+    """A JSON file that must hold an object; InvalidFileError naming the file otherwise."""
     try:
-        hparams = json.loads(config_file.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidFileError(f"{config_file}: not valid JSON ({e}); download it again") from None
-    if not isinstance(hparams, dict):
-        raise InvalidFileError(f"{config_file}: not a JSON object; download it again")
-    return hparams, config_file
+        raise InvalidFileError(f"{path}: not valid JSON ({e}){fix}") from None
+    if not isinstance(data, dict):
+        raise InvalidFileError(f"{path}: not a JSON object{fix}")
+    return data
 
 
 def make_model(model_dir: Path) -> Model:

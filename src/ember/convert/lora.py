@@ -13,7 +13,6 @@ are refused.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -43,12 +42,7 @@ def _adapter_config(adapter_dir: Path) -> tuple[dict[str, Any], Path]:
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.is_file():
         raise ConversionError(f"{cfg_file}: missing; a PEFT adapter folder has adapter_config.json and adapter_model.safetensors")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidFileError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise InvalidFileError(f"{cfg_file}: not a JSON object")
+    cfg = core.read_json_object(cfg_file)
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise ConversionError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not supported; only LoRA adapters convert to llama.cpp adapters")
     if cfg.get("use_dora"):
