@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's command-line tools (llama-gguf-split, llama-bench,
-# llama-simple, llama-server, llama-quantize, llama-perplexity, llama-cli) from
+# llama-simple, llama-server, llama-quantize, llama-perplexity, llama-cli,
+# llama-imatrix, llama-mtmd-cli, and the RPC backend's ggml-rpc-server) from
 # the llama.cpp source vendored in the pinned llama-cpp-python sdist, so that
 # benchmarks and reference tests compare Ember against exactly the llama.cpp
 # that Ember itself runs.
@@ -24,7 +25,8 @@ BIN_DIR="$TOOLS_DIR/bin"
 SRC_DIR="$TOOLS_DIR/llama_cpp_python-$VERSION"
 BUILD_DIR="$TOOLS_DIR/build-$VERSION"
 STAMP="$BIN_DIR/.built-$VERSION"
-TARGETS=(llama-gguf-split llama-bench llama-simple llama-server llama-imatrix llama-quantize llama-perplexity llama-cli)
+TARGETS=(llama-gguf-split llama-bench llama-simple llama-server llama-imatrix llama-quantize llama-perplexity llama-cli
+    llama-mtmd-cli ggml-rpc-server)
 
 PIP="${PIP:-}"
 if [ -z "$PIP" ]; then
@@ -62,7 +64,7 @@ fi
 cmake_flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
-    -DLLAMA_OPENSSL=OFF)
+    -DLLAMA_OPENSSL=OFF -DGGML_RPC=ON)
 case "$(uname -m)" in
     x86_64|amd64)
         noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -71,9 +73,10 @@ case "$(uname -m)" in
 esac
 generator=()
 command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
-if [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
-    cmake -S "$SRC_DIR/vendor/llama.cpp" -B "$BUILD_DIR" "${generator[@]}" "${cmake_flags[@]}"
-fi
+# Configured every time (quick when nothing changed), so a build directory from
+# an older version of this script picks up new flags such as GGML_RPC.
+[ -f "$BUILD_DIR/CMakeCache.txt" ] && generator=()
+cmake -S "$SRC_DIR/vendor/llama.cpp" -B "$BUILD_DIR" "${generator[@]}" "${cmake_flags[@]}"
 
 # 3. Build only the tools we need, with few jobs (shared 2-core machines).
 cmake --build "$BUILD_DIR" --config Release -j "$JOBS" --target "${TARGETS[@]}"

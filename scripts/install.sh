@@ -25,17 +25,27 @@ case "$(uname -m)" in
         args="$args -DCMAKE_C_FLAGS='$noamx' -DCMAKE_CXX_FLAGS='$noamx'"
         ;;
 esac
+# llama.cpp's RPC backend (ember worker, --rpc): off in llama.cpp's default build.
+case "$args" in *GGML_RPC*) ;; *) args="$args -DGGML_RPC=ON" ;; esac
 export CMAKE_ARGS="$args"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
 
 # A wheel built earlier with other flags would be reused by pip's cache: build
-# llama-cpp-python only when it is missing, and then without the cache when the
-# user passed their own CMAKE_ARGS.
-if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+# llama-cpp-python only when it is missing (or lacks the RPC backend), and then
+# without the cache when the user passed their own CMAKE_ARGS or a cached wheel
+# turned out to lack RPC.
+has_llama() {
+    .venv/bin/python -c "import llama_cpp, pathlib, sys; lib = pathlib.Path(llama_cpp.__file__).parent / 'lib'; sys.exit(0 if any(lib.glob('libggml-rpc*')) else 1)" 2>/dev/null
+}
+if ! has_llama; then
     echo "Building llama.cpp (llama-cpp-python) for this machine; this takes a few minutes..." >&2
     nocache=""
     [ -n "$user_args" ] && nocache="--no-cache-dir"
+    .venv/bin/python -m pip uninstall -q -y llama-cpp-python 2>/dev/null || true
     .venv/bin/python -m pip install $nocache "llama-cpp-python==0.3.36"
+    if ! has_llama; then
+        .venv/bin/python -m pip install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
+    fi
 fi
 
 spec="."
