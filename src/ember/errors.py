@@ -78,3 +78,8 @@ class CancelledError(EmberError):
     """A generation was cancelled (client gone, model unloaded)."""
 
     status = 499
+
+
+class ImageError(EmberError):
+    """An image is corrupt, too large, of an unsupported format, or sent to a
+    model that cannot see."""

@@ -24,3 +24,10 @@ def host() -> str:
 
 def base_url() -> str:
     return "http://" + host()
+
+
+def max_image_pixels() -> int:
+    """``EMBER_MAX_IMAGE_PIXELS``: the largest image (width x height) accepted;
+    bigger ones are refused from their header, before any decoding (default 64 megapixels)."""
+    value = os.environ.get("EMBER_MAX_IMAGE_PIXELS") or ""
+    return int(value) if value.isdecimal() and int(value) > 0 else 64_000_000

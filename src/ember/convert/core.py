@@ -181,7 +181,7 @@ def supported_architectures() -> list[str]:
 
 def _load_arch_modules() -> None:
     # Importing each module registers its classes.
-    from ember.convert import baichuan, gemma3, internlm2, internvl, llama, mistral, qwen  # noqa: F401
+    from ember.convert import baichuan, gemma3, internlm2, internvl, llama, mistral, qwen, qwen2vl  # noqa: F401
 
 
 class Model:

@@ -32,6 +32,12 @@ def ensure_backend() -> None:
         _initialized = True
 
 
+def c_log_callback() -> object:
+    """The C log callback Ember installed (for libraries that log separately, libmtmd)."""
+    ensure_backend()
+    return _log_callback
+
+
 def supports_gpu_offload() -> bool:
     ensure_backend()
     return bool(lc.llama_supports_gpu_offload())
