@@ -34,7 +34,7 @@ class VisionFixture:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def test_image(width: int, height: int, seed: int = 0) -> Any:
+def sample_image(width: int, height: int, seed: int = 0) -> Any:
     """A deterministic RGB image with gradients, edges and noise (resampling shows)."""
     from PIL import Image
 
@@ -281,8 +281,11 @@ def hf_logits(fx: VisionFixture, ids: list[int], inputs: dict[str, Any]) -> np.n
     import torch
 
     kw: dict[str, Any] = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    image_mask = torch.tensor([[int(t == fx.image_token_id) for t in ids]])
     if fx.arch == "gemma3":
-        kw["token_type_ids"] = torch.tensor([[int(t == fx.image_token_id) for t in ids]])
+        kw["token_type_ids"] = image_mask  # bidirectional attention inside the image
+    if fx.arch == "qwen25vl":
+        kw["mm_token_type_ids"] = image_mask  # M-RoPE positions (row, column) for the image
     if fx.arch.startswith("internvl"):
         kw["vision_feature_layer"] = -1
         kw["vision_feature_select_strategy"] = "default"

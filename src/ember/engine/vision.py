@@ -23,6 +23,7 @@ number of embeddings for M-RoPE models.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -166,6 +167,7 @@ class VisionProjector:
         params.print_timings = False
         params.warmup = False  # buffers are sized on the first image; loading stays fast
         min_tokens, max_tokens = _token_limits(self.meta)
+        self._min_tokens, self._max_tokens = min_tokens, max_tokens
         if min_tokens:
             params.image_min_tokens = min_tokens
         if max_tokens:
@@ -203,11 +205,27 @@ class VisionProjector:
             pass
 
     # --- step 1: text + images -> pieces ----------------------------------
+    def prepare(self, img: Image) -> Image:
+        """Resize where libmtmd's geometry differs from the model's own image
+        processor, so libmtmd then sees an image it keeps as is: Gemma 3's
+        processor stretches to a square (libmtmd pads, keeping the aspect),
+        Qwen2.5-VL's rounds halves to even (libmtmd rounds them up). Pillow
+        resamples as transformers does (bilinear, bicubic); the cache key stays
+        the original image's."""
+        size = target_size(self.meta, img.width, img.height, self._min_tokens, self._max_tokens)
+        if size is None or size == (img.width, img.height):
+            return img
+        from PIL import Image as PILImage
+
+        resample = PILImage.Resampling.BILINEAR if self.projector_type == "gemma3" else PILImage.Resampling.BICUBIC
+        resized = PILImage.fromarray(img.array(), "RGB").resize(size, resample)
+        return Image(size[0], size[1], resized.tobytes(), img.key)
+
     def tokenize(self, prompt: str, images: Sequence[ImageInput | Image] = (), *, add_special: bool = True, parse_special: bool = True) -> VisionPrompt:
         """Split ``prompt`` at each :attr:`marker` and put the matching image
         there (libmtmd adds the model's image delimiters and tiles)."""
         m = _lib()
-        imgs = [x if isinstance(x, Image) else load_image(x, i) for i, x in enumerate(images)]
+        imgs = [self.prepare(x if isinstance(x, Image) else load_image(x, i)) for i, x in enumerate(images)]
         n_markers = prompt.count(self.marker)
         if n_markers != len(imgs):
             raise ImageError(f"the prompt has {n_markers} image marker(s) ({self.marker}) for {len(imgs)} image(s)")
@@ -398,5 +416,26 @@ def _token_limits(meta: dict[str, Any]) -> tuple[int, int]:
     if max_tokens and min_tokens > max_tokens:
         min_tokens = max_tokens
     return min_tokens, max_tokens
+
+def target_size(meta: dict[str, Any], width: int, height: int, min_tokens: int = 0, max_tokens: int = 0) -> tuple[int, int] | None:
+    """(width, height) the model's image processor resizes to, where Ember
+    resizes itself (None: libmtmd's own preprocessing already matches)."""
+    ptype = str(meta.get("clip.projector_type") or meta.get("clip.vision.projector_type") or "")
+    if ptype == "gemma3":
+        side = int(meta.get("clip.vision.image_size") or 896)
+        return side, side
+    if ptype in ("qwen2vl_merger", "qwen2.5vl_merger"):
+        f = int(meta.get("clip.vision.patch_size") or 14) * int(meta.get("clip.vision.spatial_merge_size") or 2)
+        lo, hi = (min_tokens or 8) * f * f, (max_tokens or 4096) * f * f
+        h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)  # round(): halves to even, as Python
+        if h * w > hi:
+            beta = math.sqrt(height * width / hi)
+            h, w = max(f, math.floor(height / beta / f) * f), max(f, math.floor(width / beta / f) * f)
+        elif h * w < lo:
+            beta = math.sqrt(lo / (height * width))
+            h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+        return w, h
+    return None
+
 
 __all__ = ["ImageChunk", "VisionPrompt", "VisionProjector", "decode_image"]

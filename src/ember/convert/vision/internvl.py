@@ -12,9 +12,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import gguf
+import numpy as np
 
 from ember.convert.source import TensorRef
-from ember.convert.vision.base import IMAGENET_MEAN, IMAGENET_STD, V, Projector, ProjTensor, _first, block_id, same, split_rows, tensor_name
+from ember.convert.vision.base import IMAGENET_MEAN, IMAGENET_STD, V, Projector, ProjTensor, _first, block_id, same, split_rows, tensor_name, transformed
 from ember.errors import ConversionError
 
 # per-layer source names (both layouts) -> GGUF tensor kinds
@@ -55,6 +56,15 @@ _GLOBAL = {
 _MLP = {"mlp1.0": 0, "mlp1.1": 1, "mlp1.3": 3, "layer_norm": 0, "linear_1": 1, "linear_2": 3}
 
 
+def _cls_row_last(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """transformers puts the CLS token first, with position row 0; clip's
+    graph appends it after the patches and adds the rows in that order. Moving
+    row 0 last gives every token its own row (attention does not care about
+    the order), where an unchanged table shifts every patch by one row."""
+    rows = a.reshape(-1, a.shape[-1])
+    return np.concatenate([rows[1:], rows[:1]]).reshape(a.shape)
+
+
 class InternVLProjector(Projector):
     projector_type = gguf.VisionProjectorType.INTERNVL
     prefixes = (
@@ -86,7 +96,10 @@ class InternVLProjector(Projector):
         for src, kind in _GLOBAL.items():
             if rest == src or rest.startswith(src + "."):
                 suffix = rest[len(src) + 1 :] or ("" if kind == V.V_ENC_EMBD_CLS else "weight")  # clip: "v.class_embd"
-                yield same(tensor_name(kind, suffix), ref, keep_f32=kind != V.V_ENC_EMBD_PATCH)
+                if kind == V.V_ENC_EMBD_POS:
+                    yield transformed(tensor_name(kind, suffix), ref, _cls_row_last, ref.shape, keep_f32=True)
+                else:
+                    yield same(tensor_name(kind, suffix), ref, keep_f32=kind != V.V_ENC_EMBD_PATCH)
                 return
         bid = block_id(rest)
         if bid is None or not rest.startswith(("encoder.layers.", "encoder.layer.")) or bid >= self.block_count:

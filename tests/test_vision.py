@@ -1,0 +1,210 @@
+"""Vision-language models end to end below the scheduler: a tiny random
+checkpoint of each architecture and layout (built by transformers here) is
+converted by Ember into a language model GGUF and a projector GGUF, loaded
+with libmtmd, and must reproduce transformers: the preprocessed pixels (read
+at the vision encoder's input), the image embeddings, the logits of a prompt
+with an image and its greedy continuation."""
+
+from __future__ import annotations
+
+import ctypes
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+
+from vision_fixtures import BUILDERS, VisionFixture, hf_greedy, hf_image_features, hf_logits, hf_pixels, sample_image  # noqa: E402
+
+from ember.convert import convert_model  # noqa: E402
+from ember.convert.vision import convert_projector  # noqa: E402
+from ember.engine.model import LoadedModel  # noqa: E402
+from ember.engine.vision import ImageChunk, VisionPrompt, VisionProjector, decode_image  # noqa: E402
+
+ARCHS = ["internvl", "internvl-original", "gemma3", "qwen25vl"]
+#: a test image per architecture, sized so that each preprocessing path runs:
+#: InternVL tiles 2x1 plus a resized thumbnail, Gemma 3 one bilinear resize,
+#: Qwen2.5-VL a bicubic resize to multiples of 28 (112 x 56)
+IMAGE_SIZE = {"internvl": (112, 56), "internvl-original": (112, 56), "gemma3": (80, 60), "qwen25vl": (100, 70)}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def vlm(request: Any, tmp_path_factory: Any) -> Any:
+    d = tmp_path_factory.mktemp(request.param)
+    fx = BUILDERS[request.param](d / "hf")
+    lm = convert_model(fx.path, d / "model.gguf", outtype="f32")
+    proj = convert_projector(fx.path, d, outtype="f32")
+    assert proj.name.startswith("mmproj-") and proj.parent == d
+    model = LoadedModel(lm, {"num_thread": 2})
+    projector = VisionProjector(model, proj, n_threads=2)
+    image = sample_image(*IMAGE_SIZE[request.param])
+    yield fx, model, projector, image
+    projector.close()
+    model.close()
+
+
+def png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / (b.max() - b.min()))
+
+
+# ---------------------------------------------------------------------------
+# 1. pixels: what libmtmd feeds the encoder equals the image processor's output
+
+
+class _GGMLTensor(ctypes.Structure):
+    """ggml.h's struct ggml_tensor (the pinned llama.cpp), enough to find the
+    encoder's input (``inp_raw``) among a node's sources and read it."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+def capture_encoder_inputs(model: LoadedModel, proj_path: Path) -> tuple[VisionProjector, list[np.ndarray], Any]:
+    """A projector whose encoder input (N, C, H, W per encode) is recorded."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    seen: list[np.ndarray] = []
+    done: set[int] = set()  # the sources already read (two convolutions read Qwen's input)
+
+    def raw_src(t: _GGMLTensor) -> _GGMLTensor | None:
+        for p in t.src:
+            if p:
+                s = _GGMLTensor.from_address(p)
+                if s.name == b"inp_raw":
+                    return s
+        return None
+
+    def on_tensor(ptr: int, ask: bool, _user: int) -> bool:
+        src = raw_src(_GGMLTensor.from_address(ptr))
+        if ask:
+            return src is not None
+        if src is not None and src.data not in done:
+            done.add(src.data)
+            nx, ny, nc, nb = src.ne
+            out = np.empty((nb, nc, ny, nx), dtype=np.float32)
+            lib.ggml_backend_tensor_get(ctypes.addressof(src), out.ctypes.data, 0, out.nbytes)
+            seen.append(out)
+        return True
+
+    cb = llama_cpp.ggml_backend_sched_eval_callback(on_tensor)
+    return VisionProjector(model, proj_path, n_threads=2, eval_callback=cb), seen, (cb, done)
+
+
+def hf_pixel_images(fx: VisionFixture, inputs: dict[str, Any]) -> np.ndarray:
+    """transformers' pixel values as images (N, C, H, W)."""
+    pv = inputs["pixel_values"].float().numpy()
+    if fx.arch != "qwen25vl":
+        return pv
+    # Qwen2-VL flattens merge-ordered patches, two (identical) frames each: undo it
+    t, gh, gw = (int(x) for x in inputs["image_grid_thw"][0])
+    m, p = 2, 14
+    a = pv.reshape(t, gh // m, gw // m, m, m, 3, 2, p, p)[0, :, :, :, :, :, 0]
+    return a.transpose(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, gh * p, gw * p)
+
+
+def test_pixel_values_match_image_processor(vlm: Any) -> None:
+    fx, model, projector, image = vlm
+    spy, seen, (_cb, done) = capture_encoder_inputs(model, projector.path)
+    try:
+        vp = spy.tokenize(f"look: {spy.marker}", [png(image)])
+        for chunk in vp.chunks:
+            done.clear()
+            spy.encode(chunk)
+        vp.close()
+    finally:
+        spy.close()
+    ours = np.concatenate(seen)
+    ref = hf_pixel_images(fx, hf_pixels(fx, image))
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    # libmtmd resizes with Pillow's own fixed-point algorithm: the same bytes;
+    # only the float normalisation order differs (a few ulp)
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+# ---------------------------------------------------------------------------
+# 2. embeddings and 3. logits
+
+
+def encode_all(projector: VisionProjector, vp: VisionPrompt) -> list[np.ndarray]:
+    return [projector.encode(c) for c in vp.chunks]
+
+
+def test_image_embeddings_match_transformers(vlm: Any) -> None:
+    fx, model, projector, image = vlm
+    vp = projector.tokenize(f"look: {projector.marker}", [png(image)])
+    ours = np.concatenate(encode_all(projector, vp))
+    batched = np.concatenate(projector.encode_many(vp.chunks))
+    vp.close()
+    ref = hf_image_features(fx, hf_pixels(fx, image))
+    assert ours.shape == ref.shape
+    assert rel_diff(ours, ref) < 1e-3
+    assert rel_diff(batched, ref) < 1e-3
+
+
+def ember_logits(model: LoadedModel, projector: VisionProjector, vp: VisionPrompt, n_new: int) -> tuple[list[int], np.ndarray, list[int]]:
+    """(transformers-style ids with the image token at image positions, logits
+    at every text position, greedy continuation)."""
+    ctx = model.new_context(256, options={"kv_cache_type": "f32"})
+    try:
+        ids: list[int] = []
+        rows: list[np.ndarray] = []
+        pos = 0
+        for piece in vp.pieces:
+            if isinstance(piece, ImageChunk):
+                pos = decode_image(ctx, projector, piece, projector.encode(piece), 0, pos)
+                ids.extend([-1] * piece.n_tokens)
+            else:
+                ctx.decode([(t, pos + i, 0, True) for i, t in enumerate(piece)])
+                rows.extend(ctx.logits_row(i) for i in range(len(piece)))
+                ids.extend(piece)
+                pos += len(piece)
+        out: list[int] = []
+        last = rows[-1]
+        for _ in range(n_new):
+            tok = int(last.argmax())
+            out.append(tok)
+            ctx.decode([(tok, pos, 0, True)])
+            pos += 1
+            last = ctx.logits_row(0)
+        return ids, np.stack(rows), out
+    finally:
+        ctx.close()
+
+
+def test_logits_and_greedy_match_transformers(vlm: Any) -> None:
+    fx, model, projector, image = vlm
+    vp = projector.tokenize(f"The fox: {projector.marker} is quick and brown, isn't it?", [png(image)])
+    ids, ours, greedy = ember_logits(model, projector, vp, 6)
+    vp.close()
+    hf_ids = [fx.image_token_id if t == -1 else t for t in ids]
+    inputs = hf_pixels(fx, image)
+    ref = hf_logits(fx, hf_ids, inputs)[[i for i, t in enumerate(ids) if t != -1]]
+    assert rel_diff(ours[:, : fx.n_vocab_real], ref[:, : fx.n_vocab_real]) < 1e-3
+    assert greedy == hf_greedy(fx, hf_ids, inputs, 6)
