@@ -208,3 +208,100 @@ def test_logits_and_greedy_match_transformers(vlm: Any) -> None:
     ref = hf_logits(fx, hf_ids, inputs)[[i for i, t in enumerate(ids) if t != -1]]
     assert rel_diff(ours[:, : fx.n_vocab_real], ref[:, : fx.n_vocab_real]) < 1e-3
     assert greedy == hf_greedy(fx, hf_ids, inputs, 6)
+
+
+# ---------------------------------------------------------------------------
+# bad input: one clear error each, the process survives
+
+
+def test_one_pixel_and_extreme_images_run(vlm: Any) -> None:
+    """libmtmd asserts (aborts the process) on sizes its preprocessing cannot
+    handle; these reach it only resized or accepted, and decode."""
+    fx, model, projector, _ = vlm
+    from PIL import Image as PILImage
+
+    for size in ((1, 1), (1, 300), (300, 1), (997, 2)):
+        img = PILImage.new("RGB", size, (200, 30, 30))
+        vp = projector.tokenize(f"a {projector.marker} b", [png(img)])
+        ids, logits, _ = ember_logits(model, projector, vp, 1)
+        vp.close()
+        assert np.isfinite(logits).all() and ids.count(-1) > 0
+
+
+def test_bad_images_are_clear_errors(vlm: Any) -> None:
+    from ember.errors import ImageError
+    from test_images import png_header_only
+
+    fx, model, projector, image = vlm
+    cases = {
+        b"\x89PNG\r\n\x1a\nnot really": "image 2: corrupt PNG",
+        png_header_only(50_000, 50_000): "image 2: its header claims more pixels",
+        b"just text": "image 2: not an image",
+    }
+    for data, expect in cases.items():
+        with pytest.raises(ImageError) as e:
+            projector.tokenize(f"{projector.marker} and {projector.marker}", [png(image), data])
+        assert str(e.value).startswith(expect), str(e.value)
+    with pytest.raises(ImageError, match=r"1 image marker\(s\) .* for 2 image\(s\)"):
+        projector.tokenize(f"only {projector.marker}", [png(image), png(image)])
+
+
+def test_image_sent_to_a_text_only_model_is_refused(vlm: Any) -> None:
+    from ember.engine.vision import require_projector
+    from ember.errors import ImageError
+
+    _, _, projector, _ = vlm
+    with pytest.raises(ImageError, match="model 'tiny' cannot see images"):
+        require_projector(None, "tiny")
+    assert require_projector(projector, "tiny") is projector
+
+
+def copy_gguf(src: Path, dst: Path, drop: str | None = None, kv: dict[str, Any] | None = None) -> None:
+    """A copy of a GGUF without tensor ``drop`` and with keys replaced."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, str(r.fields["general.architecture"].contents()))
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        value = (kv or {}).get(f.name, f.contents())
+        w.add_key_value(f.name, value, vtype, sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        if t.name != drop:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_broken_or_mismatched_projectors_are_refused(vlm: Any, tmp_path: Path) -> None:
+    """The projector file is checked before libmtmd opens it: its graph
+    builders assert (abort the process) on a missing tensor."""
+    from ember.errors import InvalidFileError
+
+    fx, model, projector, _ = vlm
+    src = projector.path
+    with pytest.raises(InvalidFileError, match="not a vision projector"):
+        VisionProjector(model, model.paths[0])
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(InvalidFileError, match="truncated.gguf"):
+        VisionProjector(model, truncated)
+    missing = tmp_path / "missing.gguf"
+    copy_gguf(src, missing, drop="v.blk.0.attn_q.weight")
+    with pytest.raises(InvalidFileError, match="'v.blk.0.attn_q.weight' is missing"):
+        VisionProjector(model, missing)
+    wrong = tmp_path / "wrong.gguf"
+    copy_gguf(src, wrong, kv={"clip.vision.projection_dim": 48})
+    with pytest.raises(InvalidFileError, match="48-wide embeddings"):
+        VisionProjector(model, wrong)
+    shapes = tmp_path / "shapes.gguf"
+    copy_gguf(src, shapes, kv={"clip.vision.feed_forward_length": 96})
+    with pytest.raises(InvalidFileError, match="ffn_up.weight' has shape"):
+        VisionProjector(model, shapes)
+    same = tmp_path / "same.gguf"
+    copy_gguf(src, same)  # the copy itself is fine
+    VisionProjector(model, same).close()
