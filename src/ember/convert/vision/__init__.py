@@ -44,9 +44,22 @@ def make_projector(model_dir: str | os.PathLike[str]) -> Projector | None:
     return cls(model_dir, config, config_file)
 
 
+def projector_outtype(model_outtype: str) -> str:
+    """The projector's type for a model converted with ``--outtype``: f32 stays
+    f32 (for exact comparisons); everything else, quantized types included,
+    gives f16, as llama.cpp's converter and Ollama keep projectors."""
+    return "f32" if model_outtype.lower() == "f32" else "f16"
+
+
 def default_projector_name(model_dir: Path, outtype: str) -> str:
-    """``mmproj-<folder name>-<TYPE>.gguf``, llama.cpp's naming for projectors."""
-    stem = gguf.naming_convention(model_dir.resolve().name, None, None, None, None, outtype.upper())
+    """``mmproj-<Name>-<TYPE>.gguf``: llama.cpp's naming for projectors, with
+    the model's name as the converted model's file has it (model card or folder)."""
+    try:
+        md = gguf.Metadata.load(None, model_dir, None, 0)
+    except Exception:  # noqa: BLE001 - a broken model card: the converter reports it for the model
+        md = gguf.Metadata()
+    name = md.name or model_dir.resolve().name
+    stem = gguf.naming_convention(name, md.basename, md.finetune, md.version, None, outtype.upper())
     return f"mmproj-{stem}.gguf"
 
 
@@ -80,4 +93,4 @@ def convert_projector(
     return write_projector(proj, dest, ot, dry_run=dry_run, progress=progress)
 
 
-__all__ = ["convert_projector", "make_projector", "default_projector_name", "vision_architectures"]
+__all__ = ["convert_projector", "make_projector", "default_projector_name", "projector_outtype", "vision_architectures"]

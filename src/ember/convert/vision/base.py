@@ -24,6 +24,7 @@ import numpy as np
 from ember.convert.source import Checkpoint, TensorRef, to_float32
 from ember.errors import ConversionError, InvalidFileError
 from ember.fsutil import atomic_path
+from ember.gguf.clip import check_projector
 from ember.progress import ProgressCallback
 
 Q = gguf.GGMLQuantizationType
@@ -255,4 +256,8 @@ def write_projector(proj: Projector, dest: Path, outtype: str = "f16", *, dry_ru
             if progress:
                 progress(desc, done, total)
         w.close()
+        try:  # the checks libmtmd's users get, before the file takes its name
+            check_projector(tmp)
+        except InvalidFileError as e:
+            raise ConversionError(f"{proj.model_dir}: the vision weights do not fit their config: {str(e).partition(': ')[2]}") from None
     return dest
