@@ -305,3 +305,63 @@ def test_broken_or_mismatched_projectors_are_refused(vlm: Any, tmp_path: Path) -
     same = tmp_path / "same.gguf"
     copy_gguf(src, same)  # the copy itself is fine
     VisionProjector(model, same).close()
+
+
+# ---------------------------------------------------------------------------
+# 4. the same files through llama.cpp's own multimodal CLI
+
+MTMD_CLI = Path(__file__).resolve().parents[1] / "bench" / ".tools" / "bin" / "llama-mtmd-cli"
+#: images both sides preprocess alike: Ember resizes Gemma 3 by stretching
+#: (as transformers) where llama.cpp pads, and rounds Qwen's halves to even
+CLI_IMAGE = {"internvl": (112, 56), "internvl-original": (90, 60), "gemma3": (56, 56), "qwen25vl": (112, 56)}
+
+
+def ember_greedy_bytes(model: LoadedModel, projector: VisionProjector, prompt: str, image: bytes, n: int) -> bytes:
+    from ember.templates.jinja import JinjaChatTemplate
+
+    assert model.chat_template
+    text = JinjaChatTemplate(model.chat_template).render([{"role": "user", "content": projector.marker + prompt}])
+    vp = projector.tokenize(text, [image])
+    ctx = model.new_context(512)  # Ember's defaults, as the CLI's (f16 KV cache)
+    try:
+        pos, last = 0, None
+        for piece in vp.pieces:
+            if isinstance(piece, ImageChunk):
+                pos = decode_image(ctx, projector, piece, projector.encode(piece), 0, pos)
+            else:
+                ctx.decode([(t, pos + i, 0, i == len(piece) - 1) for i, t in enumerate(piece)])
+                pos += len(piece)
+                last = ctx.logits_row(len(piece) - 1)
+        out = b""
+        for _ in range(n):
+            assert last is not None
+            tok = int(last.argmax())
+            if model.is_eog(tok):
+                break
+            out += model.token_bytes(tok, special=True)
+            ctx.decode([(tok, pos, 0, True)])
+            pos += 1
+            last = ctx.logits_row(0)
+        return out
+    finally:
+        ctx.close()
+        vp.close()
+
+
+@pytest.mark.skipif(not MTMD_CLI.exists(), reason="llama-mtmd-cli not built (bench/build_llama_tools.sh)")
+def test_greedy_output_equals_llama_mtmd_cli(vlm: Any, tmp_path: Path) -> None:
+    import subprocess
+
+    fx, model, projector, _ = vlm
+    img = tmp_path / "image.png"
+    sample_image(*CLI_IMAGE[fx.arch], seed=3).save(img)
+    prompt = "What is in the picture?"
+    lm = model.paths[0]
+    r = subprocess.run(
+        [str(MTMD_CLI), "-m", str(lm), "--mmproj", str(projector.path), "--image", str(img), "-p", prompt, "-n", "8", "--temp", "0", "-t", "2", "-c", "512"],
+        capture_output=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+    ours = ember_greedy_bytes(model, projector, prompt, img.read_bytes(), 8)
+    ours = ours.replace(b"\x00", b"").strip(b"\n")  # the CLI prints pieces with "%s": a NUL byte prints nothing
+    assert ours and ours == r.stdout.strip(b"\n")

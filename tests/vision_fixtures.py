@@ -68,8 +68,12 @@ def randomize(model: Any, seed: int, one_plus_norms: bool = False) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(max(fan_in, 1)))
 
 
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+GEMMA_CHAT = "{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+
+
 def _qwen_tokenizer(out: Path, extra: list[str]) -> Any:
-    return make_bpe_tokenizer(out, QWEN2_RE, SPECIALS_QWEN + extra, bos=None, eos="<|im_end|>", vocab_size=400)
+    return make_bpe_tokenizer(out, QWEN2_RE, SPECIALS_QWEN + extra, bos=None, eos="<|im_end|>", vocab_size=400, chat_template=CHATML)
 
 
 def _save_tensors(sd: dict[str, Any], out: Path) -> None:
@@ -176,7 +180,7 @@ def build_gemma3(out: Path, seed: int = 12) -> VisionFixture:
 
     torch_threads()
     symbols = ("<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>")
-    sp = make_spm_tokenizer(out, add_dummy_prefix=False, user_symbols=symbols, bos="<bos>", eos="<eos>")
+    sp = make_spm_tokenizer(out, add_dummy_prefix=False, user_symbols=symbols, bos="<bos>", eos="<eos>", extra_config={"chat_template": GEMMA_CHAT})
     boi, eoi, soft = (sp.piece_to_id(s) for s in symbols[:3])
     tc = transformers.Gemma3TextConfig(
         vocab_size=pad_vocab(sp.vocab_size()), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -395,11 +395,7 @@ def _check_projector(path: Path, model: LoadedModel) -> dict[str, Any]:
     the language model; return its scalar keys."""
     if not path.is_file():
         raise InvalidFileError(f"{path}: no such projector file")
-    meta = check_projector(path)
-    n_embd = int(lc.llama_model_n_embd_inp(model.ptr))
-    if meta.get("clip.vision.projection_dim") != n_embd:
-        raise InvalidFileError(f"{path}: the projector makes {meta.get('clip.vision.projection_dim')}-wide embeddings but {model.paths[0].name} takes {n_embd}; they are not from the same model")
-    return meta
+    return check_projector(path, int(lc.llama_model_n_embd_inp(model.ptr)), model.paths[0].name)
 
 
 def _token_limits(meta: dict[str, Any]) -> tuple[int, int]:

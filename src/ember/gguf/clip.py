@@ -17,8 +17,10 @@ from ember.errors import InvalidFileError
 from ember.gguf.validate import read_header
 
 
-def check_projector(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check a projector file (header, keys, every tensor's shape); return its scalar keys."""
+def check_projector(path: str | os.PathLike[str], model_n_embd: int | None = None, model_name: str = "the model") -> dict[str, Any]:
+    """Check a projector file (header, keys, every tensor's shape) and, given
+    the language model's input width, that it belongs to that model; return
+    its scalar keys."""
     path = Path(path)
     header = read_header(path)
     meta = {k: kv.value for k, kv in header.kv.items() if not kv.is_array}
@@ -26,6 +28,9 @@ def check_projector(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InvalidFileError(f"{path}: not a vision projector (general.architecture is {meta.get('general.architecture')!r}, expected 'clip')")
     if not meta.get("clip.has_vision_encoder"):
         raise InvalidFileError(f"{path}: the projector has no vision encoder")
+    dim = meta.get("clip.vision.projection_dim")
+    if model_n_embd is not None and dim != model_n_embd:
+        raise InvalidFileError(f"{path}: the projector makes {dim}-wide embeddings but {model_name} takes {model_n_embd}; they are not from the same model")
     _check_tensors(path, meta, {t.name: t for t in header.tensors})
     return meta
 
