@@ -29,7 +29,7 @@ from ember.errors import ImageError
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 #: one image as callers give it: raw file bytes, a path, or a PIL image
-ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Any]
+ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", Any]
 
 _MAX_FILE_BYTES = 256 * 1024 * 1024
 

@@ -50,7 +50,7 @@ class InternVLModel:
                 return text is None or super().skip(text)
 
             def rename(self, name: str) -> str:
-                return super().rename(_text_name(name) or name)
+                return str(super().rename(_text_name(name) or name))
 
         Extracted.__name__ = f"InternVL{inner.__name__}"
         merged = dict(llm)

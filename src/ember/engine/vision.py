@@ -367,12 +367,12 @@ def _decode_embd(ctx: Context, embd: np.ndarray[Any, Any], pos: np.ndarray[Any, 
     logits[-1] = int(logits_last)
     batch = lc.llama_batch()
     batch.n_tokens = n
-    batch.token = ctypes.POINTER(lc.llama_token)()
-    batch.embd = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    batch.pos = pos_flat.ctypes.data_as(ctypes.POINTER(lc.llama_pos))
-    batch.n_seq_id = n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+    batch.token = ctypes.POINTER(lc.llama_token)()  # type: ignore[assignment]
+    batch.embd = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))  # type: ignore[assignment]
+    batch.pos = pos_flat.ctypes.data_as(ctypes.POINTER(lc.llama_pos))  # type: ignore[assignment]
+    batch.n_seq_id = n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))  # type: ignore[assignment]
     batch.seq_id = seq_ptrs
-    batch.logits = logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+    batch.logits = logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))  # type: ignore[assignment]
     rc = lc.llama_decode(ctx.ptr, batch)
     if rc != 0:
         raise EngineError(f"llama_decode of image embeddings failed ({rc}): " + ("the context is full" if rc == 1 else "see EMBER_DEBUG=1"))

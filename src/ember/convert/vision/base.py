@@ -212,8 +212,11 @@ def split_rows(names: list[str], ref: TensorRef) -> Iterator[ProjTensor]:
     if ref.shape[0] % n:
         raise ConversionError(f"{ref.file}: tensor {ref.name!r} has {ref.shape[0]} rows, not divisible into {n} parts")
     rows = ref.shape[0] // n
+    def part(i: int) -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]:
+        return lambda a: a[i * rows : (i + 1) * rows]
+
     for i, name in enumerate(names):
-        yield transformed(name, ref, lambda a, i=i: a[i * rows : (i + 1) * rows], (rows, *ref.shape[1:]))
+        yield transformed(name, ref, part(i), (rows, *ref.shape[1:]))
 
 
 # ---------------------------------------------------------------------------

@@ -111,10 +111,10 @@ class InternVLProjector(Projector):
         if module == "attn.qkv":
             yield from split_rows([tensor_name(k, suffix, bid) for k in (V.V_ENC_ATTN_Q, V.V_ENC_ATTN_K, V.V_ENC_ATTN_V)], ref)
             return
-        kind = _BLOCK.get(module)
-        if kind is None:
+        block_kind = _BLOCK.get(module)
+        if block_kind is None:
             raise self.unknown(name)
-        yield same(tensor_name(kind, suffix, bid), ref)
+        yield same(tensor_name(block_kind, suffix, bid), ref)
 
     def required(self) -> list[str]:
         names = [tensor_name(V.V_ENC_EMBD_CLS, ""), tensor_name(V.V_ENC_EMBD_PATCH), tensor_name(V.V_ENC_EMBD_POS)]
