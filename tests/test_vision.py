@@ -365,3 +365,31 @@ def test_greedy_output_equals_llama_mtmd_cli(vlm: Any, tmp_path: Path) -> None:
     ours = ember_greedy_bytes(model, projector, prompt, img.read_bytes(), 8)
     ours = ours.replace(b"\x00", b"").strip(b"\n")  # the CLI prints pieces with "%s": a NUL byte prints nothing
     assert ours and ours == r.stdout.strip(b"\n")
+
+
+def test_image_into_one_sequence_of_a_shared_context(vlm: Any) -> None:
+    """What the scheduler will do: an image prompt decoded into sequence 1 of a
+    context whose sequence 0 holds another prompt gives the same logits as alone."""
+    fx, model, projector, image = vlm
+    vp = projector.tokenize(f"Look: {projector.marker} then", [png(image)])
+    _, solo, _ = ember_logits(model, projector, vp, 0)
+    ctx = model.new_context(512, n_seq_max=2, options={"kv_cache_type": "f32"})
+    try:
+        other = [t for p in vp.pieces if isinstance(p, list) for t in p][:5]
+        ctx.decode([(t, i, 0, False) for i, t in enumerate(other)])
+        pos, rows = 0, []
+        embds = projector.encode_many(vp.chunks)  # encoding is separate from decoding, and batched
+        chunks = iter(zip(vp.chunks, embds))
+        for piece in vp.pieces:
+            if isinstance(piece, ImageChunk):
+                chunk, embd = next(chunks)
+                pos = decode_image(ctx, projector, chunk, embd, 1, pos)
+            else:
+                ctx.decode([(t, pos + i, 1, True) for i, t in enumerate(piece)])
+                rows.extend(ctx.logits_row(i) for i in range(len(piece)))
+                pos += len(piece)
+        assert pos == vp.n_pos
+        assert np.abs(np.stack(rows) - solo).max() < 1e-4
+    finally:
+        ctx.close()
+        vp.close()
