@@ -64,12 +64,12 @@ class ImageChunk:
     """One image (or one tile of it: InternVL gives each tile its own chunk)
     ready to encode. Owns its libmtmd chunk; :meth:`close` frees it."""
 
-    def __init__(self, ptr: Any, key: str, index: int) -> None:
+    def __init__(self, ptr: Any, image_key: str, index: int, tile: int) -> None:
         m = _lib()
         self._ptr = ptr
         self.image_index = index  # which of the prompt's images it comes from
-        self.tile = 0  # its position among that image's chunks
-        self.key = key  # cache key: "<image sha256>:<tile>"
+        self.tile = tile  # its position among that image's chunks
+        self.key = f"{image_key}:{tile}"  # the cache key of its embeddings
         self.n_tokens = int(m.mtmd_input_chunk_get_n_tokens(ptr))  # embeddings it yields
         self.n_pos = int(m.mtmd_input_chunk_get_n_pos(ptr))  # positions it takes in the sequence
 
@@ -244,7 +244,7 @@ class VisionProjector:
             arr = (m.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
             chunks = m.mtmd_input_chunks_init()
             try:
-                with self._lock, llama.capture_log() as lines:
+                with llama.capture_log() as lines:  # thread-safe in libmtmd: no lock, encoding may run meanwhile
                     rc = m.mtmd_tokenize(self.ptr, chunks, ctypes.byref(text), arr, len(bitmaps))
                 if rc != 0:
                     raise ImageError(f"libmtmd could not prepare the image(s) ({llama.last_error(lines)})")
@@ -271,10 +271,8 @@ class VisionProjector:
             cid = (m.mtmd_input_chunk_get_id(c) or b"").decode()
             if cid != prev_id:  # a new image (tiles of one image follow each other, same id)
                 index, tile, prev_id = index + 1, 0, cid
-            chunk = ImageChunk(m.mtmd_input_chunk_copy(c), f"{cid}:{tile}", index)
-            chunk.tile = tile
+            out.pieces.append(ImageChunk(m.mtmd_input_chunk_copy(c), cid, index, tile))
             tile += 1
-            out.pieces.append(chunk)
         return out
 
     # --- step 2: image chunks -> embeddings --------------------------------
