@@ -270,6 +270,18 @@ def test_parse_quant_type_names_aliases_and_numbers() -> None:
     assert "Q4_K_M" in str(e.value) and "q4_z" in str(e.value)
 
 
+def test_type_names_load_without_llama_cpp() -> None:
+    """The CLI, the converter and the registry check type names at start-up;
+    llama.cpp loads only when a quantization function is first used."""
+    code = (
+        "import importlib, sys; q = importlib.import_module('ember.quantize'); q.parse_quant_type('q4_k');"
+        "import ember.options; assert 'llama_cpp' not in sys.modules, 'loaded early';"
+        "import ember; assert callable(q.quantize_model) and 'llama_cpp' in sys.modules and callable(ember.quantize)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_table_matches_llama_cpp_ftypes() -> None:
     import llama_cpp as lc
 
@@ -278,6 +290,9 @@ def test_table_matches_llama_cpp_ftypes() -> None:
             continue
         assert getattr(lc, f"LLAMA_FTYPE_MOSTLY_{name}", None) == t.ftype or (name == "F32" and t.ftype == lc.LLAMA_FTYPE_ALL_F32), name
         assert t.description and t.bits_per_weight > 0
+        assert t.tensor_type == DEFAULT[name], name  # the type llama.cpp's mix gives most tensors
+        main = find_ggml_type(t.tensor_type)
+        assert main is not None and main.quantize_target
 
 
 # --------------------------------------------------------------------------

@@ -161,7 +161,7 @@ class QuantizeLog:
 
     lines: list[str] = field(default_factory=list)
     tensors: list[TensorLine] = field(default_factory=list)
-    _partial: str = ""
+    _partial: str = field(default="", repr=False)  # text after the last newline
 
     @property
     def done(self) -> int:

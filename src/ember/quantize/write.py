@@ -102,7 +102,8 @@ def _quantize_to_shards(
 
 
 def default_mode(path: Path) -> None:
-    """Temporary files are created 0600; give outputs the usual umask mode."""
+    """Temporary files are created 0600; give outputs the usual umask mode.
+    (For lora_merge's own temporary files; atomic_path already does this.)"""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
