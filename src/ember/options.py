@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ember import ggml_types
 from ember.errors import OptionError
 
 
@@ -32,7 +33,7 @@ _SPECS = [
     OptionSpec("numa", bool, False, True, "NUMA optimizations"),
     OptionSpec("low_vram", bool, False, True, "accepted for compatibility; no effect"),
     OptionSpec("flash_attn", bool, None, True, "flash attention (default: llama.cpp decides; on for CPUs)"),
-    OptionSpec("kv_cache_type", str, "f16", True, "KV cache type: f16, q8_0 or q4_0"),
+    OptionSpec("kv_cache_type", str, "f16", True, f"KV cache type: {', '.join(ggml_types.KV_CACHE_TYPES)}"),
     OptionSpec("batch_invariant", bool, False, True, "never batch sequences together, so each gets exactly the numbers it would get alone (lower throughput under load)"),
     # Per-request options (Ollama's Options).
     OptionSpec("num_keep", int, 4, False, "tokens of the prompt kept when the context is shifted"),
@@ -57,7 +58,7 @@ _SPECS = [
 
 SPECS: dict[str, OptionSpec] = {s.name: s for s in _SPECS}
 LOAD_OPTIONS = frozenset(s.name for s in _SPECS if s.load)
-KV_CACHE_TYPES = ("f16", "q8_0", "q4_0", "bf16", "f32", "q4_1", "q5_0", "q5_1", "iq4_nl")
+KV_CACHE_TYPES = tuple(ggml_types.KV_CACHE_TYPES)  # llama.cpp's, in ggml's type order
 
 
 def spec(name: str) -> OptionSpec:

@@ -53,19 +53,6 @@ def physical_cores() -> int:
     return max(1, n or os.cpu_count() or 1)
 
 
-GGML_TYPES = {
-    "f32": 0,
-    "f16": lc.GGML_TYPE_F16,
-    "q4_0": lc.GGML_TYPE_Q4_0,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": lc.GGML_TYPE_Q8_0,
-    "iq4_nl": 20,
-    "bf16": 30,
-}
-
-
 _capture = threading.local()
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from ember import options as opts
 from ember.engine import llama
 from ember.errors import EngineError, InvalidFileError, OptionError
+from ember.ggml_types import KV_CACHE_TYPES
 
 
 @dataclass
@@ -185,9 +186,8 @@ class LoadedModel:
         head_dim = self.n_embd // n_head
         k_len = int(self.meta(f"{arch}.attention.key_length") or head_dim)
         v_len = int(self.meta(f"{arch}.attention.value_length") or head_dim)
-        per_element = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-                       "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}.get(kv_cache_type, 2.0)
-        return self.n_layer * n_head_kv * (k_len + v_len) * per_element
+        kv_type = KV_CACHE_TYPES.get(kv_cache_type) or KV_CACHE_TYPES["f16"]
+        return self.n_layer * n_head_kv * (k_len + v_len) * kv_type.type_size / kv_type.block_size
 
     def default_num_ctx(self) -> int:
         return min(4096, self.n_ctx_train) if self.n_ctx_train > 0 else 4096
@@ -293,11 +293,11 @@ class Context:
         params.swa_full = True
         if embeddings:
             params.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
-        kv_type = llama.GGML_TYPES.get(o["kv_cache_type"])
+        kv_type = KV_CACHE_TYPES.get(o["kv_cache_type"])
         if kv_type is None:
             raise OptionError(f"kv_cache_type {o['kv_cache_type']!r} is not supported")
-        params.type_k = kv_type
-        params.type_v = kv_type
+        params.type_k = kv_type.id
+        params.type_v = kv_type.id
         # None: llama.cpp's own choice (AUTO: on where the backend supports it),
         # which is also what its tools (llama-bench, llama-server) use.
         fa = o["flash_attn"]
