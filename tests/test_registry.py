@@ -27,14 +27,14 @@ from ember.registry import (
 from ember.registry import store
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_registry_util import snapshot, write_tiny_gguf  # noqa: E402
+from test_registry_util import snapshot, without_demo, write_tiny_gguf  # noqa: E402
 
 EMBER = [sys.executable, "-m", "ember.cli.main"]
 
 
 @pytest.fixture
 def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "models"
+    root = without_demo(tmp_path / "models")  # the demo model's listing is tested in test_registry_demo.py
     monkeypatch.setenv("EMBER_MODELS", str(root))
     monkeypatch.chdir(tmp_path)
     return root
@@ -119,7 +119,8 @@ def test_create_list_show_cp_rm_cli(models: Path, tmp_path: Path) -> None:
 
     assert ember("show", "my-model:v1", "--system").stdout == "Be brief.\n"
     assert ember("show", "my-model:v1", "--license").stdout == "MIT\n"
-    assert ember("show", "my-model:v1", "--parameters").stdout.split() == ["stop", "<|end|>", "stop", "User:"]
+    assert ember("show", "my-model:v1", "--parameters").stdout.splitlines() == [  # Ollama's %-30s %#v
+        "stop                           \"<|end|>\"", "stop                           \"User:\""]
     shown = ember("show", "my-model:v1").stdout
     assert "architecture" in shown and "llama" in shown and "F32" in shown
     assert "llama.context_length" in ember("show", "my-model:v1", "-v").stdout
@@ -218,14 +219,6 @@ def test_resolve_paths_and_errors(models: Path, tmp_path: Path) -> None:
     assert parse_modelfile(d.modelfile).from_ == [str(s.resolve()) for s in shards]
     with pytest.raises(ModelNotFoundError):
         resolve("../../etc/passwd-not-here")
-
-
-def test_resolve_demo_falls_back_to_bundled_model(models: Path) -> None:
-    from ember.demo import demo_model_path
-
-    r = resolve("demo")
-    assert r.model_paths == [Path(demo_model_path()).resolve()]
-    assert resolve("Demo:latest").model_paths == r.model_paths
 
 
 def test_projector_and_adapter_layers(models: Path, tmp_path: Path) -> None:
