@@ -101,12 +101,11 @@ def fetch(url: str, digest: str, size: int, folder: Path, *, label: str,
         _download(url, fd, parts, state, size, label, progress)
     finally:
         os.close(fd)
-    state.unlink(missing_ok=True)
     return data
 
 
 def discard(data: Path) -> None:
-    """Forget a download (its data failed verification)."""
+    """Forget a download: stored in the registry, or failed verification."""
     data.unlink(missing_ok=True)
     data.with_name(data.name.removesuffix(".partial") + ".parts.json").unlink(missing_ok=True)
 

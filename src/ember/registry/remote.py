@@ -202,6 +202,7 @@ def pull(name: ModelName, *, scheme: str = "https", progress: ProgressCallback |
                         f"digest mismatch, file must be downloaded again: layer {digest[7:19]} of {name.display} "
                         "did not match its sha256; nothing was registered"
                     ) from None
+                download.discard(path)  # the resume state; the data was moved into blobs/
                 installed.append(digest)
             report("writing manifest", 0, 0)
             found = store.find_manifest_path(name)

@@ -366,8 +366,8 @@ def parse_manifest(data: bytes) -> tuple[Layer, list[Layer]]:
         doc = json.loads(data)
         config = _layer(doc["config"])
         layers = [_layer(x) for x in doc.get("layers") or []]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InvalidFileError(f"not a valid manifest: {type(e).__name__} {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, InvalidFileError) as e:
+        raise InvalidFileError(f"not a valid manifest ({type(e).__name__}: {e})") from None
     return config, layers
 
 
