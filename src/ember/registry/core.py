@@ -104,7 +104,7 @@ def resolve(name_or_path: str) -> ResolvedModel:
     if kind == "dir":
         raise ModelNotFoundError(f"{shown(text)} is a folder; convert it with 'ember convert' or register it with 'ember create NAME --from FOLDER'")
     if kind == "other":
-        raise ModelNotFoundError(f"{shown(text)} is not a regular file (a pipe or device); give a GGUF file or a model name")
+        raise ModelNotFoundError(f"{shown(text, 200)} is not a regular file (a pipe or device); give a GGUF file or a model name")
     raise ModelNotFoundError(f"model {shown(text)} not found: no such model in the registry and no such file; see 'ember list', or get it with 'ember pull'")
 
 

@@ -111,7 +111,7 @@ def plan(mf: Modelfile) -> _Plan:
         path = mf.resolve_path(value)
         kind = path_kind(path)
         if kind == "other":
-            raise ModelfileError(f"{where}: {shown(str(path))} is not a regular file (a pipe, device or socket); give a .gguf file")
+            raise ModelfileError(f"{where}: {shown(str(path), 200)} is not a regular file (a pipe, device or socket); give a .gguf file")
         if kind != "missing":
             if kind == "dir":
                 if not derive.is_checkpoint(path):
@@ -207,7 +207,7 @@ def plan(mf: Modelfile) -> _Plan:
         if kind == "missing":
             raise ModelfileError(f"{where}: ADAPTER file not found: {shown(str(path), 200)}")
         if kind == "other":
-            raise ModelfileError(f"{where}: {shown(str(path))} is not a regular file (a pipe, device or socket); give a GGUF adapter")
+            raise ModelfileError(f"{where}: {shown(str(path), 200)} is not a regular file (a pipe, device or socket); give a GGUF adapter")
         if kind == "dir":
             pl.adapter_dirs.append((path, idx))
             continue
