@@ -63,8 +63,7 @@ def load_modelfile(modelfile: Modelfile | str | os.PathLike[str] | None) -> Mode
 
 
 def check_template(mf: Modelfile) -> None:
-    """Parse TEMPLATE with :mod:`ember.templates` so a broken
-    template fails at create time with its line number."""
+    """Parse TEMPLATE so a broken template fails at create time with its line number."""
     if mf.template is None:
         return
     try:
@@ -112,14 +111,14 @@ def plan(mf: Modelfile) -> _Plan:
         kind = path_kind(path)
         if kind == "other":
             raise ModelfileError(f"{where}: {shown(str(path), 200)} is not a regular file (a pipe, device or socket); give a .gguf file")
-        if kind != "missing":
-            if kind == "dir":
-                if not derive.is_checkpoint(path):
-                    raise ModelfileError(f"{where}: folder {path} holds no safetensors or pytorch_model*.bin weights; name a .gguf file instead")
-                if pl.convert_dir is not None:
-                    raise ModelfileError(f"{where}: only one model folder may be given")
-                pl.convert_dir = path
-                continue
+        if kind == "dir":
+            if not derive.is_checkpoint(path):
+                raise ModelfileError(f"{where}: folder {path} holds no safetensors or pytorch_model*.bin weights; name a .gguf file instead")
+            if pl.convert_dir is not None:
+                raise ModelfileError(f"{where}: only one model folder may be given")
+            pl.convert_dir = path
+            continue
+        if kind == "file":
             if not ggufmeta.is_gguf(path):
                 raise ModelfileError(f"{where}: {path} is not a GGUF file; give a .gguf file, a model folder or a model name")
             try:
