@@ -20,9 +20,9 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 
 from ember.errors import DownloadError, InvalidNameError, RemoteModelNotFoundError
-from ember.registry import list_models, pull_model, resolve
-from ember.registry import store
-from ember.registry.hub import RemoteFile, _safe_path, parse_ref, select_gguf
+from ember.registry import list_models, pull_model, resolve, store
+from ember.registry.hub import RemoteFile, _safe_path, select_gguf
+from ember.registry.names import parse_hub_ref as parse_ref
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_registry_util import snapshot, without_demo, write_tiny_gguf  # noqa: E402

@@ -29,10 +29,10 @@ from ember.errors import EmberError, InvalidFileError, ModelfileError, TemplateE
 from ember.fsutil import path_kind
 from ember.progress import ProgressCallback
 from ember.quantize import parse_quant_type
-from ember.registry import assemble, derive, ggufmeta, hub, store
+from ember.registry import assemble, derive, ggufmeta, store
 from ember.registry.core import ResolvedModel, find_model, from_manifest, shown
 from ember.registry.modelfile import Modelfile, parse_modelfile, read_modelfile
-from ember.registry.names import parse_name
+from ember.registry.names import is_hub_ref, parse_hub_ref, parse_name
 from ember.registry.pull import pull_model
 from ember.templates import ChatTemplate
 
@@ -91,10 +91,10 @@ def _looks_like_path(value: str) -> bool:
 
 def _pullable(value: str) -> bool:
     """An explicit hub reference (hf.co/..., huggingface.co/..., modelscope.cn/...)."""
-    if not hub.is_hub_ref(value):
+    if not is_hub_ref(value):
         return False
     try:
-        hub.parse_ref(value)
+        parse_hub_ref(value)
     except EmberError:
         return False
     return True

@@ -22,6 +22,10 @@ references to ModelScope, whose address is ``MODELSCOPE_ENDPOINT`` (default
 Downloads go to ``$EMBER_MODELS/downloads/`` and resume after an interruption;
 files with a published sha256 are verified before anything is registered; the
 finished files are moved (not copied) into ``blobs/``.
+
+``huggingface_hub`` and ``httpx`` are imported where they are used: together
+they take about half a second to import, which every ``ember`` command would
+pay otherwise (see also :mod:`ember.registry.pull`).
 """
 
 from __future__ import annotations
@@ -35,20 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.hf_api import RepoFile
-from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
-
 from ember import settings
-from ember.errors import DigestMismatchError, DownloadError, EmberError, InvalidFileError, InvalidNameError
+from ember.errors import DigestMismatchError, DownloadError, EmberError, InvalidFileError
 from ember.progress import ProgressCallback
 from ember.quantize import parse_quant_type
 from ember.registry import assemble, derive, ggufmeta, store
-from ember.registry.names import parse_name
+from ember.registry.names import parse_hub_ref, parse_name
 
-HF_HOSTS = ("hf.co", "huggingface.co", "www.huggingface.co")
-MS_HOSTS = ("modelscope.cn", "www.modelscope.cn", "modelscope.co")
 DEFAULT_QUANT = "Q4_K_M"
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _HF_WEIGHT_PATTERNS = (re.compile(r"(^|/)[^/]*\.safetensors$"), re.compile(r"(^|/)pytorch_model[^/]*\.bin$"))
@@ -64,42 +61,6 @@ class RemoteFile:
     path: str
     size: int | None
     sha256: str | None  # hex, when the hub publishes it (LFS files)
-
-
-@dataclass
-class PullRef:
-    source: str  # "hf" or "modelscope"
-    repo: str  # user/repo
-    quant: str | None
-    name: str  # registry name
-
-
-def _strip_scheme(text: str) -> str:
-    for scheme in ("https://", "http://"):
-        if text.lower().startswith(scheme):
-            return text[len(scheme):]
-    return text
-
-
-def is_hub_ref(ref: str) -> bool:
-    """A reference whose host is Hugging Face's or ModelScope's."""
-    return _strip_scheme(ref.strip()).split("/", 1)[0].lower() in HF_HOSTS + MS_HOSTS
-
-
-def parse_ref(ref: str) -> PullRef:
-    """``hf.co/USER/REPO[:QUANT]`` or ``modelscope.cn/USER/REPO[:QUANT]``."""
-    parts = _strip_scheme(ref.strip()).split("/")
-    host = parts[0].lower()
-    if host not in HF_HOSTS + MS_HOSTS or len(parts) != 3:
-        raise InvalidNameError(f"cannot pull {ref!r} from a hub: use hf.co/USER/REPO[:QUANT] or modelscope.cn/USER/REPO[:QUANT]")
-    user, repo_tag = parts[1:]
-    repo, _, quant = repo_tag.partition(":")
-    if ":" in repo_tag and not quant:
-        raise InvalidNameError(f"cannot pull {ref!r}: empty quantization after ':'")
-    source = "modelscope" if host in MS_HOSTS or settings.pull_source() == "modelscope" else "hf"
-    name = f"{'hf.co' if host in HF_HOSTS else 'modelscope.cn'}/{user}/{repo}:{quant or 'latest'}"
-    parse_name(name)  # validates (bad characters, '..', lengths)
-    return PullRef(source, f"{user}/{repo}", quant or None, name)
 
 
 # ---------------------------------------------------------------- file selection
@@ -171,6 +132,9 @@ class _HuggingFace(_Source):
         self.token = settings.hf_token()
 
     def list_files(self, repo: str) -> list[RemoteFile]:
+        from huggingface_hub import HfApi
+        from huggingface_hub.hf_api import RepoFile
+
         api = HfApi(endpoint=self.endpoint, token=self.token)
         with _hub_errors(repo, self.endpoint):
             out = []
@@ -184,6 +148,8 @@ class _HuggingFace(_Source):
             return out
 
     def download(self, repo: str, f: RemoteFile, dest_dir: Path, progress: ProgressCallback | None) -> Path:
+        from huggingface_hub import hf_hub_download
+
         with _hub_errors(repo, self.endpoint):
             path = hf_hub_download(
                 repo,
@@ -217,6 +183,8 @@ def _hub_errors(repo: str, endpoint: str) -> Iterator[None]:
 
 
 def _tqdm_class(progress: ProgressCallback, label: str) -> type:
+    from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
+
     class _Bar(hf_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
@@ -242,6 +210,8 @@ class _ModelScope(_Source):
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def list_files(self, repo: str) -> list[RemoteFile]:
+        import httpx
+
         url = f"{self.endpoint}/api/v1/models/{repo}/repo/files"
         try:
             r = httpx.get(url, params={"Revision": "master", "Recursive": "true"}, headers=self.headers,
@@ -263,6 +233,8 @@ class _ModelScope(_Source):
         ]
 
     def download(self, repo: str, f: RemoteFile, dest_dir: Path, progress: ProgressCallback | None) -> Path:
+        import httpx
+
         dest = dest_dir / f.path
         if dest.is_file() and f.size is not None and dest.stat().st_size == f.size:
             return dest
@@ -326,7 +298,7 @@ def _verify(path: Path, f: RemoteFile) -> str | None:
 
 def pull(ref: str, progress: ProgressCallback | None = None) -> store.Manifest:
     """Download ``ref`` (see the module doc) and register it; return its manifest."""
-    pr = parse_ref(ref)
+    pr = parse_hub_ref(ref)
     src = _source(pr.source)
     files = [f for f in src.list_files(pr.repo) if _safe_path(f.path)]
     staging = store.downloads_dir() / pr.source / _safe_dirname(pr.repo.replace("/", "--"))

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 from ember.errors import InvalidNameError
 from ember.progress import ProgressCallback
-from ember.registry import bundled, hub, remote
+from ember.registry import bundled
 from ember.registry.core import ResolvedModel, from_manifest
-from ember.registry.names import parse_name
+from ember.registry.names import is_hub_ref, parse_name
 
 
 def pull_model(ref: str, *, insecure: bool = False, progress: ProgressCallback | None = None) -> ResolvedModel:
     """Download ``ref`` (see the module doc) and register it; returns the model.
     ``progress`` gets Ollama's status lines (``success`` is the caller's)."""
+    # The network side loads here, on the first pull: httpx and huggingface_hub
+    # take about half a second to import, which every ember command would pay.
+    from ember.registry import hub, remote
+
     text = ref.strip()
-    if hub.is_hub_ref(text):
+    if is_hub_ref(text):
         return from_manifest(hub.pull(text, progress))
     name = parse_name(text)
     if bundled.is_demo(name):
