@@ -24,7 +24,7 @@ import ollama
 import pytest
 
 from ember.demo import demo_model_path
-from ember.errors import DownloadError, RemoteModelNotFoundError
+from ember.errors import DownloadError, InvalidNameError, RemoteModelNotFoundError
 from ember.registry import ggufmeta, pull_model, resolve, show_model, store
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -369,3 +369,14 @@ def test_ollama_client_pull_through_ember_serve(registry: Registry, tmp_path: Pa
         assert r2.status_code == 404 and r2.json() == {"error": "pull model manifest: file does not exist"}
     finally:
         srv.stop()
+
+
+def test_a_name_with_a_host_is_pulled_from_that_host(registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small_model(registry, tmp_path)
+    monkeypatch.setenv("EMBER_REGISTRY", "http://127.0.0.1:9")  # not used: the name says where
+    host = registry.url.removeprefix("http://")
+    with pytest.raises(InvalidNameError, match="insecure"):
+        pull_model(f"http://{host}/someone/small:v1")
+    m = pull_model(f"http://{host}/someone/small:v1", insecure=True)
+    assert m.name == f"{host}/someone/small:v1" and m.parameters == {"top_k": 7}
+    assert resolve(f"{host}/someone/small:v1").digest == m.digest
