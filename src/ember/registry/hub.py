@@ -308,8 +308,8 @@ def pull(ref: str, progress: ProgressCallback | None = None) -> store.Manifest:
         shards, projectors = select_gguf(files, pr.quant, pr.repo)
         expected: dict[Path, str] = {}
         got: dict[str, list[Path]] = {"model": [], "projector": []}
-        for kind, remote in (("model", shards), ("projector", projectors)):
-            for f in remote:
+        for kind, remote_files in (("model", shards), ("projector", projectors)):
+            for f in remote_files:
                 p = src.download(pr.repo, f, staging, progress)
                 digest = _verify(p, f)
                 if digest:
