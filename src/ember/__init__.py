@@ -229,7 +229,9 @@ def create(
 
 
 def pull(ref: str, *, progress: ProgressCallback | None = None) -> ResolvedModel:
-    """Download a model: ``hf.co/user/repo[:Q4_K_M]`` (GGUF) or ``user/repo`` (converted)."""
+    """Download a model: an Ollama name (``llama3.2``, ``user/model:tag``) from
+    Ollama's registry, or ``hf.co/user/repo[:Q4_K_M]`` (GGUF files, or a
+    checkpoint converted) from Hugging Face."""
     from ember.registry import pull_model
 
     return pull_model(ref, progress=progress)
@@ -242,11 +244,12 @@ def list_models() -> list[ModelEntry]:
     return _list()
 
 
-def show(name: str) -> ModelDetails:
-    """A registry model's Modelfile, parameters, template, system and metadata."""
+def show(name: str, *, verbose: bool = False) -> ModelDetails:
+    """A registry model's Modelfile, parameters, template, system, capabilities
+    and metadata (``.to_json()``: Ollama's ``/api/show`` body)."""
     from ember.registry import show_model
 
-    return show_model(name)
+    return show_model(name, verbose=verbose)
 
 
 def copy(src: str, dst: str) -> None:
