@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -16,6 +17,8 @@ import pytest
 
 from convert_fixtures import LLAMA3_RE, SPECIALS_LLAMA3, cpp_logits, ids_for, llama_load, make_bpe_tokenizer, pad_vocab, torch_threads
 from ember.convert import convert_model
+from ember.convert.cast import BLOCK, write_tensor
+from ember.convert.source import BF16
 from ember.errors import ConversionError, InvalidFileError
 
 torch = pytest.importorskip("torch")
@@ -162,13 +165,17 @@ def test_cli_one_line_error_and_success(tiny, tmp_path: Path) -> None:
     assert (tmp_path / "x.gguf").is_file()
 
 
-def test_bf16_to_f16_every_bit_pattern() -> None:
-    """The integer fast path equals a float32 round trip for all 65536 bf16 values."""
-    from ember.convert.core import _cast_chunked
-    from ember.convert.source import BF16
-
-    words = np.tile(np.arange(65536, dtype=np.uint16), 20)  # > 16 chunks: the two-thread path too
+def test_bf16_to_f16_every_bit_pattern(tmp_path: Path) -> None:
+    """The integer fast path equals a float32 round trip for all 65536 bf16
+    values, written as the converter writes (staging blocks, two threads)."""
+    words = np.tile(np.arange(65536, dtype=np.uint16), 4 * BLOCK // 65536 + 1)  # big enough for the two-thread path
     with np.errstate(over="ignore"):
         ref = np.left_shift(words, 16, dtype=np.uint32).view(np.float32).astype(np.float16)
-    got = _cast_chunked(words.view(BF16), np.float16)
-    assert np.array_equal(got.view(np.uint16), ref.view(np.uint16))
+    out = tmp_path / "f16.bin"
+    with open(out, "wb") as f, ThreadPoolExecutor(1) as pool:
+        f.write(b"\xee" * 7)  # data starts at an offset, as a tensor's does in a GGUF
+        f.flush()
+        write_tensor(words.view(BF16), gguf.GGMLQuantizationType.F16, f.fileno(), 7, pool)
+    data = out.read_bytes()
+    assert data[:7] == b"\xee" * 7
+    assert np.array_equal(np.frombuffer(data[7:], dtype=np.uint16), ref.view(np.uint16))
