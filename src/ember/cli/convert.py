@@ -50,7 +50,7 @@ def _print_plan(p: ConversionPlan, outfile: Path | None) -> None:
     tokens = w.value("tokenizer.ggml.tokens")
     if tokens:
         line += f"; tokenizer {w.value('tokenizer.ggml.model')} ({w.value('tokenizer.ggml.pre')}), {len(tokens)} tokens"
-    console.print(line)
+    console.print(line, markup=False, soft_wrap=True)
     for out, dests in zip(p.outputs, p.destinations(outfile), strict=True):
         shards = f" and {len(dests) - 1} more shards" if len(dests) > 1 else ""
         if p.vocab_only:
@@ -59,7 +59,7 @@ def _print_plan(p: ConversionPlan, outfile: Path | None) -> None:
             what = f"{out.quantize_to}, quantized by llama.cpp from {format_size(out.nbytes)} of F16"
         else:
             what = f"{out.type_label}, {format_size(out.nbytes)} of tensor data"
-        console.print(f"  {dests[0]}{shards}: {what}")
+        console.print(f"  {dests[0]}{shards}: {what}", markup=False, soft_wrap=True)
 
 
 @app.command("convert-lora")
