@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from sentencepiece import sentencepiece_model_pb2 as spm_pb
 
-from convert_fixtures import LLAMA3_RE, QWEN2_RE
+from convert_fixtures import LLAMA3_RE, QWEN2_RE, baichuan_layout, internlm2_layout
 from ember.convert import convert_model
 
 torch = pytest.importorskip("torch")
@@ -203,20 +203,10 @@ def _internlm2(d: Path) -> None:
     """InternLM2's layout (packed wqkv, grouped per key/value head) from a Llama's weights."""
     n = spm_tokenizer(d, user_symbols=("<|im_start|>", "<|im_end|>"))
     sd = _llama_state(n, 64, 2, 6)
-    n_kv, q_per_kv, hd, e = 2, 2, 16, 64
-    out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        q = sd[p + "self_attn.q_proj.weight"].reshape(n_kv, q_per_kv, hd, e)
-        k = sd[p + "self_attn.k_proj.weight"].reshape(n_kv, 1, hd, e)
-        v = sd[p + "self_attn.v_proj.weight"].reshape(n_kv, 1, hd, e)
-        out[p + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, e).contiguous()
-        for ours, theirs in (("attention.wo", "self_attn.o_proj"), ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w3", "mlp.up_proj"),
-                             ("feed_forward.w2", "mlp.down_proj"), ("attention_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
-            out[p + ours + ".weight"] = sd[p + theirs + ".weight"]
+    out = internlm2_layout(sd, n_kv=2, head_dim=16)
     save_file(out, d / "model.safetensors")
     (d / "config.json").write_text(json.dumps({
-        "architectures": ["InternLM2ForCausalLM"], "hidden_size": e, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "architectures": ["InternLM2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "num_hidden_layers": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256, "vocab_size": n, "bos_token_id": 1, "eos_token_id": 2,
     }))
 
@@ -225,12 +215,7 @@ def _baichuan(d: Path) -> None:
     """Baichuan2's layout (W_pack; a NormHead lm_head, normalised by the converter) in a .bin."""
     n = spm_tokenizer(d)
     sd = _llama_state(n, 32, 4, 7)
-    out = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"], "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        out[p + "self_attn.W_pack.weight"] = torch.cat([sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]])
-        for k in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
-            out[p + k + ".weight"] = sd[p + k + ".weight"]
+    out = baichuan_layout(sd)
     torch.save(out, d / "pytorch_model.bin")
     (d / "config.json").write_text(json.dumps({
         "architectures": ["BaichuanForCausalLM"], "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
