@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
 from convert_fixtures import (
