@@ -59,7 +59,7 @@ def test_dry_run_writes_nothing(tiny, tmp_path: Path) -> None:
 def test_plan_then_write(tiny, tmp_path: Path) -> None:
     d, n = tiny
     p = plan(d, outtype="q8_0")
-    assert p.model.type_label == "Q8_0" and p.metadata.size_label == "203K"
+    assert p.main.type_label == "Q8_0" and p.metadata.size_label == "203K"
     assert p.destinations(tmp_path) == [[tmp_path / "Tiny-Llama-203K-Q8_0.gguf"]]
     assert p.destinations(tmp_path / "m-{ftype}.gguf") == [[tmp_path / "m-q8_0.gguf"]]
     assert list(tmp_path.iterdir()) == []  # planning writes nothing
@@ -124,7 +124,7 @@ def test_companion_output_beside_the_model(tiny, tmp_path: Path, monkeypatch: py
     monkeypatch.setitem(architectures.ARCHITECTURES, "VisionLlamaForTest", f"{__name__}:VisionLlama")
 
     p = plan(d, outtype="f16")
-    assert [len(o.tensors) for o in p.outputs] == [len(plan(tiny[0]).model.tensors), 2]
+    assert [len(o.tensors) for o in p.outputs] == [len(plan(tiny[0]).main.tensors), 2]
     assert p.destinations(tmp_path) == [[tmp_path / "Vlm-203K-F16.gguf"], [tmp_path / "mmproj-Vlm-203K-F16.gguf"]]
     model, projector = write(p, tmp_path / "out.gguf")
     assert (model, projector) == (tmp_path / "out.gguf", tmp_path / "mmproj-out.gguf")

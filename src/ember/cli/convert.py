@@ -42,7 +42,7 @@ def convert_cmd(
 
 
 def _print_plan(p: ConversionPlan, outfile: Path | None) -> None:
-    main = p.model
+    main = p.main
     w = main.writer
     line = f"{main.model.hf_arch} -> {w.arch}"
     if not p.vocab_only:

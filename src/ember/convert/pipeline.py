@@ -57,10 +57,6 @@ class Output:
         return self.quantize_to or _FTYPE[self.outtype].name.partition("_")[2]
 
     @property
-    def n_params(self) -> int:
-        return self.writer.get_total_parameter_count()[0]
-
-    @property
     def nbytes(self) -> int:
         """Tensor data written directly (before any quantization)."""
         return sum(tensor_nbytes(p.shape, p.out_qtype) for p in self.tensors)
@@ -77,7 +73,8 @@ class ConversionPlan:
     written: bool = False
 
     @property
-    def model(self) -> Output:
+    def main(self) -> Output:
+        """The language model's output (companions follow it in ``outputs``)."""
         return self.outputs[0]
 
     def destinations(self, outfile: str | os.PathLike[str] | None = None) -> list[list[Path]]:
