@@ -11,18 +11,19 @@ import json
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
 from convert_fixtures import (
     PARITY_TEXT,
     QWEN2_RE,
     SPECIALS_QWEN,
+    baichuan_layout,
     cpp_greedy,
     cpp_logits,
     hf_greedy,
     hf_logits,
     ids_for,
+    internlm2_layout,
     llama_load,
     make_bpe_tokenizer,
     make_spm_tokenizer,
@@ -160,23 +161,9 @@ def _internlm2_checkpoint(d: Path):
     (d / "tokenizer_config.json").write_text(json.dumps(cfgj))
     model = _tiny_llama(sp.vocab_size(), seed=5, heads=4, kv_heads=2)
     c = model.config
-    n_kv, q_per_kv, hd, E = 2, 2, 16, 64
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        q = sd[p + "self_attn.q_proj.weight"].reshape(n_kv, q_per_kv, hd, E)
-        k = sd[p + "self_attn.k_proj.weight"].reshape(n_kv, 1, hd, E)
-        v = sd[p + "self_attn.v_proj.weight"].reshape(n_kv, 1, hd, E)
-        out[p + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, E).contiguous()
-        out[p + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-        out[p + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
-        out[p + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
-        out[p + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
-        out[p + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[p + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    out = internlm2_layout({k: v.contiguous() for k, v in model.state_dict().items()}, n_kv=2, head_dim=16)
     config = {
-        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": E, "intermediate_size": c.intermediate_size,
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": c.num_hidden_layers, "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": 10000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": 256, "vocab_size": sp.vocab_size(),
         "bias": False, "bos_token_id": 1, "eos_token_id": 2,
@@ -232,12 +219,7 @@ def test_baichuan2_normhead_from_bin(tmp_path: Path) -> None:
         head = torch.nn.functional.normalize(sd["lm_head.weight"])
         model.lm_head.weight.copy_(head)  # what NormHead computes at run time
         scaled = head * torch.empty(vocab, 1).uniform_(0.2, 3.0)  # stored weights: any row scale
-    out = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"], "lm_head.weight": scaled}
-    for i in range(32):
-        p = f"model.layers.{i}."
-        out[p + "self_attn.W_pack.weight"] = torch.cat([sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]])
-        for k in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
-            out[p + k + ".weight"] = sd[p + k + ".weight"]
+    out = baichuan_layout(sd, lm_head=scaled)
     torch.save(out, d / "pytorch_model.bin")
     (d / "config.json").write_text(json.dumps({
         "architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 32, "intermediate_size": 64,

@@ -11,7 +11,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ember.convert.core import Model, Planned, lazy, register
+from ember.convert.base import Model, Planned, lazy
 from ember.convert.source import TensorRef, to_float32
 
 
@@ -19,7 +19,6 @@ def _plus_one(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return to_float32(a) + np.float32(1.0)
 
 
-@register("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 class Gemma3Model(Model):
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
 

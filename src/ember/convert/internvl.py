@@ -8,22 +8,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ember.convert import core
+from ember.convert.architectures import model_class
+from ember.convert.base import Model
 from ember.errors import ConversionError
 
 PREFIX = "language_model."
 
 
-@core.register("InternVLChatModel", "InternVLForConditionalGeneration")
-class InternVLModel:
+class InternVLModel(Model):
+    """Never built itself: :meth:`from_config` gives the language model's converter."""
+
     @classmethod
-    def from_config(cls, model_dir: Path, hparams: dict[str, Any], config_file: Path) -> core.Model:
+    def from_config(cls, model_dir: Path, hparams: dict[str, Any], config_file: Path) -> Model:
         llm = hparams.get("llm_config") or hparams.get("text_config")
         if not isinstance(llm, dict):
             raise ConversionError(f"{config_file}: an InternVL config needs an 'llm_config' object describing its language model")
         archs = llm.get("architectures") or []
-        inner = core._REGISTRY.get(str(archs[0])) if archs else None
-        if inner is None or not issubclass(inner, core.Model):
+        inner = model_class(str(archs[0])) if archs else None
+        if inner is None or issubclass(inner, InternVLModel):
             raise ConversionError(f"{config_file}: llm_config.architectures {archs!r} is not a supported language model (Qwen2ForCausalLM, InternLM2ForCausalLM, LlamaForCausalLM)")
 
         class Extracted(inner):  # type: ignore[misc, valid-type]
@@ -31,7 +33,7 @@ class InternVLModel:
                 return not name.startswith(PREFIX) or super().skip(name[len(PREFIX) :])
 
             def rename(self, name: str) -> str:
-                return super().rename(name[len(PREFIX) :])
+                return str(super().rename(name[len(PREFIX) :]))
 
         Extracted.__name__ = f"InternVL{inner.__name__}"
         merged = dict(llm)
