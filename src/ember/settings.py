@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ember.errors import OptionError
+from ember.options import parse_workers
+
 DEFAULT_HOST = "127.0.0.1:11434"
 
 
@@ -24,3 +27,14 @@ def host() -> str:
 
 def base_url() -> str:
     return "http://" + host()
+
+
+def rpc_workers() -> list[str]:
+    """``EMBER_RPC``: RPC workers (``host:port,host:port``, started with ``ember
+    worker``) that loads naming none of their own split models across. Workers
+    from this list are optional: one that cannot be reached is skipped when the
+    model fits without it."""
+    try:
+        return parse_workers(os.environ.get("EMBER_RPC", ""))
+    except OptionError as e:
+        raise OptionError(f"EMBER_RPC: {e}") from None

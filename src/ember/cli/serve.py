@@ -42,9 +42,16 @@ def _client_call(method: str, path: str, **kwargs: Any) -> Any:
 def serve(
     host: str = typer.Option(None, "--host", help="host:port to listen on (default: EMBER_HOST or 127.0.0.1:11434)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    rpc: str = typer.Option(None, "--rpc", help="RPC workers (ember worker) to split models across: HOST:PORT,HOST:PORT (default: EMBER_RPC)."),
 ) -> None:
     """Run the Ollama- and OpenAI-compatible HTTP server."""
+    import os
+
     import uvicorn
+
+    if rpc is not None:
+        os.environ["EMBER_RPC"] = rpc  # read by every load, runner processes included
+    settings.rpc_workers()  # a malformed list fails now, not at the first request
 
     from ember.server import create_app
     from ember.server.app import split_host
