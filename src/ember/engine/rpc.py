@@ -131,20 +131,37 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT) -> int:
                 "serves one client at a time: is another process (another model, another server) using it?"
             ) from None
         except (OSError, _ProtocolError) as e:
-            raise WorkerError(f"RPC worker {endpoint} {e} during the handshake; is it an RPC worker (ember worker) "
-                              "of the same Ember version?") from None
+            detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise WorkerError(f"RPC worker {endpoint} failed the handshake ({detail}); is it an RPC worker "
+                              "(ember worker) of the same Ember version?") from None
     if count == 0:
         raise WorkerError(f"RPC worker {endpoint} offers no devices")
     return int(count)
 
 
-def _answers(endpoint: str, timeout: float = 1.0) -> bool:
-    host, _, port = endpoint.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def _lost(endpoints: Sequence[str]) -> list[str]:
+    """Of the workers this process talks to, those whose connection the other
+    side closed (a stopped worker); else those where nothing listens any more;
+    else all of them (the network failed: no way to tell)."""
+    import psutil  # type: ignore[import-untyped]
+
+    established = set()
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if conn.raddr and conn.status == psutil.CONN_ESTABLISHED:
+            established.add(f"{conn.raddr.ip}:{conn.raddr.port}")
+    closed = [ep for ep in endpoints if ep not in established]
+    if closed:
+        return closed
+    refused = []
+    for ep in endpoints:
+        host, _, port = ep.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+        except ConnectionRefusedError:
+            refused.append(ep)
+        except OSError:
+            pass
+    return refused or list(endpoints)
 
 
 # --- workers in use by this process ---------------------------------------------
@@ -178,6 +195,7 @@ def _in_use(endpoint: str) -> bool:
 
 # --- a worker lost mid-generation -------------------------------------------------
 _abort_handler: Any = None
+_aborting = threading.Lock()
 
 
 def _on_abort(message: bytes | None) -> None:
@@ -186,9 +204,10 @@ def _on_abort(message: bytes | None) -> None:
     if "ggml-rpc" not in text:
         os.write(2, (text + "\n").encode())  # not ours: llama.cpp aborts as it always did
         return
+    _aborting.acquire()  # other threads that fail too wait here while the first one ends the process
     with _held_lock:
         endpoints = list(_held)
-    lost = [ep for ep in endpoints if not _answers(ep)] or endpoints
+    lost = _lost(endpoints)
     lead = "\n" if sys.stdout.isatty() else ""
     os.write(2, (
         f"{lead}Error: lost the connection to RPC worker {', '.join(lost) or '(unknown)'} (stopped, or the network failed); "
@@ -317,5 +336,7 @@ def place(
             layers = n_layer + 1  # llama.cpp counts the output layer as one more
             kept = min(round(layers * weights[0] / sum(weights)), n_layer)
             n_gpu_layers = layers - kept
+        if n_gpu_layers == 0:
+            return None  # nothing left for the workers: this machine's CPU only
     _hold(endpoints)
     return Placement(endpoints, remote + gpus, n_gpu_layers, split, [ep for ep, _ in skipped])
