@@ -56,6 +56,8 @@ def _library() -> ctypes.CDLL:
         ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p),
     ]
     lib.ggml_backend_rpc_start_server.restype = None
+    lib.ggml_backend_cpu_buffer_type.argtypes = []
+    lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
     lib.ggml_set_abort_callback.argtypes = [_ABORT_CALLBACK]
     lib.ggml_set_abort_callback.restype = ctypes.c_void_p
     return lib
@@ -237,6 +239,8 @@ class Placement:
     skipped: list[str] = field(default_factory=list)  # EMBER_RPC workers left out: unreachable
     _keep: list[Any] = field(default_factory=list, repr=False)
 
+    output_here: bool = False  # the output layer's weight stays on this machine's CPU
+
     def apply(self, params: Any) -> None:
         """Set ``llama_model_params``; the arrays live as long as this object."""
         devices = (ctypes.c_void_p * (len(self.devices) + 1))(*[d.ptr for d in self.devices], None)
@@ -245,6 +249,22 @@ class Placement:
         params.devices = ctypes.cast(devices, ctypes.c_void_p).value
         params.tensor_split = split
         params.n_gpu_layers = self.n_gpu_layers
+        if self.output_here:
+            # Logits (n_vocab floats a token: 1 MiB for Gemma 3) would otherwise
+            # come back over the network from the last worker; the hidden state
+            # the output matmul needs is a few KiB. (A model with tied embeddings
+            # loads its output weight under token_embd's name.)
+            lib = _library()
+            overrides = (_Override * 2)(_Override(rb"^(output|token_embd)\.weight$", lib.ggml_backend_cpu_buffer_type()),
+                                        _Override(None, None))
+            self._keep.append(overrides)
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value
+
+
+class _Override(ctypes.Structure):
+    """llama_model_tensor_buft_override: tensors matching ``pattern`` go to ``buft``."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
 def placement_for(paths: Sequence[Path], options: dict[str, Any]) -> Placement | None:
@@ -339,4 +359,4 @@ def place(
         if n_gpu_layers == 0:
             return None  # nothing left for the workers: this machine's CPU only
     _hold(endpoints)
-    return Placement(endpoints, remote + gpus, n_gpu_layers, split, [ep for ep, _ in skipped])
+    return Placement(endpoints, remote + gpus, n_gpu_layers, split, [ep for ep, _ in skipped], output_here=not gpus)
