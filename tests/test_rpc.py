@@ -113,6 +113,9 @@ def test_tensor_split_puts_every_layer_on_the_workers(workers, reference):
     assert text == reference
     assert devices["CPU"]["kv_cache"] == 0  # no layer stayed here (only the input embeddings)
     assert all(devices[f"RPC0[{w.endpoint}]"]["kv_cache"] > 0 for w in workers)
+    # The output weight (tied to the 170 MiB embeddings) stayed here too: logits are
+    # computed on this machine, not sent over the network.
+    assert all(devices[f"RPC0[{w.endpoint}]"]["model"] < 100 * 2**20 for w in workers), devices
 
 
 def test_tensor_split_with_the_wrong_number_of_devices_names_them(workers):
@@ -334,13 +337,28 @@ def test_worker_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path):
         assert "Worker stopped." in w.log.read_text()
 
 
-def test_worker_cache_keeps_large_weights(tmp_path, reference):
+def test_worker_cache_keeps_large_weights(tmp_path):
+    """Tensors over 10 MiB are sent once and kept by their hash: a tiny Llama
+    with wide (12 MiB, f32) feed-forward weights, every layer on the worker."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from convert_fixtures import LLAMA3_RE, SPECIALS_LLAMA3, make_bpe_tokenizer, pad_vocab
+
+    src = tmp_path / "wide"
+    tok = make_bpe_tokenizer(src, LLAMA3_RE, SPECIALS_LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>")
+    cfg = transformers.LlamaConfig(vocab_size=pad_vocab(len(tok)), hidden_size=1024, intermediate_size=3072,
+                                   num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    model = ember.convert(src, tmp_path / "wide.gguf", outtype="f32")
     cache = tmp_path / "cache"
     w = Worker(tmp_path, "--cache", str(cache))
     try:
-        with ember.load("demo", rpc=w.endpoint, num_ctx=512, **SAME_KERNELS) as m:
-            assert m.generate(PROMPT, raw=True, num_predict=N).text == reference
-        assert any(cache.iterdir())  # the output layer (> 10 MiB) was stored by its hash
+        with ember.load(model, rpc=w.endpoint, tensor_split="0,1", num_ctx=64, **SAME_KERNELS) as m:
+            assert m.memory.devices[f"RPC0[{w.endpoint}]"]["model"] > 36 * 2**20
+            m.generate("hello", raw=True, num_predict=2)
+        assert len(list(cache.rglob("*"))) >= 3  # the three feed-forward weights, stored by hash
     finally:
         w.stop()
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
+import psutil  # type: ignore[import-untyped]
 
 from ember import options as opts
 from ember import settings
@@ -145,8 +146,6 @@ def _lost(endpoints: Sequence[str]) -> list[str]:
     """Of the workers this process talks to, those whose connection the other
     side closed (a stopped worker); else those where nothing listens any more;
     else all of them (the network failed: no way to tell)."""
-    import psutil  # type: ignore[import-untyped]
-
     established = set()
     for conn in psutil.Process().net_connections(kind="tcp"):
         if conn.raddr and conn.status == psutil.CONN_ESTABLISHED:
@@ -237,9 +236,8 @@ class Placement:
     n_gpu_layers: int
     split: list[float]
     skipped: list[str] = field(default_factory=list)  # EMBER_RPC workers left out: unreachable
-    _keep: list[Any] = field(default_factory=list, repr=False)
-
     output_here: bool = False  # the output layer's weight stays on this machine's CPU
+    _keep: list[Any] = field(default_factory=list, repr=False)
 
     def apply(self, params: Any) -> None:
         """Set ``llama_model_params``; the arrays live as long as this object."""
@@ -284,21 +282,11 @@ def placement_for(paths: Sequence[Path], options: dict[str, Any]) -> Placement |
                  n_layer=n_layer, model_bytes=model_bytes)
 
 
-def place(
-    workers: Sequence[str],
-    *,
-    required: bool,
-    num_gpu: int,
-    shares: Sequence[float],
-    n_layer: int,
-    model_bytes: int,
-) -> Placement | None:
-    """Check the workers and split the layers: this machine (its CPU, or its GPUs)
-    and each worker device get ``shares`` of them (default: in proportion to
-    free memory). ``required`` False: unreachable workers are skipped (the
-    ``EMBER_RPC`` pool) when the model fits without them."""
+def _reachable(workers: Sequence[str], required: bool) -> tuple[list[str], dict[str, str]]:
+    """The workers as ``ip:port``, each checked (unless this process already
+    talks to it), and why those left out were (only when not ``required``)."""
     endpoints: list[str] = []
-    skipped: list[tuple[str, str]] = []
+    skipped: dict[str, str] = {}
     for ep in workers:
         try:
             canonical = resolve(ep)
@@ -311,8 +299,40 @@ def place(
         except WorkerError as e:
             if required:
                 raise
-            skipped.append((ep, str(e)))
+            skipped[ep] = str(e)
             log.warning("%s; loading without it", e)
+    return endpoints, skipped
+
+
+def place(
+    workers: Sequence[str],
+    *,
+    required: bool,
+    num_gpu: int,
+    shares: Sequence[float],
+    n_layer: int,
+    model_bytes: int,
+) -> Placement | None:
+    """Check the workers and split the layers: this machine (its CPU, or its GPUs)
+    and each worker device get ``shares`` of them (default: in proportion to
+    free memory). ``required`` False: unreachable workers are skipped (the
+    ``EMBER_RPC`` pool) when the model fits without them. None: llama.cpp's
+    default placement on this machine."""
+    endpoints, skipped = _reachable(workers, required)
+    _hold(endpoints)  # from here on llama.cpp talks to them (and may abort)
+    try:
+        placement = _split(endpoints, skipped, num_gpu, shares, n_layer, model_bytes)
+    except BaseException:
+        release(endpoints)
+        raise
+    if placement is None:
+        release(endpoints)
+    return placement
+
+
+def _split(
+    endpoints: list[str], skipped: dict[str, str], num_gpu: int, shares: Sequence[float], n_layer: int, model_bytes: int
+) -> Placement | None:
     remote: list[llama.Device] = []
     if endpoints:
         install_abort_handler()
@@ -336,9 +356,8 @@ def place(
     if skipped:
         free = sum(d.memory()[0] for d in ours)
         if model_bytes > free:
-            reasons = "; ".join(msg for _, msg in skipped)
-            raise WorkerError(f"{reasons}; the model ({model_bytes / 2**30:.1f} GiB) does not fit the memory left "
-                              f"without it ({free / 2**30:.1f} GiB)")
+            raise WorkerError(f"{'; '.join(skipped.values())}; the model ({model_bytes / 2**30:.1f} GiB) does not fit the "
+                              f"memory left without it ({free / 2**30:.1f} GiB)")
     if not remote and not gpus:
         return None  # one device, this machine's CPU: nothing to split
     if len(remote) + len(gpus) > lc.llama_max_devices():
@@ -358,5 +377,4 @@ def place(
             n_gpu_layers = layers - kept
         if n_gpu_layers == 0:
             return None  # nothing left for the workers: this machine's CPU only
-    _hold(endpoints)
-    return Placement(endpoints, remote + gpus, n_gpu_layers, split, [ep for ep, _ in skipped], output_here=not gpus)
+    return Placement(endpoints, remote + gpus, n_gpu_layers, split, list(skipped), output_here=not gpus)
