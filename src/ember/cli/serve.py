@@ -11,6 +11,7 @@ from ember import settings
 from ember.cli.app import app
 from ember.cli.common import console, format_size
 from ember.errors import EmberError
+from ember.options import parse_workers
 
 
 def _client_call(method: str, path: str, **kwargs: Any) -> Any:
@@ -50,8 +51,11 @@ def serve(
     import uvicorn
 
     if rpc is not None:
+        parse_workers(rpc)  # a malformed list fails now, not at the first request
         os.environ["EMBER_RPC"] = rpc  # read by every load, runner processes included
-    settings.rpc_workers()  # a malformed list fails now, not at the first request
+    workers = settings.rpc_workers()
+    if workers:
+        console.print(f"Splitting models across RPC workers {', '.join(workers)}")
 
     from ember.server import create_app
     from ember.server.app import split_host

@@ -219,9 +219,10 @@ def _on_abort(message: bytes | None) -> None:
 
 def install_abort_handler() -> None:
     global _abort_handler
-    if _abort_handler is None:
-        _abort_handler = _ABORT_CALLBACK(_on_abort)
-        _library().ggml_set_abort_callback(_abort_handler)
+    with _held_lock:
+        if _abort_handler is None:
+            _abort_handler = _ABORT_CALLBACK(_on_abort)
+            _library().ggml_set_abort_callback(_abort_handler)
 
 
 # --- placing a model's layers ---------------------------------------------------
