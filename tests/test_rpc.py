@@ -10,7 +10,6 @@ kernels), as llama.cpp's own tools compare (``--rpc`` vs ``--no-repack``).
 from __future__ import annotations
 
 import importlib.util
-import os
 import signal
 import socket
 import subprocess
