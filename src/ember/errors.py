@@ -93,3 +93,9 @@ class CancelledError(EmberError):
     """A generation was cancelled (client gone, model unloaded)."""
 
     status = 499
+
+
+class WorkerError(EmberError):
+    """An RPC worker (``ember worker``) cannot be reached or used."""
+
+    status = 502

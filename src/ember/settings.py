@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ember.errors import OptionError
+from ember.options import parse_workers
+
 DEFAULT_HOST = "127.0.0.1:11434"
 DEFAULT_REGISTRY = "https://registry.ollama.ai"
 
@@ -61,3 +64,14 @@ def modelscope_endpoint() -> str:
 
 def modelscope_token() -> str | None:
     return os.environ.get("MODELSCOPE_API_TOKEN") or None
+
+
+def rpc_workers() -> list[str]:
+    """``EMBER_RPC``: RPC workers (``host:port,host:port``, started with ``ember
+    worker``) that loads naming none of their own split models across. Workers
+    from this list are optional: one that cannot be reached is skipped when the
+    model fits without it."""
+    try:
+        return parse_workers(os.environ.get("EMBER_RPC", ""))
+    except OptionError as e:
+        raise OptionError(f"EMBER_RPC: {e}") from None

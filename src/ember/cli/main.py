@@ -18,6 +18,7 @@ from ember.cli import models  # noqa: E402,F401  create, list, show, cp, rm, pul
 from ember.cli import convert  # noqa: E402,F401  convert, convert-lora
 from ember.cli import quantize  # noqa: E402,F401  quantize, imatrix, merge-lora, eval
 from ember.cli import serve  # noqa: E402,F401  serve, ps, stop
+from ember.cli import worker  # noqa: E402,F401  worker
 
 
 def _version(value: bool) -> None:
