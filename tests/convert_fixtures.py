@@ -168,3 +168,42 @@ def torch_threads() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def internlm2_layout(sd: dict[str, Any], n_kv: int, head_dim: int) -> dict[str, Any]:
+    """A Llama state dict (torch tensors) in InternLM2's layout: q, k, v packed
+    in one ``wqkv``, grouped per key/value head as [its query heads, k, v]."""
+    import torch
+
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")})
+    out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
+    for i in layers:
+        p = f"model.layers.{i}."
+        q = sd[p + "self_attn.q_proj.weight"]
+        e = q.shape[1]
+        grouped = [
+            q.reshape(n_kv, -1, head_dim, e),
+            sd[p + "self_attn.k_proj.weight"].reshape(n_kv, 1, head_dim, e),
+            sd[p + "self_attn.v_proj.weight"].reshape(n_kv, 1, head_dim, e),
+        ]
+        out[p + "attention.wqkv.weight"] = torch.cat(grouped, dim=1).reshape(-1, e).contiguous()
+        for ours, theirs in (("attention.wo", "self_attn.o_proj"), ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w3", "mlp.up_proj"),
+                             ("feed_forward.w2", "mlp.down_proj"), ("attention_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+            out[p + ours + ".weight"] = sd[p + theirs + ".weight"]
+    return out
+
+
+def baichuan_layout(sd: dict[str, Any], lm_head: Any = None) -> dict[str, Any]:
+    """A Llama state dict (torch tensors) in Baichuan's layout: q, k, v stacked
+    in ``W_pack``; ``lm_head`` replaces the head's weights when given."""
+    import torch
+
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")})
+    head = sd["lm_head.weight"] if lm_head is None else lm_head
+    out = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"], "lm_head.weight": head}
+    for i in layers:
+        p = f"model.layers.{i}."
+        out[p + "self_attn.W_pack.weight"] = torch.cat([sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]])
+        for k in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+            out[p + k + ".weight"] = sd[p + k + ".weight"]
+    return out

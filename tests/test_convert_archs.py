@@ -11,18 +11,19 @@ import json
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
 from convert_fixtures import (
     PARITY_TEXT,
     QWEN2_RE,
     SPECIALS_QWEN,
+    baichuan_layout,
     cpp_greedy,
     cpp_logits,
     hf_greedy,
     hf_logits,
     ids_for,
+    internlm2_layout,
     llama_load,
     make_bpe_tokenizer,
     make_spm_tokenizer,
@@ -160,23 +161,9 @@ def _internlm2_checkpoint(d: Path):
     (d / "tokenizer_config.json").write_text(json.dumps(cfgj))
     model = _tiny_llama(sp.vocab_size(), seed=5, heads=4, kv_heads=2)
     c = model.config
-    n_kv, q_per_kv, hd, E = 2, 2, 16, 64
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        q = sd[p + "self_attn.q_proj.weight"].reshape(n_kv, q_per_kv, hd, E)
-        k = sd[p + "self_attn.k_proj.weight"].reshape(n_kv, 1, hd, E)
-        v = sd[p + "self_attn.v_proj.weight"].reshape(n_kv, 1, hd, E)
-        out[p + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, E).contiguous()
-        out[p + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-        out[p + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
-        out[p + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
-        out[p + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
-        out[p + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[p + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    out = internlm2_layout({k: v.contiguous() for k, v in model.state_dict().items()}, n_kv=2, head_dim=16)
     config = {
-        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": E, "intermediate_size": c.intermediate_size,
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": c.num_hidden_layers, "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": 10000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": 256, "vocab_size": sp.vocab_size(),
         "bias": False, "bos_token_id": 1, "eos_token_id": 2,
@@ -215,7 +202,7 @@ def test_internvl_extracts_internlm2(tmp_path: Path) -> None:
     sd["mlp1.3.weight"] = torch.randn(64, 64)
     save_file(sd, d / "model.safetensors")
     (d / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"], "llm_config": config, "vision_config": {"hidden_size": 32}}))
-    g = convert_model(d, tmp_path / "ivl.gguf", outtype="f32")
+    g = convert_model(d, tmp_path / "ivl.gguf", outtype="f32", text_only=True)  # a stand-in vision tower: the language model alone
     check(model, g, sp.vocab_size(), seed=8)
     assert kv(g)["general.architecture"] == "internlm2"
 
@@ -232,12 +219,7 @@ def test_baichuan2_normhead_from_bin(tmp_path: Path) -> None:
         head = torch.nn.functional.normalize(sd["lm_head.weight"])
         model.lm_head.weight.copy_(head)  # what NormHead computes at run time
         scaled = head * torch.empty(vocab, 1).uniform_(0.2, 3.0)  # stored weights: any row scale
-    out = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"], "lm_head.weight": scaled}
-    for i in range(32):
-        p = f"model.layers.{i}."
-        out[p + "self_attn.W_pack.weight"] = torch.cat([sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]])
-        for k in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
-            out[p + k + ".weight"] = sd[p + k + ".weight"]
+    out = baichuan_layout(sd, lm_head=scaled)
     torch.save(out, d / "pytorch_model.bin")
     (d / "config.json").write_text(json.dumps({
         "architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 32, "intermediate_size": 64,
@@ -268,7 +250,7 @@ def test_internvl_extracts_qwen2(qwen2, tmp_path: Path) -> None:
         "vision_config": {"architectures": ["InternVisionModel"], "hidden_size": 32, "image_size": 448, "patch_size": 14},
         "downsample_ratio": 0.5, "template": "internvl2_5",
     }))
-    g = convert_model(d, tmp_path / "ivl.gguf", outtype="f32")
+    g = convert_model(d, tmp_path / "ivl.gguf", outtype="f32", text_only=True)  # a stand-in vision tower: the language model alone
     check(model, g, len(tok), seed=7)
     names = {t.name for t in gguf.GGUFReader(g).tensors}
     assert not any(n.startswith(("v.", "mm.", "vision")) for n in names)
@@ -277,7 +259,8 @@ def test_internvl_extracts_qwen2(qwen2, tmp_path: Path) -> None:
 
 def test_gemma3_multimodal_extracts_text_model(tmp_path: Path) -> None:
     """Gemma3ForConditionalGeneration (Gemma 3 4B and up): text_config and the
-    language_model tensors are converted, the SigLIP tower is skipped."""
+    language_model tensors are converted; the SigLIP tower goes to the
+    projector written beside it (tests/test_convert_vision.py checks that one)."""
     torch_threads()
     d = tmp_path / "gemma3mm"
     sp = make_spm_tokenizer(d, add_dummy_prefix=False, bos="<bos>", eos="<eos>")
@@ -299,6 +282,7 @@ def test_gemma3_multimodal_extracts_text_model(tmp_path: Path) -> None:
     check(model, g, sp.vocab_size(), seed=9)
     names = {t.name for t in gguf.GGUFReader(g).tensors}
     assert all(n.startswith(("blk.", "token_embd", "output_norm")) for n in names)
+    assert kv(tmp_path / "mmproj-g.gguf")["general.architecture"] == "clip"
 
 
 def test_qwen2_vocab_json_merges_txt(qwen2, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Converter core: dry run, vocab-only, split output, one-step quantization,
-progress, streaming memory, atomic output and one-line errors (CLI included)."""
+"""Converter core: plan then write, dry run, vocab-only, split output, one-step
+quantization, a second output (a projector) beside the model, progress,
+atomic output and one-line errors (CLI included)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -15,8 +17,12 @@ import numpy as np
 import pytest
 
 from convert_fixtures import LLAMA3_RE, SPECIALS_LLAMA3, cpp_logits, ids_for, llama_load, make_bpe_tokenizer, pad_vocab, torch_threads
-from ember.convert import convert_model
-from ember.errors import ConversionError, InvalidFileError
+from ember.convert import architectures, convert_model, plan, write
+from ember.convert.base import Model, Planned
+from ember.convert.cast import BLOCK, write_tensor
+from ember.convert.llama import LlamaModel
+from ember.convert.source import BF16
+from ember.errors import ConversionError, InvalidFileError, QuantizationError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,6 +54,87 @@ def test_dry_run_writes_nothing(tiny, tmp_path: Path) -> None:
     out = convert_model(d, tmp_path, dry_run=True)
     assert out.parent == tmp_path and out.name == "Tiny-Llama-203K-BF16.gguf"  # auto: bf16 checkpoint -> BF16; 203,328 parameters
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_then_write(tiny, tmp_path: Path) -> None:
+    d, n = tiny
+    p = plan(d, outtype="q8_0")
+    assert p.main.type_label == "Q8_0" and p.metadata.size_label == "203K"
+    assert p.destinations(tmp_path) == [[tmp_path / "Tiny-Llama-203K-Q8_0.gguf"]]
+    assert p.destinations(tmp_path / "m-{ftype}.gguf") == [[tmp_path / "m-q8_0.gguf"]]
+    assert list(tmp_path.iterdir()) == []  # planning writes nothing
+    assert write(p, tmp_path) == [tmp_path / "Tiny-Llama-203K-Q8_0.gguf"]
+    assert np.isfinite(cpp_logits(llama_load(tmp_path / "Tiny-Llama-203K-Q8_0.gguf"), ids_for(n))).all()
+    with pytest.raises(ValueError, match="written already"):
+        write(p, tmp_path / "again.gguf")
+
+
+def test_dry_run_checks_quantized_outtypes(tiny, tmp_path: Path) -> None:
+    """A quantized --outtype plans the f16 model first: a dry run checks it all."""
+    d = copy_model(tiny[0], tmp_path / "m")
+    assert convert_model(d, tmp_path, outtype="q4_k_m", dry_run=True) == tmp_path / "M-203K-Q4_K_M.gguf"
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(ConversionError, match="no tokenizer found"):
+        convert_model(d, tmp_path, outtype="q4_k_m", dry_run=True)
+    with pytest.raises(QuantizationError, match="unknown quantization type .q9_z."):
+        convert_model(d, tmp_path, outtype="q9_z", dry_run=True)
+    assert [f.name for f in tmp_path.iterdir()] == ["m"]
+
+
+class _Projector(Model):
+    """A stand-in vision projector made from the checkpoint's ``vision.*`` tensors."""
+
+    gguf_arch = gguf.MODEL_ARCH.MMPROJ
+    gguf_type = gguf.GGUFType.MMPROJ
+
+    def skip(self, name: str) -> bool:
+        return not name.startswith("vision.")
+
+    def map_name(self, name: str) -> str:
+        return "v." + name.removeprefix("vision.")
+
+    def validate(self, plan: list[Planned]) -> None:
+        pass
+
+    def set_parameters(self, w: gguf.GGUFWriter) -> None:
+        w.add_bool(gguf.Keys.Clip.HAS_VISION_ENCODER, True)
+
+    def set_vocab(self, w: gguf.GGUFWriter) -> None:
+        pass
+
+
+class VisionLlama(LlamaModel):
+    def skip(self, name: str) -> bool:
+        return name.startswith("vision.") or super().skip(name)
+
+    def companions(self) -> list[Model]:
+        return [_Projector(self.model_dir, {"num_hidden_layers": 1}, self.config_file)]
+
+
+def test_companion_output_beside_the_model(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An architecture whose checkpoint holds a second model (a vision projector)
+    gets a second GGUF, named after its general.type, from the same plan."""
+    from safetensors.numpy import save_file
+
+    d = copy_model(tiny[0], tmp_path / "vlm")
+    save_file({"vision.patch_embd.weight": np.ones((64, 48), dtype=np.float32), "vision.post_ln.bias": np.zeros(64, dtype=np.float32)}, d / "model-vision.safetensors")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["VisionLlamaForTest"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setitem(architectures.ARCHITECTURES, "VisionLlamaForTest", f"{__name__}:VisionLlama")
+
+    p = plan(d, outtype="f16")
+    assert [len(o.tensors) for o in p.outputs] == [len(plan(tiny[0]).main.tensors), 2]
+    assert p.destinations(tmp_path) == [[tmp_path / "Vlm-203K-F16.gguf"], [tmp_path / "mmproj-Vlm-203K-F16.gguf"]]
+    model, projector = write(p, tmp_path / "out.gguf")
+    assert (model, projector) == (tmp_path / "out.gguf", tmp_path / "mmproj-out.gguf")
+    r = gguf.GGUFReader(projector)
+    assert bytes(r.fields["general.type"].parts[-1]).decode() == "mmproj"
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "clip"
+    assert {t.name: t.tensor_type.name for t in r.tensors} == {"v.patch_embd.weight": "F16", "v.post_ln.bias": "F32"}
+    assert np.array_equal(np.asarray(r.tensors[0].data, dtype=np.float32), np.ones((64, 48)))
+    assert not any(t.name.startswith("v.") for t in gguf.GGUFReader(model).tensors)
+    assert np.isfinite(cpp_logits(llama_load(model), ids_for(tiny[1]))).all()
 
 
 def test_vocab_only(tiny, tmp_path: Path) -> None:
@@ -160,15 +247,32 @@ def test_cli_one_line_error_and_success(tiny, tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "ember.cli.main", "convert", str(d), "--outtype", "f16", "-o", str(tmp_path / "x.gguf")], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "x.gguf").is_file()
+    assert "LlamaForCausalLM -> llama, 203K parameters in " in ok.stdout and f"wrote {tmp_path / 'x.gguf'}" in ok.stdout
 
 
-def test_bf16_to_f16_every_bit_pattern() -> None:
-    """The integer fast path equals a float32 round trip for all 65536 bf16 values."""
-    from ember.convert.core import _cast_chunked
-    from ember.convert.source import BF16
+def test_cli_dry_run_prints_the_plan(tiny, tmp_path: Path) -> None:
+    d, _ = tiny
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": "300"}
+    r = subprocess.run([sys.executable, "-m", "ember.cli.main", "convert", str(d), "--outtype", "q4_k_m", "-o", str(tmp_path), "--dry-run"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("LlamaForCausalLM -> llama, 203K parameters in ") and "tokenizer gpt2 (llama-bpe)" in lines[0]
+    assert lines[1].strip().startswith(f"{tmp_path / 'Tiny-Llama-203K-Q4_K_M.gguf'}: Q4_K_M, quantized by llama.cpp from ")
+    assert lines[-1] == f"would write {tmp_path / 'Tiny-Llama-203K-Q4_K_M.gguf'}"
+    assert list(tmp_path.iterdir()) == []
 
-    words = np.tile(np.arange(65536, dtype=np.uint16), 20)  # > 16 chunks: the two-thread path too
+
+def test_bf16_to_f16_every_bit_pattern(tmp_path: Path) -> None:
+    """The integer fast path equals a float32 round trip for all 65536 bf16
+    values, written as the converter writes (staging blocks, two threads)."""
+    words = np.tile(np.arange(65536, dtype=np.uint16), 4 * BLOCK // 65536 + 1)  # big enough for the two-thread path
     with np.errstate(over="ignore"):
         ref = np.left_shift(words, 16, dtype=np.uint32).view(np.float32).astype(np.float16)
-    got = _cast_chunked(words.view(BF16), np.float16)
-    assert np.array_equal(got.view(np.uint16), ref.view(np.uint16))
+    out = tmp_path / "f16.bin"
+    with open(out, "wb") as f, ThreadPoolExecutor(1) as pool:
+        f.write(b"\xee" * 7)  # data starts at an offset, as a tensor's does in a GGUF
+        f.flush()
+        write_tensor(words.view(BF16), gguf.GGMLQuantizationType.F16, f.fileno(), 7, pool)
+    data = out.read_bytes()
+    assert data[:7] == b"\xee" * 7
+    assert np.array_equal(np.frombuffer(data[7:], dtype=np.uint16), ref.view(np.uint16))

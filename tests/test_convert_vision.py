@@ -1,7 +1,8 @@
 """`ember convert` on vision-language checkpoints: the language model GGUF and
-the vision projector GGUF (llama.cpp's clip format) side by side, the layouts
-users download, and clear errors for checkpoints that do not fit. (That the
-files reproduce transformers is tests/test_vision.py.)"""
+the vision projector GGUF (llama.cpp's clip format, the model's companion
+output) side by side from one plan, the layouts users download, clear errors
+for checkpoints that do not fit, and `ember create` registering both. (That
+the files reproduce transformers is tests/test_vision.py.)"""
 
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ pytest.importorskip("transformers")
 from engine_fixtures import run_ember  # noqa: E402
 from vision_fixtures import build_gemma3, build_internvl, build_qwen25vl  # noqa: E402
 
-from ember.convert import convert_model  # noqa: E402
-from ember.convert.vision import convert_projector, make_projector, projector_outtype  # noqa: E402
+from ember.convert import convert_model, plan, write  # noqa: E402
 from ember.errors import ConversionError  # noqa: E402
 
 
@@ -44,12 +44,19 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def convert(d: Path, out: Path | None = None, outtype: str = "auto") -> tuple[Path, Path]:
+    """(language model, projector) written by one plan."""
+    model, proj = write(plan(d, outtype=outtype), out)
+    return model, proj
+
+
 def test_cli_writes_the_model_and_its_projector(qwen: Any, tmp_path: Path) -> None:
     d = copy_checkpoint(qwen.path, tmp_path / "Qwen2.5-VL-tiny")
     r = run_ember("convert", str(d))
     assert r.returncode == 0, r.stderr
     model, proj = sorted(tmp_path.glob("*.gguf"), key=lambda p: p.name.startswith("mmproj"))
-    assert proj.name == "mmproj-Qwen2.5-VL-Tiny-F16.gguf" and model.name.endswith("-F16.gguf"), (model.name, proj.name)
+    assert model.name.startswith("Qwen2.5-VL-Tiny-") and model.name.endswith("-F16.gguf"), model.name
+    assert proj.name == "mmproj-" + model.name
     assert str(model) in r.stdout.replace("\n", "") and str(proj) in r.stdout.replace("\n", "")
     meta = fields(proj)
     assert meta["general.architecture"] == "clip" and meta["general.type"] == "mmproj"
@@ -73,10 +80,18 @@ def test_cli_text_only_and_outtypes(qwen: Any, tmp_path: Path) -> None:
     assert [p.name.startswith("mmproj") for p in out.iterdir()] == [False]
     r = run_ember("convert", str(d), "--outtype", "f32", "-o", str(out / "model.gguf"))
     assert r.returncode == 0, r.stderr
-    proj = out / "mmproj-Ckpt-F32.gguf"
+    proj = out / "mmproj-model.gguf"
     assert fields(proj)["general.file_type"] == gguf.LlamaFileType.ALL_F32
     assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in tensors(proj).values())
-    assert projector_outtype("q4_k_m") == projector_outtype("auto") == "f16"
+    # every other outtype gives an F16 projector (quantized ones too), never split
+    for ot in ("bf16", "q8_0", "q4_k_m"):
+        p = plan(d, outtype=ot, split_max_size=None if ot == "q4_k_m" else 100_000)
+        companion = p.outputs[1]
+        assert (companion.outtype, companion.type_label, companion.model.gguf_type) == ("f16", "F16", "mmproj")
+        assert companion.writer.value("general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+        model_files, proj_files = p.destinations(out)
+        assert len(proj_files) == 1 and (ot == "q4_k_m" or len(model_files) > 1), (ot, model_files)
+        assert proj_files[0].name.startswith("mmproj-Ckpt-") and proj_files[0].name.endswith("-F16.gguf"), proj_files[0].name
 
 
 def test_text_model_has_no_projector(qwen: Any, tmp_path: Path) -> None:
@@ -89,9 +104,7 @@ def test_text_model_has_no_projector(qwen: Any, tmp_path: Path) -> None:
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(d)
     for f in qwen.path.glob("tokenizer*"):
         shutil.copy(f, d / f.name)
-    assert make_projector(d) is None
-    with pytest.raises(ConversionError, match="no vision tower"):
-        convert_projector(d)
+    assert len(plan(d).outputs) == 1
     r = run_ember("convert", str(d))
     assert r.returncode == 0, r.stderr
     assert not list(tmp_path.glob("mmproj-*"))
@@ -107,8 +120,8 @@ def test_gemma3_as_transformers_saves_it(tmp_path: Path) -> None:
     for f in fx.path.iterdir():
         if not (saved / f.name).exists():
             shutil.copy(f, saved / f.name)
-    a = convert_projector(fx.path, tmp_path / "a.gguf", outtype="f32")
-    b = convert_projector(saved, tmp_path / "b.gguf", outtype="f32")
+    _, a = convert(fx.path, tmp_path / "a.gguf", "f32")
+    _, b = convert(saved, tmp_path / "b.gguf", "f32")
     ta, tb = tensors(a), tensors(b)
     assert sorted(ta) == sorted(tb) and not any("head" in n for n in ta)
     for n in ta:
@@ -118,13 +131,13 @@ def test_gemma3_as_transformers_saves_it(tmp_path: Path) -> None:
 
 def test_internvl_original_layout_keys(tmp_path: Path) -> None:
     fx = build_internvl(tmp_path / "InternVL2_5-tiny", layout="original")
-    proj = convert_projector(fx.path)
-    assert proj == tmp_path / "mmproj-InternVL2_5-Tiny-F16.gguf"
+    lm, proj = convert(fx.path)  # the default names, beside the checkpoint folder
+    assert lm.parent == proj.parent == tmp_path and lm.name.startswith("InternVL2_5-Tiny-") and proj.name == "mmproj-" + lm.name
+    assert fields(proj)["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
     meta = fields(proj)
     assert meta["clip.projector_type"] == "internvl"
     assert (meta["clip.vision.preproc_min_tiles"], meta["clip.vision.preproc_max_tiles"]) == (1, 6)
     assert list(meta["clip.vision.image_mean"]) == pytest.approx([0.485, 0.456, 0.406])  # no preprocessor config: ImageNet's
-    lm = convert_model(fx.path, tmp_path / "lm.gguf", outtype="f16")
     assert fields(lm)["general.architecture"] == "qwen2"
 
 
@@ -149,21 +162,39 @@ def test_checkpoints_that_do_not_fit_are_clear_errors(qwen: Any, tmp_path: Path)
             (d / "config.json").write_text(json.dumps(cfg))
         return d
 
+    out = tmp_path / "x.gguf"
     d = case("missing", lambda sd: sd.pop("visual.blocks.1.mlp.up_proj.weight"))
     with pytest.raises(ConversionError, match="no 'v.blk.1.ffn_up.weight'"):
-        convert_projector(d, tmp_path / "x.gguf")
+        convert_model(d, out)
+    r = run_ember("convert", str(d), "-o", str(out))
+    assert r.returncode == 1 and "no 'v.blk.1.ffn_up.weight'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "text").mkdir()
+    assert convert_model(d, tmp_path / "text", text_only=True).is_file()  # the language model alone still converts
     d = case("extra", lambda sd: sd.__setitem__("visual.blocks.0.attn.rope_scale", torch.ones(3)))
     with pytest.raises(ConversionError, match="'v.blocks.0.attn.rope_scale' is not known"):
-        convert_projector(d, tmp_path / "x.gguf")
+        convert_model(d, out)
     d = case("layers", edit_config=lambda c: c["vision_config"].__setitem__("depth", 2))
     with pytest.raises(ConversionError, match="vision_config has 2 layers but the checkpoint has vision layer"):
-        convert_projector(d, tmp_path / "x.gguf")
+        convert_model(d, out)
     d = case("window", edit_config=lambda c: c["vision_config"].__setitem__("window_size", 64))
     with pytest.raises(ConversionError, match="window_size 64 is not supported"):
-        convert_projector(d, tmp_path / "x.gguf")
+        convert_model(d, out)
     d = case("shape", lambda sd: sd.__setitem__("visual.merger.mlp.2.weight", torch.ones(64, 100)))
     with pytest.raises(ConversionError, match=r"do not fit their config: tensor 'mm.2.weight' has shape \[100, 64\], expected \[128, 64\]"):
-        convert_projector(d, tmp_path / "x.gguf")
-    with pytest.raises(ConversionError, match="use f16 or f32"):
-        convert_projector(qwen.path, tmp_path / "x.gguf", outtype="q4_k_m")
+        convert_model(d, out, dry_run=True)  # found while planning: a dry run tells
+    d = case("novision", lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("visual.")])
+    with pytest.raises(ConversionError, match="has no vision weights; convert with --text-only"):
+        convert_model(d, out)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))  # nothing half-written
+
+
+def test_create_registers_model_and_projector(qwen: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ember create` FROM a vision checkpoint folder: the projector the
+    converter writes beside the model becomes the model's projector layer."""
+    from ember.registry import create_model, show_model
+
+    monkeypatch.setenv("EMBER_MODELS", str(tmp_path / "models"))
+    r = create_model("tiny-vl", f"FROM {qwen.path}\n")
+    assert len(r.projector_paths) == 1 and fields(r.projector_paths[0])["clip.projector_type"] == "qwen2.5vl_merger"
+    assert fields(r.model_paths[0])["general.architecture"] == "qwen2vl"
+    assert "vision" in show_model("tiny-vl").capabilities

@@ -1,5 +1,5 @@
-"""`ember pull` against a local HTTP server that serves a folder in the Hugging
-Face hub's URL layout (tree listing, resolve with X-Repo-Commit/ETag/Range) and
+"""`ember pull` of hub references (hf.co/..., modelscope.cn/...) against a local
+HTTP server that serves a folder in the Hugging Face hub's URL layout (tree listing, resolve with X-Repo-Commit/ETag/Range) and
 ModelScope's file API, since no hub is reachable here. huggingface_hub itself
 does the HF downloads (HF_ENDPOINT points at the server)."""
 
@@ -19,13 +19,13 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
-from ember.errors import DownloadError, InvalidNameError
-from ember.registry import list_models, pull_model, resolve
-from ember.registry import store
-from ember.registry.pull import RemoteFile, parse_ref, select_gguf
+from ember.errors import DownloadError, InvalidNameError, RemoteModelNotFoundError
+from ember.registry import list_models, pull_model, resolve, store
+from ember.registry.hub import RemoteFile, _safe_path, select_gguf
+from ember.registry.names import parse_hub_ref as parse_ref
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_registry_util import snapshot, write_tiny_gguf  # noqa: E402
+from test_registry_util import snapshot, without_demo, write_tiny_gguf  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".model")
@@ -162,10 +162,11 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Hub, 
     url = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", url)
+    monkeypatch.setenv("EMBER_REGISTRY", url)  # serves no Ollama manifests: every Ollama name is missing
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("EMBER_PULL_SOURCE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("EMBER_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("EMBER_MODELS", str(without_demo(tmp_path / "models")))
     try:
         yield h, url
     finally:
@@ -246,7 +247,6 @@ def test_pull_rejects_a_file_that_does_not_match_its_sha256(hub: tuple[Hub, str]
     h.bad_sha.add("tiny-Q8_0.gguf")
     with pytest.raises(DownloadError, match="sha256"):
         pull_model("hf.co/acme/Tiny-GGUF:Q8_0")
-    assert list_models() == []
     manifests = tmp_path / "models" / "manifests"
     assert not manifests.exists() or not any(p.is_file() for p in manifests.rglob("*"))
 
@@ -259,10 +259,13 @@ def test_pull_errors(hub: tuple[Hub, str], tmp_path: Path) -> None:
         pull_model("hf.co/acme/Tiny-GGUF:Q5_K_M")
     with pytest.raises(DownloadError, match="repository nobody/nothing not found"):
         pull_model("hf.co/nobody/nothing")
-    with pytest.raises(InvalidNameError, match="use hf.co/USER/REPO"):
+    # names without a hub host are Ollama names: pulled from EMBER_REGISTRY (which has none of them)
+    with pytest.raises(RemoteModelNotFoundError, match="^pull model manifest: file does not exist$"):
         pull_model("qwen2.5:7b")
-    with pytest.raises(InvalidNameError, match="unknown host"):
-        pull_model("example.com/a/b")
+    with pytest.raises(RemoteModelNotFoundError):
+        pull_model("acme/Tiny-GGUF")
+    with pytest.raises(InvalidNameError, match="over plain http without insecure"):
+        pull_model("http://example.com/a/b")
     r = subprocess.run([sys.executable, "-m", "ember.cli.main", "pull", "hf.co/acme/Tiny-GGUF:Q5_K_M"],
                        capture_output=True, text=True, env=os.environ.copy(), timeout=120)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("Error: ")
@@ -293,8 +296,6 @@ def test_pull_from_modelscope(hub: tuple[Hub, str], monkeypatch: pytest.MonkeyPa
 
 
 def test_unsafe_paths_from_a_hub_are_ignored() -> None:
-    from ember.registry.pull import _safe_path
-
     assert _safe_path("a/b-Q4_K_M.gguf") and _safe_path("x.gguf")
     for bad in ("../x.gguf", "a/../../x.gguf", "/etc/x.gguf", "a//b.gguf", "./x.gguf", "C:/x.gguf", "..\\x.gguf", ""):
         assert not _safe_path(bad), bad
@@ -312,7 +313,9 @@ def test_select_and_parse_ref() -> None:
     with pytest.raises(DownloadError, match="split in 2 files but the repository has 1"):
         select_gguf([RemoteFile("x-Q8_0-00001-of-00002.gguf", 1, None)], "Q8_0", "r")
     assert parse_ref("https://huggingface.co/u/r:Q8_0").name == "hf.co/u/r:Q8_0"
-    assert parse_ref("u/r").name == "u/r:latest" and parse_ref("u/r").source == "hf"
+    assert parse_ref("hf.co/u/r").name == "hf.co/u/r:latest" and parse_ref("hf.co/u/r").source == "hf"
+    with pytest.raises(InvalidNameError, match="use hf.co/USER/REPO"):
+        parse_ref("u/r")  # an Ollama name now, not a hub reference
     with pytest.raises(InvalidNameError):
         parse_ref("hf.co/u/../r")
     with pytest.raises(InvalidNameError, match="empty quantization"):
@@ -336,8 +339,8 @@ def test_pull_safetensors_repo_converts(hub: tuple[Hub, str]) -> None:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     (d / "modeling_evil.py").write_text("raise SystemExit('never downloaded')\n")
-    m = pull_model("acme/tiny-llama")
-    assert m.name == "acme/tiny-llama:latest" and len(m.model_paths) == 1
+    m = pull_model("hf.co/acme/tiny-llama")
+    assert m.name == "hf.co/acme/tiny-llama:latest" and len(m.model_paths) == 1
     from ember.registry import ggufmeta
 
     info = ggufmeta.read_info(m.model_paths[0])

@@ -17,6 +17,7 @@ import pytest
 
 q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
 from ember.errors import InvalidFileError, QuantizationError
+from ember.ggml_types import find_ggml_type
 from test_quantize_support import file_type, tensor_types, write_tiny_llama
 
 N_LAYER = 8
@@ -36,6 +37,12 @@ DEFAULT = {
     "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S",
 }
 LOW_IQ = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
+
+
+def ggml_block_size(name: str) -> int:
+    t = find_ggml_type(name)
+    assert t is not None, name
+    return t.block_size
 
 
 def _order(names: list[str]) -> list[str]:
@@ -71,7 +78,7 @@ def expected_types(shapes: dict[str, tuple[int, ...]], ft: str, *, n_gqa: int, h
             continue
         t = default
         if name == "output.weight" or (tied and name == "token_embd.weight"):
-            if ft == "MXFP4_MOE" or shape[0] % q.GGML_TYPES[t][1]:
+            if ft == "MXFP4_MOE" or shape[0] % ggml_block_size(t):
                 t = "Q8_0"
             elif ft in LOW_IQ or ft == "IQ3_XXS":
                 t = "Q5_K"
@@ -263,26 +270,41 @@ def test_parse_quant_type_names_aliases_and_numbers() -> None:
     assert "Q4_K_M" in str(e.value) and "q4_z" in str(e.value)
 
 
+def test_type_names_load_without_llama_cpp() -> None:
+    """The CLI, the converter and the registry check type names at start-up;
+    llama.cpp loads only when a quantization function is first used."""
+    code = (
+        "import importlib, sys; q = importlib.import_module('ember.quantize'); q.parse_quant_type('q4_k');"
+        "import ember.options; assert 'llama_cpp' not in sys.modules, 'loaded early';"
+        "import ember; assert callable(q.quantize_model) and 'llama_cpp' in sys.modules and callable(ember.quantize)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_table_matches_llama_cpp_ftypes() -> None:
     import llama_cpp as lc
 
-    for name, (ftype, desc, bpw, _needs) in q.QUANT_TYPES.items():
+    for name, t in q.QUANT_TYPES.items():
         if name == "COPY":
             continue
-        assert getattr(lc, f"LLAMA_FTYPE_MOSTLY_{name}", None) == ftype or (name == "F32" and ftype == lc.LLAMA_FTYPE_ALL_F32), name
-        assert desc and bpw > 0
+        assert getattr(lc, f"LLAMA_FTYPE_MOSTLY_{name}", None) == t.ftype or (name == "F32" and t.ftype == lc.LLAMA_FTYPE_ALL_F32), name
+        assert t.description and t.bits_per_weight > 0
+        assert t.tensor_type == DEFAULT[name], name  # the type llama.cpp's mix gives most tensors
+        main = find_ggml_type(t.tensor_type)
+        assert main is not None and main.quantize_target
 
 
 # --------------------------------------------------------------------------
 # every type
 # --------------------------------------------------------------------------
 
-PLAIN = [n for n, v in q.QUANT_TYPES.items() if not v[3]]
-NEEDS_IMATRIX = [n for n, v in q.QUANT_TYPES.items() if v[3]]
+PLAIN = [n for n, t in q.QUANT_TYPES.items() if not t.needs_imatrix]
+NEEDS_IMATRIX = [n for n, t in q.QUANT_TYPES.items() if t.needs_imatrix]
 
 
 def _check_output(out: Path, src: Path, name: str, shapes: dict[str, tuple[int, ...]], *, has_imatrix: bool) -> None:
-    ftype = q.QUANT_TYPES[name][0] if name != "COPY" else 1
+    ftype = q.QUANT_TYPES[name].ftype if name != "COPY" else 1
     if name == "Q2_0":
         # gguf-py 0.19 (and so ember's validator) does not know Q2_0 tensors yet:
         # check the file type and run it through llama.cpp directly.
@@ -491,7 +513,7 @@ def test_cli_quantize_and_list(tiny: Path, work: Path) -> None:
 @pytest.mark.parametrize("name", ["Q4_K_M", "Q5_K_M", "Q3_K_S", "Q2_K", "Q8_0", "IQ4_XS", "TQ1_0", "IQ2_XXS"])
 def test_same_bytes_as_llama_quantize(name: str, tiny: Path, work: Path, imatrix: Path) -> None:
     ours, theirs = work / f"ours-{name}.gguf", work / f"theirs-{name}.gguf"
-    extra = ["--imatrix", str(imatrix)] if q.QUANT_TYPES[name][3] else []
+    extra = ["--imatrix", str(imatrix)] if q.QUANT_TYPES[name].needs_imatrix else []
     q.quantize_model(tiny, ours, name, imatrix=imatrix if extra else None, nthread=2)
     r = subprocess.run([str(TOOLS / "llama-quantize"), *extra, str(tiny), str(theirs), name, "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -509,7 +531,9 @@ def test_recommend_fits_memory(tiny: Path, work: Path) -> None:
 
     from ember.engine import load_model
 
-    kv, compute = q._kv_and_compute(tiny, 2048)
+    from ember.gguf import read_model
+
+    kv, compute = q.kv_and_compute(read_model(tiny)[0], 2048)
     m = load_model(tiny, {"num_thread": 1})
     try:
         ctx = m.new_context(2048)

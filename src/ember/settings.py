@@ -1,16 +1,25 @@
-"""Settings from ``EMBER_*`` environment variables (read when asked, never cached,
-so tests and servers can change them)."""
+"""Settings from environment variables (read when asked, never cached, so tests
+and servers can change them). Every ``EMBER_*`` variable is read here."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from ember.errors import OptionError
+from ember.options import parse_workers
+
 DEFAULT_HOST = "127.0.0.1:11434"
+DEFAULT_REGISTRY = "https://registry.ollama.ai"
 
 
 def models_dir() -> Path:
     return Path(os.environ.get("EMBER_MODELS") or Path.home() / ".ember" / "models").expanduser()
+
+
+def cache_dir() -> Path:
+    """The demo model and converted Hugging Face folders (``EMBER_CACHE``)."""
+    return Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember").expanduser()
 
 
 def host() -> str:
@@ -31,3 +40,45 @@ def max_image_pixels() -> int:
     bigger ones are refused from their header, before any decoding (default 64 megapixels)."""
     value = os.environ.get("EMBER_MAX_IMAGE_PIXELS") or ""
     return int(value) if value.isdecimal() and int(value) > 0 else 64_000_000
+
+
+def registry_url() -> str:
+    """Where names without a host (``llama3.2``, ``user/model:tag``) are pulled
+    from: Ollama's public registry unless ``EMBER_REGISTRY`` names a mirror."""
+    value = (os.environ.get("EMBER_REGISTRY") or DEFAULT_REGISTRY).strip().rstrip("/")
+    if "://" not in value:
+        value = "https://" + value
+    return value
+
+
+def pull_source() -> str:
+    """``EMBER_PULL_SOURCE=modelscope`` sends ``hf.co/...`` pulls to ModelScope."""
+    return (os.environ.get("EMBER_PULL_SOURCE") or "hf").strip().lower()
+
+
+def hf_endpoint() -> str:
+    """Hugging Face or a mirror (``HF_ENDPOINT``, as huggingface_hub reads it)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hf_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+def modelscope_endpoint() -> str:
+    return (os.environ.get("MODELSCOPE_ENDPOINT") or "https://modelscope.cn").rstrip("/")
+
+
+def modelscope_token() -> str | None:
+    return os.environ.get("MODELSCOPE_API_TOKEN") or None
+
+
+def rpc_workers() -> list[str]:
+    """``EMBER_RPC``: RPC workers (``host:port,host:port``, started with ``ember
+    worker``) that loads naming none of their own split models across. Workers
+    from this list are optional: one that cannot be reached is skipped when the
+    model fits without it."""
+    try:
+        return parse_workers(os.environ.get("EMBER_RPC", ""))
+    except OptionError as e:
+        raise OptionError(f"EMBER_RPC: {e}") from None

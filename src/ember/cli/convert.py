@@ -1,14 +1,19 @@
 """`ember convert` (Hugging Face folder -> GGUF) and `ember convert-lora`
-(PEFT adapter -> GGUF adapter): thin wrappers over ember.convert."""
+(PEFT adapter -> GGUF adapter): thin wrappers over ember.convert. `convert`
+plans once (which checks the whole checkpoint), prints the plan, then writes."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ember.cli.app import app
-from ember.cli.common import console, parse_size, progress_bar
+from ember.cli.common import console, format_size, parse_size, progress_bar
+
+if TYPE_CHECKING:  # the converter (numpy, gguf-py) loads when a command runs, not for --help
+    from ember.convert import ConversionPlan
 
 
 @app.command("convert")
@@ -17,36 +22,51 @@ def convert_cmd(
     outfile: Path = typer.Option(None, "--outfile", "-o", help="Output file or folder (default: beside MODEL_DIR, named Name-Size-TYPE.gguf). {ftype} in the name is replaced by the type."),
     outtype: str = typer.Option("auto", "--outtype", help="f32, f16, bf16, q8_0, auto (the checkpoint's 16-bit type) or any quantization type (q4_k_m, q6_k, ...)."),
     split_max_size: str = typer.Option(None, "--split-max-size", help="Split the output into shards of at most this size, e.g. 2G."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Check the checkpoint and print the output path without writing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the checkpoint, tokenizer and output names and print the plan without writing."),
     vocab_only: bool = typer.Option(False, "--vocab-only", help="Write only the tokenizer and metadata."),
     text_only: bool = typer.Option(False, "--text-only", help="For a vision-language model: write only the language model, not its vision projector."),
 ) -> None:
     """Convert a Hugging Face model to GGUF (llama.cpp's format).
 
     A vision-language checkpoint (InternVL, Gemma 3, Qwen2.5-VL) also gives its
-    vision projector, mmproj-NAME-F16.gguf beside the model (F32 with --outtype f32).
+    vision projector, mmproj-NAME.gguf beside the model: F32 with --outtype f32,
+    F16 otherwise.
     """
-    from ember.convert import convert_model
-    from ember.convert.vision import convert_projector, make_projector, projector_outtype
+    from ember.convert import plan, write
 
     split = parse_size(split_max_size) if split_max_size else None
-    # a dry run first: checkpoint, config and tokenizer errors show before any progress bar
-    path = convert_model(model_dir, outfile, outtype=outtype, split_max_size=split, dry_run=True, vocab_only=vocab_only)
-    vision = not (text_only or vocab_only) and make_projector(model_dir) is not None
-    proj_type = projector_outtype(outtype)
-    proj = convert_projector(model_dir, path.parent, outtype=proj_type, dry_run=True) if vision else None
+    # everything is checked (config, tensors, tokenizer) before the first byte is written
+    p = plan(model_dir, outtype=outtype, split_max_size=split, vocab_only=vocab_only, text_only=text_only)
+    _print_plan(p, outfile)
     if dry_run:
-        for p in (path, proj):
-            if p is not None:
-                console.print(f"would write {p}")
+        for dests in p.destinations(outfile):
+            console.print(f"would write {dests[0]}")
         return
     with progress_bar() as bar:
-        path = convert_model(model_dir, outfile, outtype=outtype, split_max_size=split, vocab_only=vocab_only, progress=bar)
-        if proj is not None:
-            proj = convert_projector(model_dir, proj, outtype=proj_type, progress=bar)
-    console.print(f"wrote {path}")
-    if proj is not None:
-        console.print(f"wrote {proj}")
+        paths = write(p, outfile, progress=bar)
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
+def _print_plan(p: ConversionPlan, outfile: Path | None) -> None:
+    main = p.main
+    w = main.writer
+    line = f"{main.model.hf_arch} -> {w.arch}"
+    if not p.vocab_only:
+        line += f", {p.metadata.size_label} parameters in {len(main.tensors)} tensors"
+    tokens = w.value("tokenizer.ggml.tokens")
+    if tokens:
+        line += f"; tokenizer {w.value('tokenizer.ggml.model')} ({w.value('tokenizer.ggml.pre')}), {len(tokens)} tokens"
+    console.print(line, markup=False, soft_wrap=True)
+    for out, dests in zip(p.outputs, p.destinations(outfile), strict=True):
+        shards = f" and {len(dests) - 1} more shards" if len(dests) > 1 else ""
+        if p.vocab_only:
+            what = "vocabulary only"
+        elif out.quantize_to:
+            what = f"{out.quantize_to}, quantized by llama.cpp from {format_size(out.nbytes)} of F16"
+        else:
+            what = f"{out.type_label}, {format_size(out.nbytes)} of tensor data"
+        console.print(f"  {dests[0]}{shards}: {what}", markup=False, soft_wrap=True)
 
 
 @app.command("convert-lora")

@@ -14,13 +14,7 @@ from ember.cli.app import app
 from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
 from ember.errors import OptionError
 from ember.gguf import ModelInfo, inspect_model, merge_model, plan_split, read_model, split_model
-
-
-def _count(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
+from ember.gguf.inspect import format_params
 
 
 def _print_info(info: ModelInfo, tensors: bool) -> None:
@@ -30,7 +24,7 @@ def _print_info(info: ModelInfo, tensors: bool) -> None:
     t.add_row("file", info.path)
     t.add_row("architecture", info.architecture or "-")
     t.add_row("name", info.name or "-")
-    t.add_row("parameters", f"{_count(info.parameter_count)} ({info.parameter_count:,})")
+    t.add_row("parameters", f"{format_params(info.parameter_count)} ({info.parameter_count:,})")
     t.add_row("file type", f"{info.file_type or '-'}" + (f" ({info.file_type_id})" if info.file_type_id is not None else ""))
     t.add_row("context length", str(info.context_length) if info.context_length is not None else "-")
     if info.embedding_length is not None:

@@ -16,8 +16,9 @@ from ember.cli import files  # noqa: E402,F401  inspect, validate, split, merge
 from ember.cli import run  # noqa: E402,F401  run
 from ember.cli import models  # noqa: E402,F401  create, list, show, cp, rm, pull
 from ember.cli import convert  # noqa: E402,F401  convert, convert-lora
-from ember.cli import quantize  # noqa: E402,F401  quantize, merge-lora, eval
+from ember.cli import quantize  # noqa: E402,F401  quantize, imatrix, merge-lora, eval
 from ember.cli import serve  # noqa: E402,F401  serve, ps, stop
+from ember.cli import worker  # noqa: E402,F401  worker
 
 
 def _version(value: bool) -> None:

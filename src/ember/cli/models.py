@@ -16,17 +16,27 @@ from ember.cli.app import app
 from ember.cli.common import console, err_console, format_size, progress_bar
 from ember.errors import ModelfileError
 from ember.progress import ProgressCallback
+from ember.registry import copy_model, create_model, delete_model, list_models, pull_model, show_model
+from ember.registry.modelfile import Modelfile, parse_modelfile, quote
 
 
 @contextlib.contextmanager
 def _lazy_progress() -> Iterator[ProgressCallback]:
-    """A progress bar that appears on the first report, so an error found
-    before any work prints as one line with nothing around it."""
+    """A progress bar that appears on the first report with a total, so an
+    error found before any work prints as one line with nothing around it.
+    Reports without a total are status lines (Ollama's ``pulling manifest``),
+    printed once each."""
     with contextlib.ExitStack() as stack:
         bar: ProgressCallback | None = None
+        last_status = ""
 
         def callback(description: str, completed: int, total: int) -> None:
-            nonlocal bar
+            nonlocal bar, last_status
+            if not total:
+                if description != last_status:
+                    err_console.print(description, highlight=False)
+                    last_status = description
+                return
             if bar is None:
                 bar = stack.enter_context(progress_bar())
             bar(description, completed, total)
@@ -58,15 +68,13 @@ def create(
     from_: str = typer.Option(None, "--from", help="Shortcut for a Modelfile with just 'FROM <this>' (a GGUF file, folder or model)."),
     quantize: str = typer.Option(None, "-q", "--quantize", help="Quantize while creating (Q4_K_M, Q8_0, ...)."),
 ) -> None:
-    """Create a model from a Modelfile (FROM a GGUF file or shard, a Hugging Face folder or another model)."""
-    from ember.registry import create_model
-    from ember.registry.modelfile import Modelfile, parse_modelfile
-
+    """Create a model from a Modelfile (FROM a GGUF file or shard, a Hugging Face folder or another model;
+    a second FROM may name a vision projector GGUF)."""
     mf: Modelfile | Path
     if from_ is not None:
         if file is not None:
             raise ModelfileError("give either -f MODELFILE or --from SOURCE, not both")
-        mf = parse_modelfile(f"FROM {_quote(from_)}\n", base_dir=Path.cwd(), filename="--from")
+        mf = parse_modelfile(f"FROM {quote(from_)}\n", base_dir=Path.cwd(), filename="--from")
     else:
         mf = file if file is not None else Path("Modelfile")
     with _lazy_progress() as progress:
@@ -74,25 +82,14 @@ def create(
     console.print(f"created '{result.name}'", highlight=False)
 
 
-def _quote(value: str) -> str:
-    from ember.registry.modelfile import quote
-
-    return quote(value)
-
-
 @app.command("list")
 def list_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List the models in the registry."""
-    from ember.registry import list_models
-
+    """List the models in the registry (the demo model is there until 'ember rm demo')."""
     models = list_models()
     if as_json:
-        print(json.dumps([
-            {"name": m.name, "digest": m.digest, "size": m.size, "modified_at": m.modified_at.isoformat(), "details": m.details}
-            for m in models
-        ], indent=2))
+        print(json.dumps([m.to_json() for m in models], indent=2))
         return
     rows = [("NAME", "ID", "SIZE", "MODIFIED")]
     for m in models:
@@ -114,8 +111,6 @@ def show(
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Also print every GGUF metadata key."),
 ) -> None:
     """Show a model's details, or one part of it."""
-    from ember.registry import show_model
-
     d = show_model(name)
     if modelfile:
         typer.echo(d.modelfile, nl=False)
@@ -133,7 +128,7 @@ def show(
     if license_:
         typer.echo("\n\n".join(d.license))
         return
-    info = d.model_info
+    info = d.metadata
     arch = info.get("general.architecture") or d.details.get("family") or ""
 
     def key(suffix: str) -> Any:
@@ -148,8 +143,13 @@ def show(
         ("files", str(len(d.resolved.model_paths)) if len(d.resolved.model_paths) > 1 else None),
     ]
     _section("Model", [(k, str(v)) for k, v in model_rows if v not in (None, "")])
+    _section("Capabilities", [(c, "") for c in d.capabilities])
     if d.resolved.projector_paths:
-        _section("Projector", [("files", str(len(d.resolved.projector_paths)))])
+        proj = d.projector_info
+        _section("Projector", [(k, str(v)) for k, v in (
+            ("architecture", proj.get("general.architecture")),
+            ("files", str(len(d.resolved.projector_paths))),
+        ) if v])
     if d.resolved.adapter_paths:
         _section("Adapters", [(p.name[:19], format_size(p.stat().st_size)) for p in d.resolved.adapter_paths])
     if d.parameters:
@@ -166,7 +166,7 @@ def _section(title: str, rows: list[tuple[str, str]]) -> None:
     typer.echo(f"  {title}")
     width = max((len(k) for k, _ in rows), default=0)
     for k, v in rows:
-        typer.echo(f"    {k.ljust(width)}    {v}")
+        typer.echo(f"    {k.ljust(width)}    {v}".rstrip())
     typer.echo("")
 
 
@@ -186,31 +186,31 @@ def cp(
     destination: str = typer.Argument(..., help="New name."),
 ) -> None:
     """Copy a model to a new name (no data is duplicated)."""
-    from ember.registry import copy_model
-
     copy_model(source, destination)
     typer.echo(f"copied '{source}' to '{destination}'")
 
 
 @app.command()
 def rm(names: list[str] = typer.Argument(..., help="Models to remove.")) -> None:
-    """Remove models (and the files no other model uses)."""
-    from ember.registry import delete_model
-
+    """Remove models (and the files no other model uses). 'ember pull demo' brings the demo model back."""
     for name in names:
         delete_model(name)
         typer.echo(f"deleted '{name}'")
 
 
 @app.command()
-def pull(ref: str = typer.Argument(..., help="hf.co/USER/REPO[:QUANT], USER/REPO[:QUANT] or modelscope.cn/USER/REPO[:QUANT].")) -> None:
-    """Download a model from Hugging Face (GGUF, or safetensors converted) or ModelScope.
+def pull(
+    ref: str = typer.Argument(..., help="An Ollama name (llama3.2, qwen2.5:7b, user/model:tag, host/ns/model:tag), "
+                              "hf.co/USER/REPO[:QUANT], modelscope.cn/USER/REPO[:QUANT], or demo."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow http:// registries (as Ollama's --insecure)."),
+) -> None:
+    """Download a model: from Ollama's registry (EMBER_REGISTRY for a mirror), Hugging Face or ModelScope.
 
-    Honours HF_ENDPOINT (mirrors) and HF_TOKEN; EMBER_PULL_SOURCE=modelscope
-    uses ModelScope instead. Interrupted downloads resume."""
-    from ember.registry import pull_model
-
+    Hugging Face repositories give their GGUF files, or their safetensors
+    checkpoint converted; HF_ENDPOINT (mirrors) and HF_TOKEN are honoured, and
+    EMBER_PULL_SOURCE=modelscope sends hf.co references to ModelScope.
+    Interrupted downloads resume."""
     with _lazy_progress() as progress:
-        result = pull_model(ref, progress=progress)
+        result = pull_model(ref, insecure=insecure, progress=progress)
     err_console.print(f"pulled '{result.name}' ({format_size(result.size)})", highlight=False)
     typer.echo("success")

@@ -1,11 +1,10 @@
-"""`ember quantize`, `ember merge-lora` and `ember eval`: thin wrappers over
-ember.quantize, ember.lora_merge and ember.evaluate."""
+"""`ember quantize`, `ember imatrix`, `ember merge-lora` and `ember eval`:
+thin wrappers over ember.quantize, ember.lora_merge and ember.evaluate."""
 
 from __future__ import annotations
 
-import importlib
-
 import contextlib
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,10 @@ from ember.cli.app import app
 from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
 from ember.errors import OptionError, QuantizationError
 from ember.progress import ProgressCallback
+
+# The package, not the API function ember.quantize() that shares its name; its
+# parts that load llama.cpp are imported when first used.
+q = importlib.import_module("ember.quantize")
 
 
 @contextlib.contextmanager
@@ -86,8 +89,6 @@ def quantize_cmd(
     quality: Path = typer.Option(None, "--quality", help="JSON of measured quality (bench/bench_quant_quality.py --json) for --recommend."),
 ) -> None:
     """Quantize a GGUF model with llama.cpp (every type llama-quantize knows)."""
-    q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
-
     model = _model_file(input)
     if list_types:
         _list(model)
@@ -128,8 +129,6 @@ def quantize_cmd(
 def _list(model: Path | None) -> None:
     from rich.table import Table
 
-    q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
-
     table = Table(title="quantization types" + (f" for {model.name}" if model else ""))
     table.add_column("type")
     table.add_column("ftype", justify="right")
@@ -138,9 +137,10 @@ def _list(model: Path | None) -> None:
         table.add_column("size", justify="right")
     table.add_column("imatrix")
     table.add_column("description")
-    for name, (ftype, desc, bpw, needs) in q.QUANT_TYPES.items():
-        bits = f"{bpw:.2f}" if bpw else "-"
-        row = [name, str(ftype) if name != "COPY" else "", bits]
+    for name, qt in q.QUANT_TYPES.items():
+        bits = f"{qt.bits_per_weight:.2f}" if qt.bits_per_weight else "-"
+        row = [name, str(qt.ftype) if name != "COPY" else "", bits]
+        needs = qt.needs_imatrix
         if model:
             try:
                 plan = q.plan_quantization(model, name)
@@ -151,15 +151,13 @@ def _list(model: Path | None) -> None:
                 row[2] = f"{plan.bits_per_weight:.2f}"
                 row += [format_size(q.model_file_size_estimate(model, plan))]
                 needs = plan.requires_imatrix  # llama.cpp's verdict for this model
-        row += ["required" if needs else "", desc]
+        row += ["required" if needs else "", qt.description]
         table.add_row(*row)
     console.print(table)
     console.print("aliases: Q3_K=Q3_K_M, Q4_K=Q4_K_M, Q5_K=Q5_K_M, FP16=F16, FP32=F32; ftype numbers are accepted too")
 
 
 def _recommend(model: Path, memory: int, num_ctx: int, quality: Path | None) -> None:
-    q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
-
     rec = q.recommend(model, memory, num_ctx=num_ctx, quality_file=quality)
     for line in rec.report_lines():
         console.print(line, soft_wrap=True, highlight=False)
@@ -177,10 +175,8 @@ def imatrix_cmd(
     threads: int = typer.Option(0, "--threads", "-t", help="Threads (0: physical cores)."),
 ) -> None:
     """Compute an importance matrix from sample text (for --imatrix; needed by IQ1/IQ2/IQ3_XXS types)."""
-    from ember.quantize import compute_imatrix
-
     with _lazy_bar() as bar:
-        r = compute_imatrix(_model_file(model) or Path(model), file, output, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
+        r = q.compute_imatrix(_model_file(model) or Path(model), file, output, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
     console.print(f"wrote {r.path}: {r.n_entries} tensors, {r.n_chunks} chunks of {ctx} tokens")
 
 

@@ -68,9 +68,10 @@ def run(
     lora: list[str] = typer.Option([], "--lora", help="Apply a GGUF LoRA adapter: FILE or FILE:SCALE (repeatable)."),
     format: str = typer.Option(None, "--format", help="Response format: json."),
     verbose: bool = typer.Option(False, "--verbose", help="Print timings and memory after each reply."),
+    rpc: str = typer.Option(None, "--rpc", help="Split the model across RPC workers (ember worker): HOST:PORT,HOST:PORT."),
 ) -> None:
     """Run a model: answer PROMPT, or chat interactively."""
-    params = parse_params(param)
+    params = parse_params(param + ([f"rpc={rpc}"] if rpc is not None else []))
     load_params = {k: v for k, v in params.items() if k in opts.LOAD_OPTIONS}
     request_params = {k: v for k, v in params.items() if k not in opts.LOAD_OPTIONS}
     text = " ".join(prompt or [])
@@ -189,6 +190,9 @@ class _Session:
             f"compute {format_size(m.compute_bytes)}, RSS {format_size(m.rss_bytes)}"
             + (f", GPU {format_size(m.gpu_bytes)}" if m.gpu_bytes else ""),
         ]
+        if len(m.devices) > 1:  # split across GPUs or RPC workers: what went where
+            lines += [f"  {name:<20}model {format_size(d['model'])}, KV cache {format_size(d['kv_cache'])}, "
+                      f"compute {format_size(d['compute'])}" for name, d in m.devices.items()]
         print("\n".join(lines), file=sys.stderr)
 
     # --- the interactive loop --------------------------------------------

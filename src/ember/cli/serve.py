@@ -11,6 +11,7 @@ from ember import settings
 from ember.cli.app import app
 from ember.cli.common import console, format_size
 from ember.errors import EmberError
+from ember.options import parse_workers
 
 
 def _client_call(method: str, path: str, **kwargs: Any) -> Any:
@@ -42,9 +43,19 @@ def _client_call(method: str, path: str, **kwargs: Any) -> Any:
 def serve(
     host: str = typer.Option(None, "--host", help="host:port to listen on (default: EMBER_HOST or 127.0.0.1:11434)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    rpc: str = typer.Option(None, "--rpc", help="RPC workers (ember worker) to split models across: HOST:PORT,HOST:PORT (default: EMBER_RPC)."),
 ) -> None:
     """Run the Ollama- and OpenAI-compatible HTTP server."""
+    import os
+
     import uvicorn
+
+    if rpc is not None:
+        parse_workers(rpc)  # a malformed list fails now, not at the first request
+        os.environ["EMBER_RPC"] = rpc  # read by every load, runner processes included
+    workers = settings.rpc_workers()
+    if workers:
+        console.print(f"Splitting models across RPC workers {', '.join(workers)}")
 
     from ember.server import create_app
     from ember.server.app import split_host

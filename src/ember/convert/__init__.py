@@ -1,18 +1,18 @@
-"""Hugging Face checkpoints -> GGUF (``convert_model``) and PEFT LoRA adapters ->
-GGUF adapters (``convert_lora``). A small core (``core``, ``source``,
-``tokenizer``) plus one module per architecture with only what is special."""
+"""Hugging Face checkpoints -> GGUF (``convert_model``, or ``plan`` then
+``write``) and PEFT LoRA adapters -> GGUF adapters (``convert_lora``).
+
+Modules: ``pipeline`` (plan and write), ``architectures`` (which module
+converts which Hugging Face architecture), ``base`` (what an architecture
+module subclasses), one module per architecture, ``source`` (config and lazy
+tensors of a checkpoint), ``tokenizer``, ``cast`` (tensor data into GGML
+types), ``writer`` (GGUF files, the only code that knows gguf-py's writer),
+``lora``."""
 
 from __future__ import annotations
 
-from ember.convert.core import convert_model, supported_architectures
+from ember.convert.architectures import supported_architectures
+from ember.convert.lora import convert_lora
+from ember.convert.pipeline import ConversionPlan, Output, convert_model, plan, write
 from ember.errors import ConversionError, InvalidFileError
 
-
-def convert_lora(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """See :func:`ember.convert.lora.convert_lora`."""
-    from ember.convert.lora import convert_lora as _convert_lora
-
-    return _convert_lora(*args, **kwargs)
-
-
-__all__ = ["convert_model", "convert_lora", "supported_architectures", "ConversionError", "InvalidFileError"]
+__all__ = ["convert_model", "plan", "write", "ConversionPlan", "Output", "convert_lora", "supported_architectures", "ConversionError", "InvalidFileError"]

@@ -13,7 +13,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ember.convert.core import Model, Planned, check_divisible, lazy, permute_qk, register
+from ember.convert.base import Model, Planned, check_divisible, lazy, permute_qk
 from ember.convert.source import TensorRef, to_float32
 from ember.errors import ConversionError
 
@@ -28,7 +28,6 @@ def normalize_rows(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return x
 
 
-@register("BaichuanForCausalLM", "BaiChuanForCausalLM")
 class BaichuanModel(Model):
     gguf_arch = gguf.MODEL_ARCH.BAICHUAN
 

@@ -11,12 +11,11 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ember.convert.core import Model, Planned, check_divisible, permute_qk, register
+from ember.convert.base import Model, Planned, check_divisible, permute_qk
 from ember.convert.source import TensorRef
 from ember.errors import ConversionError
 
 
-@register("InternLM2ForCausalLM")
 class InternLM2Model(Model):
     gguf_arch = gguf.MODEL_ARCH.INTERNLM2
 

@@ -3,15 +3,17 @@ InternLM2). This is the language model: its config comes from ``llm_config``
 (original ``InternVLChatModel``) or ``text_config`` (transformers'
 ``InternVLForConditionalGeneration``) and its tensors lose their prefix
 (``language_model.``, or ``model.language_model.`` beside a top-level
-``lm_head``); vision tensors are skipped here and go to the projector
-(``ember.convert.vision.internvl``). No patched config needed."""
+``lm_head``); vision tensors are skipped here and go to its companion, the
+projector (:mod:`ember.convert.vision.internvl`). No patched config needed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ember.convert import core
+from ember.convert.architectures import model_class
+from ember.convert.base import Model
+from ember.convert.vision.internvl import InternVLProjector
 from ember.errors import ConversionError
 
 PREFIX = "language_model."
@@ -32,16 +34,17 @@ def _text_name(name: str) -> str | None:
     return None
 
 
-@core.register("InternVLChatModel", "InternVLForConditionalGeneration")
-class InternVLModel:
+class InternVLModel(Model):
+    """Never built itself: :meth:`from_config` gives the language model's converter."""
+
     @classmethod
-    def from_config(cls, model_dir: Path, hparams: dict[str, Any], config_file: Path) -> core.Model:
+    def from_config(cls, model_dir: Path, hparams: dict[str, Any], config_file: Path) -> Model:
         llm = hparams.get("llm_config") or hparams.get("text_config")
         if not isinstance(llm, dict):
             raise ConversionError(f"{config_file}: an InternVL config needs an 'llm_config' object describing its language model")
         archs = llm.get("architectures") or ([_BY_MODEL_TYPE[llm["model_type"]]] if llm.get("model_type") in _BY_MODEL_TYPE else [])
-        inner = core._REGISTRY.get(str(archs[0])) if archs else None
-        if inner is None or not issubclass(inner, core.Model):
+        inner = model_class(str(archs[0])) if archs else None
+        if inner is None or issubclass(inner, InternVLModel):
             raise ConversionError(f"{config_file}: llm_config.architectures {archs!r} is not a supported language model (Qwen2ForCausalLM, InternLM2ForCausalLM, LlamaForCausalLM)")
 
         class Extracted(inner):  # type: ignore[misc, valid-type]
@@ -51,6 +54,9 @@ class InternVLModel:
 
             def rename(self, name: str) -> str:
                 return str(super().rename(_text_name(name) or name))
+
+            def companions(self) -> list[Model]:
+                return [InternVLProjector(model_dir, hparams, config_file)] if isinstance(hparams.get("vision_config"), dict) else []
 
         Extracted.__name__ = f"InternVL{inner.__name__}"
         merged = dict(llm)

@@ -10,11 +10,10 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ember.convert.core import Model, Planned, lazy, permute_qk, register
+from ember.convert.base import Model, Planned, lazy, permute_qk
 from ember.convert.source import TensorRef
 
 
-@register("LlamaForCausalLM", "LLaMAForCausalLM")
 class LlamaModel(Model):
     gguf_arch = gguf.MODEL_ARCH.LLAMA
 

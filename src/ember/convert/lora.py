@@ -22,8 +22,11 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ember.convert import core
-from ember.convert.source import Checkpoint, TensorRef, read_safetensors_header, to_float32
+from ember.convert.architectures import make_model, model_class
+from ember.convert.base import Model, Planned
+from ember.convert.pipeline import card_metadata
+from ember.convert.source import TensorRef, read_json_object, read_safetensors_header, read_torch_checkpoint, to_float32
+from ember.convert.writer import Writer, add_tensor_infos, write_gguf
 from ember.errors import ConversionError, InvalidFileError
 from ember.progress import ProgressCallback
 
@@ -42,7 +45,7 @@ def _adapter_config(adapter_dir: Path) -> tuple[dict[str, Any], Path]:
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.is_file():
         raise ConversionError(f"{cfg_file}: missing; a PEFT adapter folder has adapter_config.json and adapter_model.safetensors")
-    cfg = core.read_json_object(cfg_file)
+    cfg = read_json_object(cfg_file)
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise ConversionError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not supported; only LoRA adapters convert to llama.cpp adapters")
     if cfg.get("use_dora"):
@@ -58,15 +61,13 @@ def _adapter_tensors(adapter_dir: Path) -> dict[str, TensorRef]:
     if st.is_file():
         return read_safetensors_header(st)
     if (adapter_dir / "adapter_model.bin").is_file():
-        from ember.convert.source import _torch_refs
-
-        return _torch_refs(adapter_dir / "adapter_model.bin")
+        return read_torch_checkpoint(adapter_dir / "adapter_model.bin")
     raise ConversionError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin); copy the adapter weights into this folder")
 
 
-def _base_model(base: Path) -> core.Model:
+def _base_model(base: Path) -> Model:
     if base.is_dir():
-        return core.make_model(base)
+        return make_model(base)
     if base.is_file() and base.suffix == ".gguf":
         r = gguf.GGUFReader(base)
 
@@ -79,7 +80,8 @@ def _base_model(base: Path) -> core.Model:
 
         arch = field("general.architecture")
         hf = _GGUF_ARCH_TO_HF.get(str(arch))
-        if hf is None:
+        cls = model_class(hf) if hf is not None else None
+        if hf is None or cls is None:
             raise ConversionError(f"{base}: base architecture {arch!r} is not supported for adapters; supported: {', '.join(_GGUF_ARCH_TO_HF)}")
         hparams = {
             "architectures": [hf],
@@ -90,8 +92,7 @@ def _base_model(base: Path) -> core.Model:
             "head_dim": field(f"{arch}.attention.key_length"),
             "tie_word_embeddings": not any(t.name == "output.weight" for t in r.tensors),
         }
-        core._load_arch_modules()
-        return core._REGISTRY[hf](base.parent, hparams, base)
+        return cls(base.parent, hparams, base)
     raise ConversionError(f"{base}: not a Hugging Face model folder or a .gguf file; give --base the model the adapter was trained on")
 
 
@@ -140,7 +141,7 @@ def convert_lora(
             raise ConversionError(f"{adapter_dir}: tensor {name!r} is not a LoRA A/B weight; this adapter cannot be converted")
         pairs.setdefault(m.group(1), {})[m.group(2)] = ref
 
-    plan: list[core.Planned] = []
+    plan: list[Planned] = []
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise InvalidFileError(f"{adapter_dir}: {module} has lora_{next(iter(ab))} but not its pair; the adapter file is incomplete")
@@ -162,17 +163,16 @@ def convert_lora(
             raise ConversionError(f"{adapter_dir}: {module} targets a weight the base GGUF does not have (tied to the embeddings); retrain without it or merge the adapter")
         for o in outs:
             stem = o.name.removesuffix(".weight")
-            plan.append(core.Planned(stem + ".weight.lora_a", a.shape, a.dtype, a.load, qtype=qt))
-            plan.append(core.Planned(stem + ".weight.lora_b", o.shape, o.src_dtype, o.load, qtype=qt))
+            plan.append(Planned(stem + ".weight.lora_a", a.shape, a.dtype, a.load, qtype=qt))
+            plan.append(Planned(stem + ".weight.lora_b", o.shape, o.src_dtype, o.load, qtype=qt))
     if not plan:
         raise ConversionError(f"{adapter_dir}: the adapter has no LoRA weights")
 
-    arch_name = gguf.MODEL_ARCH_NAMES[model.gguf_arch]
-    w = core.Writer(None, arch_name)
+    w = Writer(None, gguf.MODEL_ARCH_NAMES[model.gguf_arch])
     for p in plan:
         p.out_qtype = qt
-        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), core._nbytes(p.shape, qt), raw_dtype=qt)
-    md = core._metadata(adapter_dir, 0, 0, 0, 0)
+    add_tensor_infos(w, plan)
+    md = card_metadata(adapter_dir)
     if outfile is None or Path(outfile).is_dir():
         name = gguf.naming_convention(md.name, md.basename, md.finetune, md.version, None, qt.name, model_type="LoRA") + ".gguf"
         dest = (Path(outfile) if outfile is not None else adapter_dir.parent) / name
@@ -183,7 +183,7 @@ def convert_lora(
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha_out)
     md.set_gguf_meta_model(w)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    core._write(w, plan, [dest], progress)
+    write_gguf(w, plan, [dest], progress, f"Writing {dest.name}")
     return dest
 
 
@@ -191,4 +191,4 @@ def _scaled(ref: TensorRef, factor: float) -> Any:
     return lambda: to_float32(ref.load()) * np.float32(factor)
 
 
-__all__ = ["convert_lora", "Checkpoint"]
+__all__ = ["convert_lora"]

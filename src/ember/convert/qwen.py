@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import gguf
 
-from ember.convert.core import Model, register
+from ember.convert.base import Model
 
 
-@register("Qwen2ForCausalLM")
 class Qwen2Model(Model):
     gguf_arch = gguf.MODEL_ARCH.QWEN2
 
 
-@register("Qwen3ForCausalLM")
 class Qwen3Model(Model):
     gguf_arch = gguf.MODEL_ARCH.QWEN3

@@ -2,8 +2,8 @@
 multimodal rotary positions (M-RoPE), whose sections (time, height, width)
 split each head's rotary pairs. Its config is at the top level (hub) or in
 ``text_config`` (transformers 5); its tensors under ``model.`` or
-``model.language_model.``. The vision tower goes to the projector
-(``ember.convert.vision``)."""
+``model.language_model.``. The vision tower is its companion, the projector
+(:mod:`ember.convert.vision.qwen25vl`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import gguf
 
-from ember.convert.core import Model, register
+from ember.convert.base import Model
+from ember.convert.vision.qwen25vl import Qwen25VLProjector
 from ember.errors import ConversionError
 
 
-@register("Qwen2_5_VLForConditionalGeneration")
 class Qwen25VLTextModel(Model):
     gguf_arch = gguf.MODEL_ARCH.QWEN2VL
 
@@ -23,6 +23,9 @@ class Qwen25VLTextModel(Model):
         if isinstance(hparams.get("text_config"), dict):
             hparams = {**hparams, **hparams["text_config"]}
         super().__init__(model_dir, hparams, config_file)
+
+    def companions(self) -> list[Model]:
+        return [Qwen25VLProjector(self.model_dir, self.hparams, self.config_file)] if isinstance(self.hparams.get("vision_config"), dict) else []
 
     def skip(self, name: str) -> bool:
         return super().skip(name) or name.startswith(("visual.", "model.visual."))

@@ -1,4 +1,4 @@
-"""Lazy access to a Hugging Face checkpoint's tensors.
+"""A Hugging Face checkpoint folder: its config.json and lazy access to its tensors.
 
 Safetensors headers are parsed here (a JSON header and byte offsets) so each
 tensor is read on demand with one ``readinto`` and no framework: numpy has no
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
-import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,14 +42,36 @@ _ST_DTYPES: dict[str, np.dtype[Any]] = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def load_config(model_dir: Path) -> tuple[dict[str, Any], Path]:
+    """A model folder's config.json (and its path), with errors that say what to do."""
+    config_file = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise ConversionError(f"{model_dir}: not a directory; give the folder of a Hugging Face model (with config.json)")
+    if not config_file.is_file():
+        raise ConversionError(f"{config_file}: missing; a Hugging Face model folder needs its config.json")
+    return read_json_object(config_file, "; download it again"), config_file
+
+
+def read_json_object(path: Path, fix: str = "") -> dict[str, Any]:
+    """A JSON file that must hold an object; InvalidFileError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidFileError(f"{path}: not valid JSON ({e}){fix}") from None
+    if not isinstance(data, dict):
+        raise InvalidFileError(f"{path}: not a JSON object{fix}")
+    return data
+
+
 def is_bf16(a: np.ndarray[Any, Any]) -> bool:
-    return a.dtype == BF16
+    return bool(a.dtype == BF16)
 
 
 def to_float32(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """Any float array (bf16 included) as float32; a no-op for float32."""
     if a.dtype == BF16:
-        return np.left_shift(a.view(np.uint16), 16, dtype=np.uint32).view(np.float32)
+        widened: np.ndarray[Any, Any] = np.left_shift(a.view(np.uint16), 16, dtype=np.uint32)
+        return widened.view(np.float32)
     if a.dtype == np.float32:
         return a
     return a.astype(np.float32)
@@ -133,7 +154,7 @@ def _reader(path: Path, offset: int, nbytes: int, dtype: np.dtype[Any], shape: t
     return load
 
 
-def _torch_refs(path: Path) -> dict[str, TensorRef]:
+def read_torch_checkpoint(path: Path) -> dict[str, TensorRef]:
     try:
         import torch
     except ImportError:
@@ -156,9 +177,8 @@ def _torch_refs(path: Path) -> dict[str, TensorRef]:
                 raise ConversionError(f"{path}: tensor {name!r} has dtype {t.dtype}, which is not supported") from None
 
         def load(t: Any = t, dtype: np.dtype[Any] = dtype) -> np.ndarray[Any, Any]:
-            if dtype == BF16:
-                return t.contiguous().view(torch.int16).numpy().view(BF16).copy()
-            return t.contiguous().numpy().copy()
+            arr: np.ndarray[Any, Any] = t.contiguous().view(torch.int16).numpy().view(BF16) if dtype == BF16 else t.contiguous().numpy()
+            return arr.copy()
 
         refs[name] = TensorRef(name, shape, dtype, path, load)
     return refs
@@ -203,7 +223,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorRef] = {}
         for part in parts:
             path = model_dir / part
-            refs = read_safetensors_header(path) if self.format == "safetensors" else _torch_refs(path)
+            refs = read_safetensors_header(path) if self.format == "safetensors" else read_torch_checkpoint(path)
             for name, ref in refs.items():
                 if name in self.tensors:
                     raise InvalidFileError(f"{path}: tensor {name!r} also appears in {self.tensors[name].file.name}; remove the duplicate shard")
@@ -217,7 +237,3 @@ class Checkpoint:
 
     def __getitem__(self, name: str) -> TensorRef:
         return self.tensors[name]
-
-
-def file_size(path: os.PathLike[str] | str) -> int:
-    return os.stat(path).st_size

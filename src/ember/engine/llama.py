@@ -4,9 +4,11 @@ ctypes API: backend start-up, log routing, and small helpers that hide ctypes.""
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 import llama_cpp as lc
 
@@ -39,8 +41,10 @@ def c_log_callback() -> object:
 
 
 def supports_gpu_offload() -> bool:
-    ensure_backend()
-    return bool(lc.llama_supports_gpu_offload())
+    """Whether this machine has a GPU llama.cpp can use. (llama.cpp's own
+    ``llama_supports_gpu_offload`` also says yes for any build with the RPC
+    backend, which has no local GPU behind it.)"""
+    return bool(gpu_devices())
 
 
 def system_info() -> str:
@@ -57,19 +61,6 @@ def physical_cores() -> int:
     except Exception:  # noqa: BLE001 - psutil may fail in odd containers
         n = None
     return max(1, n or os.cpu_count() or 1)
-
-
-GGML_TYPES = {
-    "f32": 0,
-    "f16": lc.GGML_TYPE_F16,
-    "q4_0": lc.GGML_TYPE_Q4_0,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": lc.GGML_TYPE_Q8_0,
-    "iq4_nl": 20,
-    "bf16": 30,
-}
 
 
 _capture = threading.local()
@@ -111,11 +102,103 @@ def last_error(lines: list[str]) -> str:
 
 
 def buffer_sizes(lines: list[str]) -> dict[str, int]:
-    """Parse llama.cpp's '<device> <kind> buffer size = N MiB' lines into bytes."""
+    """Parse llama.cpp's '<buffer> <kind> buffer size = N MiB' lines into bytes
+    (buffers: CPU, CPU_Mapped, CUDA0, RPC0[host:port], ...)."""
     import re
 
     sizes: dict[str, int] = {}
-    for m in re.finditer(r"(\S+)\s+(KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+)\s*MiB", "".join(lines)):
+    for m in re.finditer(r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+)\s*MiB", "".join(lines)):
         key = f"{m.group(1).rstrip(':')} {m.group(2)}"
         sizes[key] = sizes.get(key, 0) + int(float(m.group(3)) * 1024 * 1024)
     return sizes
+
+
+_KINDS = {"model": "model", "KV": "kv_cache", "RS": "kv_cache", "compute": "compute", "output": "output"}
+
+
+def device_totals(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
+    """:func:`buffer_sizes` grouped by device: ``{"CPU": {"model": n, "kv_cache": n, ...},
+    "RPC0[10.0.0.2:50052]": {...}}``. Host-memory buffers of any backend
+    (CPU_Mapped, CPU_REPACK, CUDA_Host) count as the CPU's."""
+    out: dict[str, dict[str, int]] = {}
+    for key, n in sizes.items():
+        buf, _, kind = key.rpartition(" ")
+        device = "CPU" if buf.startswith("CPU") or buf.endswith("_Host") else buf
+        row = out.setdefault(device, {"model": 0, "kv_cache": 0, "compute": 0, "output": 0})
+        row[_KINDS[kind]] += n
+    return out
+
+
+# --- ggml devices -------------------------------------------------------------
+# llama-cpp-python binds libllama's functions only; ggml's (devices, the RPC
+# backend, the abort hook) are found through libllama itself: a symbol lookup on
+# a library also searches the libraries it links. (The wheel ships each library
+# as copies, libggml-base.so and libggml-base.so.0: opening one by its own file
+# name could load a second copy that llama.cpp never uses.)
+DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU = 0, 1, 2
+
+
+@functools.cache
+def ggml() -> ctypes.CDLL:
+    """libllama opened again (the copy already loaded), for ggml's functions."""
+    lib = ctypes.CDLL(lc.llama_cpp._lib._name)
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    for fname, args, res in [
+        ("ggml_backend_dev_count", [], sz),
+        ("ggml_backend_dev_get", [sz], vp),
+        ("ggml_backend_dev_name", [vp], ctypes.c_char_p),
+        ("ggml_backend_dev_description", [vp], ctypes.c_char_p),
+        ("ggml_backend_dev_type", [vp], ctypes.c_int),
+        ("ggml_backend_dev_memory", [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
+        ("ggml_backend_reg_dev_count", [vp], sz),
+        ("ggml_backend_reg_dev_get", [vp, sz], vp),
+    ]:
+        f = getattr(lib, fname)
+        f.argtypes, f.restype = args, res
+    return lib
+
+
+@dataclass(frozen=True)
+class Device:
+    """A ggml backend device: this machine's CPU or a GPU, or a worker's device."""
+
+    ptr: int
+    name: str
+    description: str
+    kind: int  # DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, ...
+
+    @classmethod
+    def at(cls, ptr: int) -> Device:
+        base = ggml()
+        return cls(
+            ptr,
+            (base.ggml_backend_dev_name(ptr) or b"?").decode("utf-8", "replace"),
+            (base.ggml_backend_dev_description(ptr) or b"").decode("utf-8", "replace"),
+            int(base.ggml_backend_dev_type(ptr)),
+        )
+
+    def memory(self) -> tuple[int, int]:
+        """(free, total) bytes, as the device reports them."""
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        ggml().ggml_backend_dev_memory(self.ptr, ctypes.byref(free), ctypes.byref(total))
+        return free.value, total.value
+
+
+def devices() -> list[Device]:
+    """This machine's devices, as llama.cpp registered them (the CPU last)."""
+    lib = ggml()
+    return [Device.at(lib.ggml_backend_dev_get(i)) for i in range(lib.ggml_backend_dev_count())]
+
+
+def gpu_devices() -> list[Device]:
+    """The local devices llama.cpp offloads layers to by default: the discrete
+    GPUs, else the integrated ones."""
+    found = devices()
+    gpus = [d for d in found if d.kind == DEVICE_GPU]
+    return gpus or [d for d in found if d.kind == DEVICE_IGPU]
+
+
+def registry_devices(reg: int) -> list[Device]:
+    """The devices of one backend registry (e.g. an RPC worker's)."""
+    lib = ggml()
+    return [Device.at(lib.ggml_backend_reg_dev_get(reg, i)) for i in range(lib.ggml_backend_reg_dev_count(reg))]

@@ -16,8 +16,9 @@ import llama_cpp as lc
 import numpy as np
 
 from ember import options as opts
-from ember.engine import llama
+from ember.engine import llama, rpc
 from ember.errors import EngineError, InvalidFileError, OptionError
+from ember.ggml_types import KV_CACHE_TYPES
 
 
 @dataclass
@@ -31,6 +32,9 @@ class MemoryReport:
     rss_bytes: int = 0
     gpu_bytes: int = 0
     details: dict[str, int] = field(default_factory=dict)
+    # Bytes per device and kind: {"CPU": {"model": n, "kv_cache": n, "compute": n,
+    # "output": n}, "RPC0[10.0.0.2:50052]": {...}}: what went where.
+    devices: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +44,7 @@ class MemoryReport:
             "output_bytes": self.output_bytes,
             "rss_bytes": self.rss_bytes,
             "gpu_bytes": self.gpu_bytes,
+            "devices": self.devices,
         }
 
 
@@ -88,6 +93,11 @@ class LoadedModel:
             else lc.LLAMA_LOAD_MODE_MLOCK if mlock
             else lc.LLAMA_LOAD_MODE_NONE
         )
+        # use_repack off: plain CPU buffers, the kernels RPC workers run (--no-repack).
+        params.use_extra_bufts = self.options["use_repack"]
+        self.placement = rpc.placement_for(self.paths, self.options)
+        if self.placement is not None:
+            self.placement.apply(params)
         with llama.capture_log() as lines:
             if len(self.paths) == 1:
                 ptr = lc.llama_model_load_from_file(str(self.paths[0]).encode(), params)
@@ -95,9 +105,12 @@ class LoadedModel:
                 arr = (ctypes.c_char_p * len(self.paths))(*[str(p).encode() for p in self.paths])
                 ptr = lc.llama_model_load_from_splits(arr, len(self.paths), params)
         if not ptr:
+            if self.placement is not None:
+                rpc.release(self.placement.endpoints)
             raise EngineError(f"{self.paths[0]}: llama.cpp could not load the model: {llama.last_error(lines)}")
         self.ptr = ptr
         self._load_log = lines
+        self.buffers = llama.buffer_sizes(lines)  # the weights' buffers per device
         self.vocab = lc.llama_model_get_vocab(ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = lc.llama_model_n_ctx_train(ptr)
@@ -120,6 +133,8 @@ class LoadedModel:
             if getattr(self, "ptr", None):
                 lc.llama_model_free(self.ptr)
                 self.ptr = None
+                if self.placement is not None:
+                    rpc.release(self.placement.endpoints)
 
     def __del__(self) -> None:  # best effort; close() is the contract
         try:
@@ -185,9 +200,8 @@ class LoadedModel:
         head_dim = self.n_embd // n_head
         k_len = int(self.meta(f"{arch}.attention.key_length") or head_dim)
         v_len = int(self.meta(f"{arch}.attention.value_length") or head_dim)
-        per_element = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-                       "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}.get(kv_cache_type, 2.0)
-        return self.n_layer * n_head_kv * (k_len + v_len) * per_element
+        kv_type = KV_CACHE_TYPES.get(kv_cache_type) or KV_CACHE_TYPES["f16"]
+        return self.n_layer * n_head_kv * (k_len + v_len) * kv_type.type_size / kv_type.block_size
 
     def default_num_ctx(self) -> int:
         return min(4096, self.n_ctx_train) if self.n_ctx_train > 0 else 4096
@@ -293,11 +307,11 @@ class Context:
         params.swa_full = True
         if embeddings:
             params.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
-        kv_type = llama.GGML_TYPES.get(o["kv_cache_type"])
+        kv_type = KV_CACHE_TYPES.get(o["kv_cache_type"])
         if kv_type is None:
             raise OptionError(f"kv_cache_type {o['kv_cache_type']!r} is not supported")
-        params.type_k = kv_type
-        params.type_v = kv_type
+        params.type_k = kv_type.id
+        params.type_v = kv_type.id
         # None: llama.cpp's own choice (AUTO: on where the backend supports it),
         # which is also what its tools (llama-bench, llama-server) use.
         fa = o["flash_attn"]
@@ -385,7 +399,7 @@ class Context:
         kv = sum(v for k, v in self.buffers.items() if k.endswith(" KV") or k.endswith(" RS"))
         compute = sum(v for k, v in self.buffers.items() if k.endswith(" compute"))
         output = sum(v for k, v in self.buffers.items() if k.endswith(" output"))
-        gpu = sum(v for k, v in self.buffers.items() if not k.startswith("CPU"))
+        gpu = sum(v for k, v in self.buffers.items() if not k.startswith(("CPU", "RPC")))
         return MemoryReport(
             model_bytes=self.model.size_bytes,
             kv_cache_bytes=kv,
@@ -394,6 +408,7 @@ class Context:
             rss_bytes=psutil.Process().memory_info().rss,
             gpu_bytes=gpu,
             details=dict(self.buffers),
+            devices=llama.device_totals({**self.model.buffers, **self.buffers}),
         )
 
 

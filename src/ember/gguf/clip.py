@@ -31,28 +31,33 @@ def check_projector(path: str | os.PathLike[str], model_n_embd: int | None = Non
     dim = meta.get("clip.vision.projection_dim")
     if model_n_embd is not None and dim != model_n_embd:
         raise InvalidFileError(f"{path}: the projector makes {dim}-wide embeddings but {model_name} takes {model_n_embd}; they are not from the same model")
-    _check_tensors(path, meta, {t.name: t for t in header.tensors})
+    try:
+        check_clip(meta, {t.name: (t.shape, t.type.name) for t in header.tensors})
+    except InvalidFileError as e:
+        raise InvalidFileError(f"{path}: {e}") from None
     return meta
 
 
-def _check_tensors(path: Path, meta: dict[str, Any], tensors: dict[str, Any]) -> None:
+def check_clip(meta: dict[str, Any], tensors: dict[str, tuple[tuple[int, ...], str]]) -> None:
     """Every tensor libmtmd's graph for this projector type uses, with the
     shape the hyperparameters imply: its graph builders assert (and abort the
-    process) where a Python check can refuse the file instead."""
+    process) where a Python check can refuse the file instead. ``meta`` holds
+    the scalar keys, ``tensors`` each tensor's shape (ggml order, ne[0] first)
+    and type name; the converter checks what it is about to write the same way."""
     ptype = str(meta.get("clip.projector_type") or meta.get("clip.vision.projector_type") or "")
     if ptype not in _SUPPORTED:
-        raise InvalidFileError(f"{path}: projector type {ptype!r} is not supported; Ember runs {', '.join(sorted(_SUPPORTED))} projectors")
+        raise InvalidFileError(f"projector type {ptype!r} is not supported; Ember runs {', '.join(sorted(_SUPPORTED))} projectors")
 
     def u(key: str) -> int:
         v = meta.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 1 << 20:
-            raise InvalidFileError(f"{path}: {key} is {v!r}; the projector's hyperparameters are missing or out of range")
+            raise InvalidFileError(f"{key} is {v!r}; the projector's hyperparameters are missing or out of range")
         return v
 
     e, f, n_layer, n_head = u("clip.vision.embedding_length"), u("clip.vision.feed_forward_length"), u("clip.vision.block_count"), u("clip.vision.attention.head_count")
     p, size, d = u("clip.vision.patch_size"), u("clip.vision.image_size"), u("clip.vision.projection_dim")
     if e % n_head or (e // n_head) % 4:
-        raise InvalidFileError(f"{path}: embedding_length {e} does not split into {n_head} heads of a size divisible by 4")
+        raise InvalidFileError(f"embedding_length {e} does not split into {n_head} heads of a size divisible by 4")
     need: dict[str, tuple[int, ...]] = {"v.patch_embd.weight": (p, p, 3, e)}
     maybe: dict[str, tuple[int, ...]] = {"v.patch_embd.bias": (e,), "v.post_ln.weight": (e,), "v.post_ln.bias": (e,)}
     for i in range(n_layer):
@@ -72,7 +77,7 @@ def _check_tensors(path: Path, meta: dict[str, Any], tensors: dict[str, Any]) ->
         k = int(meta.get("clip.vision.projector.scale_factor") or 0)
         grid = size // p
         if size % p or k <= 0 or grid % k:
-            raise InvalidFileError(f"{path}: image_size {size}, patch_size {p} and scale_factor {k} do not tile evenly")
+            raise InvalidFileError(f"image_size {size}, patch_size {p} and scale_factor {k} do not tile evenly")
         need |= {"v.class_embd": (e,), "v.position_embd.weight": (e, grid * grid + 1), "mm.model.mlp.0.weight": (e * k * k,),
                  "mm.model.mlp.1.weight": (e * k * k, d), "mm.model.mlp.3.weight": (d, d)}
         maybe |= {"mm.model.mlp.0.bias": (e * k * k,), "mm.model.mlp.1.bias": (d,), "mm.model.mlp.3.bias": (d,)}
@@ -80,25 +85,25 @@ def _check_tensors(path: Path, meta: dict[str, Any], tensors: dict[str, Any]) ->
         k = int(meta.get("clip.vision.projector.scale_factor") or 4)
         grid = size // p
         if size % p or k <= 0 or grid % k:
-            raise InvalidFileError(f"{path}: image_size {size}, patch_size {p} and scale_factor {k} do not pool evenly")
+            raise InvalidFileError(f"image_size {size}, patch_size {p} and scale_factor {k} do not pool evenly")
         need |= {"v.position_embd.weight": (e, grid * grid), "mm.input_projection.weight": (d, e), "mm.soft_emb_norm.weight": (e,)}
     else:  # qwen2.5vl_merger
         if not meta.get("clip.vision.n_wa_pattern"):
-            raise InvalidFileError(f"{path}: clip.vision.n_wa_pattern is missing; a Qwen2.5-VL projector needs it")
+            raise InvalidFileError("clip.vision.n_wa_pattern is missing; a Qwen2.5-VL projector needs it")
         need |= {"v.patch_embd.weight.1": (p, p, 3, e), "v.post_ln.weight": (e,), "mm.0.weight": (4 * e, 4 * e), "mm.2.weight": (4 * e, d)}
         maybe |= {"mm.0.bias": (4 * e,), "mm.2.bias": (d,)}
         if "v.patch_embd.bias" in tensors or "v.class_embd" in tensors:
-            raise InvalidFileError(f"{path}: a Qwen2.5-VL projector has no patch bias or class embedding")
+            raise InvalidFileError("a Qwen2.5-VL projector has no patch bias or class embedding")
     for name in need:
         if name not in tensors:
-            raise InvalidFileError(f"{path}: tensor {name!r} is missing; the projector is incomplete")
+            raise InvalidFileError(f"tensor {name!r} is missing; the projector is incomplete")
     for name, shape in [*need.items(), *maybe.items()]:
         t = tensors.get(name)
-        if t is not None and _squeeze(t.shape) != _squeeze(shape):
-            raise InvalidFileError(f"{path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)} for these hyperparameters")
+        if t is not None and _squeeze(t[0]) != _squeeze(shape):
+            raise InvalidFileError(f"tensor {name!r} has shape {list(t[0])}, expected {list(shape)} for these hyperparameters")
     for name in ("v.patch_embd.weight", "v.patch_embd.weight.1"):
-        if name in tensors and tensors[name].type.name not in ("F32", "F16"):
-            raise InvalidFileError(f"{path}: tensor {name!r} is {tensors[name].type.name}; the patch convolution needs F32 or F16")
+        if name in tensors and tensors[name][1] not in ("F32", "F16"):
+            raise InvalidFileError(f"tensor {name!r} is {tensors[name][1]}; the patch convolution needs F32 or F16")
 
 
 _SUPPORTED = ("internvl", "gemma3", "qwen2.5vl_merger")

@@ -78,6 +78,18 @@ def file_type_name(code: int) -> str:
     return name
 
 
+def format_params(n: int) -> str:
+    """A parameter count as Ollama writes it (its ``format.HumanNumber``):
+    7.6B, 8B, 268.10M, 500M, 12K, 999. The one formatter for every listing."""
+    for unit, size, decimals in (("B", 1_000_000_000, 1), ("M", 1_000_000, 2)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.{decimals}f}{unit}"
+    if n >= 1_000:
+        return f"{n / 1_000:.0f}K"
+    return str(n)
+
+
 def summarize_value(kv: KeyValue) -> Any:
     """A small JSON-friendly form of a metadata value: big arrays and long
     strings are replaced by a description."""

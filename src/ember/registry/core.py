@@ -1,5 +1,5 @@
 """Reading the registry: resolve a name (or a GGUF path) to what the engine
-loads, list, show, copy and delete models."""
+loads, list, copy and delete models."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from ember import options
+from ember.demo import demo_model_path
 from ember.errors import EmberError, InvalidFileError, InvalidNameError, ModelNotFoundError
-from ember.registry import ggufmeta, store
-from ember.registry.modelfile import Modelfile, parameter_lines
+from ember.fsutil import path_kind
+from ember.registry import bundled, ggufmeta, store
 from ember.registry.names import parse_name
-
-DEMO_NAMES = ("demo", "demo:latest")
 
 
 @dataclass
@@ -44,49 +43,52 @@ class ModelEntry:
     modified_at: datetime
     details: dict[str, Any] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        """One model of Ollama's ``/api/tags`` (and ``ember list --json``)."""
+        return {"name": self.name, "model": self.name, "modified_at": iso_time(self.modified_at), "size": self.size,
+                "digest": self.digest.removeprefix("sha256:"), "details": self.details}
 
-@dataclass
-class ModelDetails:
-    name: str
-    modelfile: str
-    parameters: str  # Ollama's text form: one "name value" per line
-    template: str | None
-    system: str | None
-    license: list[str]
-    messages: list[dict[str, str]]
-    details: dict[str, Any]
-    model_info: dict[str, Any]
-    digest: str | None
-    modified_at: datetime | None
-    resolved: ResolvedModel
+
+def iso_time(t: datetime) -> str:
+    """A time as Ollama's JSON writes it (UTC, ``Z``)."""
+    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """A user's name or path, quoted and cut short for a one-line message."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def _mtime(t: float) -> datetime:
     return datetime.fromtimestamp(t, tz=timezone.utc)
 
 
-def find_model(name: str) -> store.Manifest | None:
-    """The manifest of a registry name (case-insensitive), or None."""
+def find_model(name: str, *, register_demo: bool = True) -> store.Manifest | None:
+    """The manifest of a registry name (case-insensitive), or None. Asking for
+    ``demo`` registers the bundled demo model when it is missing."""
     mname = parse_name(name)
     path = store.find_manifest_path(mname)
-    if path is None:
-        return None
-    m = store.read_manifest(path)
-    return m
+    if path is not None:
+        return store.read_manifest(path)
+    if register_demo and bundled.is_demo(mname):
+        try:
+            return bundled.register()
+        except OSError:  # a registry that cannot be written to: resolve() loads the file itself
+            return None
+    return None
 
 
-def _require(name: str) -> store.Manifest:
-    m = find_model(name)
+def _require(name: str, *, register_demo: bool = True) -> store.Manifest:
+    m = find_model(name, register_demo=register_demo)
     if m is None:
-        raise ModelNotFoundError(f"model {name!r} not found; see 'ember list', or get it with 'ember pull' or 'ember create'")
+        raise ModelNotFoundError(f"model {shown(name)} not found; see 'ember list', or get it with 'ember pull' or 'ember create'")
     return m
 
 
 def resolve(name_or_path: str) -> ResolvedModel:
     """A registry name (case-insensitive) or a GGUF file (any shard of a split
-    model) -> what to load. ``demo`` falls back to the bundled demo model."""
+    model) -> what to load."""
     text = str(name_or_path)
-    manifest = None
     try:
         manifest = find_model(text)
     except InvalidNameError:
@@ -94,15 +96,16 @@ def resolve(name_or_path: str) -> ResolvedModel:
     if manifest is not None:
         return from_manifest(manifest)
     path = Path(os.path.expanduser(text))
-    if path.is_file():
+    kind = path_kind(path)
+    if kind == "file":
         return _from_file(path)
-    if text.lower() in DEMO_NAMES:
-        from ember.demo import demo_model_path
-
-        return _from_file(Path(demo_model_path()), name="demo:latest")
-    if path.is_dir():
-        raise ModelNotFoundError(f"{text} is a folder; convert it with 'ember convert' or register it with 'ember create NAME --from {text}'")
-    raise ModelNotFoundError(f"model {text!r} not found: no such model in the registry and no such file; see 'ember list', or get it with 'ember pull'")
+    if bundled.is_demo_text(text):
+        return _from_file(demo_model_path(), name="demo:latest")
+    if kind == "dir":
+        raise ModelNotFoundError(f"{shown(text)} is a folder; convert it with 'ember convert' or register it with 'ember create NAME --from FOLDER'")
+    if kind == "other":
+        raise ModelNotFoundError(f"{shown(text, 200)} is not a regular file (a pipe or device); give a GGUF file or a model name")
+    raise ModelNotFoundError(f"model {shown(text)} not found: no such model in the registry and no such file; see 'ember list', or get it with 'ember pull'")
 
 
 def _from_file(path: Path, name: str | None = None) -> ResolvedModel:
@@ -168,16 +171,14 @@ def from_manifest(m: store.Manifest) -> ResolvedModel:
     )
 
 
-def _config(m: store.Manifest) -> dict[str, Any]:
+def details_of(m: store.Manifest) -> dict[str, Any]:
+    """Ollama's ``details`` of a model, from its config blob."""
     try:
         cfg = store.read_blob_json(m.config.digest)
-        return cfg if isinstance(cfg, dict) else {}
     except (OSError, ValueError):
-        return {}
-
-
-def details_of(m: store.Manifest) -> dict[str, Any]:
-    cfg = _config(m)
+        cfg = {}
+    if not isinstance(cfg, dict):
+        cfg = {}
     family = cfg.get("model_family") or ""
     return {
         "parent_model": cfg.get("parent_model", ""),
@@ -190,7 +191,9 @@ def details_of(m: store.Manifest) -> dict[str, Any]:
 
 
 def list_models() -> list[ModelEntry]:
-    """Every model in the registry, newest first."""
+    """Every model in the registry, newest first (a registry's first listing
+    registers the demo model; see :mod:`ember.registry.bundled`)."""
+    bundled.offer()
     out = []
     for p in store.iter_manifests():
         try:
@@ -200,91 +203,6 @@ def list_models() -> list[ModelEntry]:
         out.append(ModelEntry(m.name.display, m.digest, sum(layer.size for layer in m.layers), _mtime(m.mtime), details_of(m)))
     out.sort(key=lambda e: e.modified_at, reverse=True)
     return out
-
-
-def show_model(name: str) -> ModelDetails:
-    """Details of a registry model, or of what :func:`resolve` finds for a GGUF
-    path or ``demo`` (then from the file's own metadata)."""
-    try:
-        m = find_model(name)
-    except InvalidNameError:
-        m = None
-    if m is None:
-        return _show_file(resolve(name))
-    r = from_manifest(m)
-    info: dict[str, Any] = {}
-    try:
-        gi = ggufmeta.read_info(r.model_paths[0])
-        info = dict(gi.metadata)
-        if len(r.model_paths) > 1:
-            info["general.parameter_count"] = sum(ggufmeta.read_info(p).n_params for p in r.model_paths)
-        else:
-            info["general.parameter_count"] = gi.n_params
-    except EmberError:
-        pass
-    return ModelDetails(
-        name=m.name.display,
-        modelfile=modelfile_text(r),
-        parameters="\n".join(_param_text(r.parameters)),
-        template=r.template,
-        system=r.system,
-        license=r.license,
-        messages=r.messages,
-        details=details_of(m),
-        model_info=info,
-        digest=m.digest,
-        modified_at=r.modified_at,
-        resolved=r,
-    )
-
-
-def _show_file(r: ResolvedModel) -> ModelDetails:
-    infos = [ggufmeta.read_info(p) for p in r.model_paths]
-    first = infos[0]
-    info = dict(first.metadata)
-    info["general.parameter_count"] = sum(i.n_params for i in infos)
-    arch = first.architecture or ""
-    details = {
-        "parent_model": "",
-        "format": "gguf",
-        "family": arch,
-        "families": [arch] if arch else None,
-        "parameter_size": ggufmeta.format_params(sum(i.n_params for i in infos)),
-        "quantization_level": first.file_type or "",
-    }
-    return ModelDetails(
-        name=r.name, modelfile=modelfile_text(r), parameters="", template=None, system=None, license=[],
-        messages=[], details=details, model_info=info, digest=None, modified_at=r.modified_at, resolved=r,
-    )
-
-
-def _param_text(params: dict[str, Any]) -> list[str]:
-    lines = []
-    for line in parameter_lines(params):
-        _, name, value = line.split(" ", 2)
-        lines.append(f"{name:<30} {value}")
-    return lines
-
-
-def modelfile_text(r: ResolvedModel) -> str:
-    """Ollama's ``show --modelfile``: FROM the blob paths, so the text creates
-    the same model again."""
-    out = [
-        '# Modelfile generated by "ember show"',
-        "# To build a new Modelfile based on this, replace FROM with:",
-        f"# FROM {r.name}",
-        "",
-    ]
-    body = Modelfile(
-        from_=[str(p) for p in r.model_paths + r.projector_paths],
-        adapters=[str(p) for p in r.adapter_paths],
-        template=r.template,
-        system=r.system,
-        parameters=r.parameters,
-        messages=r.messages,
-        licenses=r.license,
-    )
-    return "\n".join(out) + "\n" + body.to_text()
 
 
 def copy_model(src: str, dst: str) -> None:
@@ -297,7 +215,6 @@ def copy_model(src: str, dst: str) -> None:
 
 def delete_model(name: str) -> None:
     """``ember rm``: remove the manifest, then blobs nothing else references."""
-    m = _require(name)
+    m = _require(name, register_demo=False)
     store.delete_manifest(m.path)
     store.prune({m.config.digest, *(layer.digest for layer in m.layers)})
-

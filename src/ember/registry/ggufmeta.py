@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import InvalidFileError
+from ember.fsutil import open_regular
+from ember.gguf import GGUFHeader, parse_shard_name, read_header, validate_model
+from ember.gguf import find_shards as _find_shards
+from ember.gguf.inspect import file_type_name, summarize_value
 
 GGUF_MAGIC = b"GGUF"
 
@@ -26,6 +30,7 @@ class GGUFInfo:
     n_params: int  # elements in this file's tensors
     n_tensors: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    header: GGUFHeader | None = field(default=None, repr=False)
 
     @property
     def is_projector(self) -> bool:
@@ -37,19 +42,18 @@ class GGUFInfo:
 
 
 def is_gguf(path: Path) -> bool:
+    """True for a regular file that starts with GGUF's magic (a FIFO or device
+    is never opened for reading)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return f.read(4) == GGUF_MAGIC
-    except OSError:
+    except (OSError, InvalidFileError):
         return False
 
 
 def read_info(path: Path) -> GGUFInfo:
     """Read and check one GGUF file with :func:`ember.gguf.read_header` (a strict,
     bounded parser: files given to llama.cpp are untrusted)."""
-    from ember.gguf import read_header
-    from ember.gguf.inspect import file_type_name, summarize_value
-
     path = Path(path)
     if not is_gguf(path):
         raise InvalidFileError(f"{path} is not a GGUF file (no GGUF magic); give a .gguf file, a model folder or a model name")
@@ -65,13 +69,12 @@ def read_info(path: Path) -> GGUFInfo:
         n_params=sum(t.n_elements for t in h.tensors),
         n_tensors=len(h.tensors),
         metadata={k: summarize_value(kv) for k, kv in h.kv.items()},
+        header=h,
     )
 
 
 def check_model(paths: list[Path]) -> None:
     """Cross-shard checks of an ordered shard list (:func:`ember.gguf.validate_model`)."""
-    from ember.gguf import validate_model
-
     validate_model([Path(p) for p in paths])
 
 
@@ -79,19 +82,6 @@ def find_shards(path: Path) -> list[Path]:
     """All shards of the split model ``path`` belongs to, in order, when the file
     has llama.cpp's shard name; otherwise just ``[path]`` (a blob or a renamed
     shard: its split metadata is checked against the other FROM files)."""
-    from ember.gguf import find_shards as _find, parse_shard_name
-
     if parse_shard_name(path) is None:
         return [Path(path)]
-    return [Path(p) for p in _find(path)]
-
-
-def format_params(n: int) -> str:
-    """Ollama's human parameter count: 7.6B, 268.10M."""
-    if n >= 1_000_000_000:
-        return f"{n / 1e9:.1f}B"
-    if n >= 1_000_000:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1_000:
-        return f"{n / 1e3:.2f}K"
-    return str(n)
+    return [Path(p) for p in _find_shards(path)]

@@ -1,7 +1,8 @@
 """Model names with Ollama's rules: ``[host/][namespace/]model[:tag]``.
 
 Defaults are ``registry.ollama.ai``, ``library`` and ``latest``; lookups are
-case-insensitive. A name becomes a path under ``manifests/`` so the rules are
+case-insensitive. Names whose host is Hugging Face's or ModelScope's are hub
+references (:func:`parse_hub_ref`): ``hf.co/USER/REPO[:QUANT]``. A name becomes a path under ``manifests/`` so the rules are
 also a security boundary: only letters, digits, ``_``, ``-`` and ``.`` (no
 ``..``; no ``.`` in a namespace; ``:`` only for a host's port), and every part
 starts with a letter, digit or ``_``, so no part is ever ``.``, ``..`` or empty.
@@ -13,9 +14,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember import settings
 from ember.errors import InvalidNameError
 
 DEFAULT_HOST = "registry.ollama.ai"
+HF_HOSTS = ("hf.co", "huggingface.co", "www.huggingface.co")
+MS_HOSTS = ("modelscope.cn", "www.modelscope.cn", "modelscope.co")
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
 
@@ -126,3 +130,43 @@ def is_valid_name(text: str) -> bool:
     except InvalidNameError:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A Hugging Face or ModelScope repository to pull."""
+
+    source: str  # "hf" or "modelscope"
+    repo: str  # user/repo
+    quant: str | None
+    name: str  # registry name: hf.co/user/repo:quant or modelscope.cn/user/repo:quant
+
+
+def _strip_scheme(text: str) -> str:
+    for scheme in ("https://", "http://"):
+        if text.lower().startswith(scheme):
+            return text[len(scheme):]
+    return text
+
+
+def is_hub_ref(text: str) -> bool:
+    """A reference whose host is Hugging Face's or ModelScope's."""
+    return _strip_scheme(text.strip()).split("/", 1)[0].lower() in HF_HOSTS + MS_HOSTS
+
+
+def parse_hub_ref(text: str) -> HubRef:
+    """``hf.co/USER/REPO[:QUANT]`` (also ``huggingface.co/...``) or
+    ``modelscope.cn/USER/REPO[:QUANT]``; ``EMBER_PULL_SOURCE=modelscope``
+    sends Hugging Face references to ModelScope."""
+    parts = _strip_scheme(text.strip()).split("/")
+    host = parts[0].lower()
+    if host not in HF_HOSTS + MS_HOSTS or len(parts) != 3:
+        raise InvalidNameError(f"cannot pull {text!r} from a hub: use hf.co/USER/REPO[:QUANT] or modelscope.cn/USER/REPO[:QUANT]")
+    user, repo_tag = parts[1:]
+    repo, _, quant = repo_tag.partition(":")
+    if ":" in repo_tag and not quant:
+        raise InvalidNameError(f"cannot pull {text!r}: empty quantization after ':'")
+    source = "modelscope" if host in MS_HOSTS or settings.pull_source() == "modelscope" else "hf"
+    name = f"{'hf.co' if host in HF_HOSTS else 'modelscope.cn'}/{user}/{repo}:{quant or 'latest'}"
+    parse_name(name)  # validates (bad characters, '..', lengths)
+    return HubRef(source, f"{user}/{repo}", quant or None, name)

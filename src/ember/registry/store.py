@@ -9,16 +9,21 @@ its final name; the manifest is written (atomically) after every blob it names
 exists. A killed ``create`` therefore leaves at most a stray temporary file or
 an unreferenced blob, never a manifest that points at a missing or partial blob.
 
-Pruning vs. concurrent creates: a create holds a *shared* ``flock`` on
-``.lock`` from its first blob write to its manifest write; pruning needs the
-*exclusive* lock and is skipped (not waited for) when any create is running, so
-it never removes a blob or temporary file that a running create is about to
-reference (the kernel drops the lock of a killed process). Pruning then removes
-at once the layers of the manifest just deleted or replaced that nothing else
-references; other unreferenced files (leftovers of killed creates, blobs
-uploaded through the API for a create still to come) only once they are an
-hour old, so a client's upload-then-create is never raced. Where ``fcntl`` is
-missing (Windows) only those candidates and files older than a day go.
+Pruning vs. concurrent writers: a create or pull holds a *shared* ``flock``
+on ``.lock`` from its first blob write to its manifest write; pruning needs the
+*exclusive* lock and is skipped (not waited for) while any writer runs, so it
+never removes a blob that a running create is about to reference (the kernel
+drops the lock of a killed process). Pruning removes at once the layers of the
+manifest just deleted or replaced that nothing else references, and the
+temporary files and work folders of processes that no longer exist (their
+names carry the writer's host and process id: a killed create); other
+unreferenced files (blobs uploaded through the API for a create still to come,
+temporary files of live or foreign processes) only once they are an hour old,
+so a client's upload-then-create is never raced. Where ``fcntl`` is missing
+(Windows) only those candidates and files older than a day go.
+
+Downloads of a pull (``downloads/``) are kept between runs so a pull resumes;
+pruning removes those untouched for a week.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -36,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from ember import settings
-from ember.errors import InvalidFileError
-from ember.fsutil import atomic_write_bytes
+from ember.errors import DigestMismatchError, InvalidFileError
+from ember.fsutil import atomic_write_bytes, link_or_copy, open_regular
 from ember.progress import ProgressCallback
 from ember.registry.names import ModelName
 
@@ -60,8 +67,12 @@ MEDIA_LICENSE = "application/vnd.ollama.image.license"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 4 << 20
 TMP_PREFIX = ".partial-"
+# Temporary names: .partial-<host hash>-<pid>-<random>, so pruning can tell a
+# killed writer's leftovers (same host, process gone) from a live one's.
+_OWNED = re.compile(r"\.partial-([0-9a-f]{8})-(\d+)-")
 GRACE_S = 3600.0
 UNLOCKED_GRACE_S = 24 * 3600
+DOWNLOAD_GRACE_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -109,7 +120,7 @@ def _hash_file(path: Path, label: str, progress: ProgressCallback | None) -> tup
     h = hashlib.sha256()
     total = path.stat().st_size
     done = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             done += len(chunk)
@@ -124,6 +135,30 @@ def hash_file(path: Path, progress: ProgressCallback | None = None) -> tuple[str
     return _hash_file(path, f"hashing {path.name}", progress)
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_prefix() -> str:
+    """Prefix of this process's temporary blobs and work folders."""
+    return f"{TMP_PREFIX}{_host_tag()}-{os.getpid()}-"
+
+
+def _orphaned(name: str) -> bool:
+    """True when ``name`` is a temporary file of a process on this host that
+    no longer exists (a killed create or pull)."""
+    m = _OWNED.match(name)
+    if m is None or fcntl is None or m.group(1) != _host_tag():
+        return False  # no owner recorded, another host, or Windows (os.kill would terminate)
+    try:
+        os.kill(int(m.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return False
+
+
 def has_blob(digest: str, size: int | None = None) -> bool:
     p = blob_path(digest)
     try:
@@ -133,17 +168,17 @@ def has_blob(digest: str, size: int | None = None) -> bool:
     return size is None or st.st_size == size
 
 
-def _temp_blob() -> Path:
+def temp_blob() -> Path:
+    """A new empty temporary file in ``blobs/`` (install it with :func:`install`)."""
     d = blobs_dir()
     d.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".tmp", dir=d)
     os.close(fd)
     return Path(tmp)
 
 
-def _install(tmp: Path, digest: str) -> None:
+def install(tmp: Path, digest: str) -> None:
+    """Rename a complete, verified temporary blob to its final name (fsynced)."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, blob_path(digest))
@@ -164,17 +199,20 @@ def add_file(path: Path, progress: ProgressCallback | None = None, *, move: bool
     only if both hashes agree (the source did not change underneath us).
     ``move=True`` renames the file into place instead of copying (same file
     system: downloads and conversions). ``expected`` is a digest the content
-    must have (a pull's advertised sha256).
+    must have (a pull's advertised sha256): :class:`DigestMismatchError`
+    otherwise, and nothing is stored.
     """
     digest, size = hash_file(path, progress)
     if expected and digest != expected:
-        raise InvalidFileError(f"{path}: sha256 {digest[7:19]}... does not match the expected {expected[7:19]}...; download it again")
+        raise DigestMismatchError(
+            f"{path}: sha256 {digest[7:19]}... does not match the expected {expected[7:19]}...", expected, digest
+        )
     if has_blob(digest, size):
         if move:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         return digest, size
-    tmp = _temp_blob()
+    tmp = temp_blob()
     try:
         if move:
             os.replace(path, tmp)
@@ -182,7 +220,7 @@ def add_file(path: Path, progress: ProgressCallback | None = None, *, move: bool
             h = hashlib.sha256()
             label = f"copying {path.name}"
             done = 0
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
+            with open_regular(path) as src, open(tmp, "wb") as dst:
                 while chunk := src.read(_CHUNK):
                     h.update(chunk)
                     dst.write(chunk)
@@ -191,21 +229,41 @@ def add_file(path: Path, progress: ProgressCallback | None = None, *, move: bool
                         progress(label, done, size)
             if "sha256:" + h.hexdigest() != digest:
                 raise InvalidFileError(f"{path} changed while it was being stored; try again")
-        _install(tmp, digest)
+        install(tmp, digest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return digest, size
 
 
+def add_known_file(path: Path, digest: str) -> int:
+    """Store a file whose digest is already known and verified (the demo
+    model, checked by its package) without reading it: a hard link, reflink
+    or copy into a temporary blob, then renamed. Returns the size."""
+    size = path.stat().st_size
+    if has_blob(digest, size):
+        return size
+    tmp = temp_blob()
+    try:
+        tmp.unlink()
+        link_or_copy(path, tmp)
+        if tmp.stat().st_size != size:
+            raise InvalidFileError(f"{path} changed while it was being stored; try again")
+        install(tmp, digest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return size
+
+
 def add_bytes(data: bytes) -> tuple[str, int]:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     if has_blob(digest, len(data)):
         return digest, len(data)
-    tmp = _temp_blob()
+    tmp = temp_blob()
     try:
         tmp.write_bytes(data)
-        _install(tmp, digest)
+        install(tmp, digest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -245,8 +303,10 @@ def manifest_bytes(config: Layer, layers: list[Layer]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def write_manifest(name: ModelName, config: Layer, layers: list[Layer]) -> str:
-    """Write a manifest after checking every blob it names exists with its size.
+def write_manifest(name: ModelName, config: Layer, layers: list[Layer], data: bytes | None = None) -> str:
+    """Write a manifest after checking every blob it names exists with its size;
+    return its digest. ``data`` is the manifest's text when it came from a
+    registry (kept byte for byte, so its digest is the registry's).
 
     Any other spelling of the same name (names are case-insensitive) is
     removed afterwards, so one name has one manifest.
@@ -254,7 +314,8 @@ def write_manifest(name: ModelName, config: Layer, layers: list[Layer]) -> str:
     for layer in [config, *layers]:
         if not has_blob(layer.digest, layer.size):
             raise InvalidFileError(f"blob {layer.digest} is missing or incomplete; create the model again")
-    data = manifest_bytes(config, layers)
+    if data is None:
+        data = manifest_bytes(config, layers)
     existing = find_manifest_path(name)
     path = manifests_dir() / name.manifest_relpath()
     atomic_write_bytes(path, data)
@@ -292,18 +353,30 @@ def read_manifest(path: Path) -> Manifest:
     rel = path.relative_to(manifests_dir()).parts
     name = ModelName(*rel) if len(rel) == 4 else ModelName("?", "?", "?", "?")
     try:
-        doc = json.loads(data)
-        config = _layer(doc["config"])
-        layers = [_layer(x) for x in doc.get("layers") or []]
-    except (ValueError, KeyError, TypeError) as e:
+        config, layers = parse_manifest(data)
+    except InvalidFileError as e:
         raise InvalidFileError(f"manifest {path} is damaged ({e}); remove the model with 'ember rm' and create it again") from None
     return Manifest(config, layers, "sha256:" + hashlib.sha256(data).hexdigest(), path, name, path.stat().st_mtime)
 
 
+def parse_manifest(data: bytes) -> tuple[Layer, list[Layer]]:
+    """(config, layers) of a manifest's JSON; every digest is checked for its
+    form (a digest becomes a file name) and every size for its type."""
+    try:
+        doc = json.loads(data)
+        config = _layer(doc["config"])
+        layers = [_layer(x) for x in doc.get("layers") or []]
+    except (ValueError, KeyError, TypeError, AttributeError, InvalidFileError) as e:
+        raise InvalidFileError(f"not a valid manifest ({type(e).__name__}: {e})") from None
+    return config, layers
+
+
 def _layer(x: dict[str, Any]) -> Layer:
-    digest = x["digest"]
+    digest, media, size = x["digest"], x["mediaType"], x["size"]
     blob_path(digest)  # validates the digest's form (no path tricks)
-    return Layer(x["mediaType"], digest, int(x["size"]))
+    if not isinstance(media, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise TypeError(f"layer {digest[:19]}... has a bad mediaType or size")
+    return Layer(media, digest, size)
 
 
 def iter_manifests() -> Iterator[Path]:
@@ -388,35 +461,53 @@ def referenced_digests() -> set[str]:
 def _prune(candidates: set[str], min_age: float) -> list[str]:
     used = referenced_digests()
     now = time.time()
-    removed = []
+
+    def stale(p: Path, age: float = min_age) -> bool:
+        try:
+            return _orphaned(p.name) or now - p.stat().st_mtime >= age
+        except FileNotFoundError:
+            return False
+
     mdir = manifests_dir()  # temporary files of manifest writes that were killed
     if mdir.is_dir():
         for t in mdir.glob("*/*/*/.*.tmp"):
-            with contextlib.suppress(OSError):
-                if now - t.stat().st_mtime >= min_age:
+            if stale(t):
+                with contextlib.suppress(OSError):
                     t.unlink()
-    work = root() / "tmp"  # work folders of creates (conversions, quantizations)
-    if work.is_dir():
-        for d in work.iterdir():
-            with contextlib.suppress(OSError):
-                if now - d.stat().st_mtime >= min_age:
-                    shutil.rmtree(d) if d.is_dir() else d.unlink()
+    for folder, age in ((root() / "tmp", min_age), *((d, DOWNLOAD_GRACE_S) for d in _download_dirs())):
+        # work folders of creates (conversions, quantizations), API uploads; downloads of pulls
+        if folder.is_dir():
+            for d in folder.iterdir():
+                if stale(d, age):
+                    with contextlib.suppress(OSError):
+                        shutil.rmtree(d) if d.is_dir() else d.unlink()
+    removed = []
     for b in blobs_dir().iterdir():
-        try:
-            mtime = b.stat().st_mtime
-        except FileNotFoundError:
-            continue
         if b.name.startswith(TMP_PREFIX):
-            if now - mtime < min_age:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                b.unlink()
+            if stale(b):
+                with contextlib.suppress(FileNotFoundError):
+                    b.unlink()
             continue
         digest = b.name.replace("-", ":", 1)
-        if digest not in candidates and now - mtime < min_age:
+        if digest not in candidates and not stale(b):
             continue
         if _DIGEST.fullmatch(digest) and digest not in used:
             with contextlib.suppress(FileNotFoundError):
                 b.unlink()
             removed.append(digest)
     return removed
+
+
+def downloads_dir() -> Path:
+    """Resumable downloads of pulls (kept between runs, pruned after a week)."""
+    return root() / "downloads"
+
+
+def _download_dirs() -> list[Path]:
+    d = downloads_dir()
+    return [p for p in d.iterdir() if p.is_dir()] if d.is_dir() else []
+
+
+# The server's blob upload route used these names before they became public.
+_temp_blob = temp_blob
+_install = install

@@ -562,6 +562,7 @@ async def ps(request: Request) -> Any:
             "expires_at": e.expires_iso(), "size_vram": 0, "context_length": info.num_ctx,
             "num_parallel": info.num_parallel, "active_requests": e.refs,
             "running": e.model.scheduler.active,
+            "devices": _devices(e.model),
         })
     return {"models": out}
 
@@ -572,6 +573,14 @@ def _kv_bytes(model: Any) -> int:
         return int(m.kv_cache_bytes + m.compute_bytes)
     except Exception:  # noqa: BLE001 - a report, never a failure
         return 0
+
+
+def _devices(model: Any) -> dict[str, dict[str, int]]:
+    """Bytes per device (CPU, GPUs, RPC workers) and kind: what went where."""
+    try:
+        return dict(model.memory.devices)
+    except Exception:  # noqa: BLE001 - a report, never a failure
+        return {}
 
 
 def _param_size(n: int) -> str:

@@ -1,40 +1,32 @@
-"""What every vision projector converter shares: a plan of output tensors made
-from checkpoint headers, the clip keys common to all towers, and a streaming
-write through gguf-py's ``GGUFWriter`` (tensor infos first, then one tensor's
-data at a time), so peak memory is one tensor, not one tower.
+"""What every vision projector converter shares. A projector is a companion
+output of a vision-language checkpoint (:meth:`ember.convert.base.Model.companions`
+of its language model): llama.cpp's ``clip`` GGUF (``general.type`` mmproj)
+that libmtmd loads beside the language model, written by the same plan and
+writer as the model, beside it (``mmproj-<name>.gguf``).
 
-The output is llama.cpp's ``clip`` GGUF (``general.type = mmproj``) that
-libmtmd loads beside the language model. Architecture modules subclass
-:class:`Projector` with their tensor names and image preprocessing keys.
+Architecture modules subclass :class:`Projector` with their tensor names and
+image preprocessing keys. The finished header is checked as libmtmd will read
+it (:func:`ember.gguf.clip.check_clip`) while planning, so a checkpoint whose
+vision weights do not fit their config fails before anything is written.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import gguf
 import numpy as np
 
-from ember.convert.source import Checkpoint, TensorRef, to_float32
+from ember.convert.base import Model, Planned
+from ember.convert.source import Checkpoint, TensorRef, read_json_object, to_float32
 from ember.errors import ConversionError, InvalidFileError
-from ember.fsutil import atomic_path
-from ember.gguf.clip import check_projector
-from ember.progress import ProgressCallback
+from ember.gguf.clip import check_clip
 
 Q = gguf.GGMLQuantizationType
 V = gguf.MODEL_TENSOR
-
-logging.getLogger("gguf").addHandler(logging.NullHandler())
-
-#: projector output types: the tower is small next to the language model and
-#: clip's convolutions need float weights, so no quantized types here.
-OUTTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16)}
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -47,38 +39,38 @@ def tensor_name(kind: gguf.MODEL_TENSOR, suffix: str = "weight", bid: int | None
     return f"{base}.{suffix}" if suffix else base
 
 
-@dataclass
-class ProjTensor:
-    """One output tensor: its GGUF name, logical shape and how to read it."""
-
-    name: str
-    shape: tuple[int, ...]
-    load: Callable[[], np.ndarray[Any, Any]]
-    keep_f32: bool = False  # norms, biases, embeddings: precision matters, size does not
-
-
-class Projector:
+class Projector(Model):
     """The vision half of a multimodal checkpoint -> a clip GGUF.
 
-    ``vision`` is the vision tower's config, ``config`` the whole config.json;
+    ``hparams`` is the whole config.json, ``vision`` its vision tower's config;
     ``preprocessor`` merges preprocessor_config.json and processor_config.json
     (the image processor's mean, std, sizes and tiling limits).
     """
 
+    gguf_arch = gguf.MODEL_ARCH.MMPROJ
+    gguf_type = gguf.GGUFType.MMPROJ
     projector_type: ClassVar[str]
-    #: (prefix in the checkpoint, prefix of the module table below); the first match wins
+    #: (prefix in the checkpoint, prefix of the local name); the first match wins
     prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def __init__(self, model_dir: Path, config: dict[str, Any], config_file: Path) -> None:
+    def __init__(self, model_dir: Path, hparams: dict[str, Any], config_file: Path) -> None:
+        # Model.__init__ reads a language model's layer count and name map; a
+        # tower has its own (vision_config), and names are mapped here.
         self.model_dir = model_dir
-        self.config = config
+        self.hparams = hparams
         self.config_file = config_file
-        vision = config.get("vision_config")
+        vision = hparams.get("vision_config")
         if not isinstance(vision, dict):
             raise ConversionError(f"{config_file}: no 'vision_config' object; this checkpoint has no vision tower to convert (use --text-only)")
         self.vision = vision
         self.preprocessor = _preprocessor_config(model_dir)
         self.block_count = int(self.vp("num_hidden_layers", "depth"))
+
+    def output_type(self, outtype: str) -> str:
+        """f32 stays f32 (for exact comparisons); everything else, quantized
+        types included, gives f16, as llama.cpp's converter and Ollama keep
+        projectors (clip's convolutions need float weights)."""
+        return "f32" if outtype == "f32" else "f16"
 
     # -- config helpers -------------------------------------------------
     def vp(self, *keys: str, default: Any = ...) -> Any:
@@ -91,8 +83,8 @@ class Projector:
         return default
 
     def text_hidden_size(self) -> int:
-        text = self.config.get("text_config") or self.config.get("llm_config") or self.config
-        n = text.get("hidden_size") or self.config.get("hidden_size")
+        text = self.hparams.get("text_config") or self.hparams.get("llm_config") or self.hparams
+        n = text.get("hidden_size") or self.hparams.get("hidden_size")
         if not n:
             raise ConversionError(f"{self.config_file}: no hidden_size for the language model; the config is incomplete")
         return int(n)
@@ -116,28 +108,30 @@ class Projector:
                 return local + name[len(prefix) :]
         return None
 
-    def map_tensor(self, name: str, ref: TensorRef) -> Iterable[ProjTensor]:
-        """Output tensors for one vision tensor (``name`` has its prefix replaced)."""
+    def skip(self, name: str) -> bool:
+        return self.local_name(name) is None
+
+    def rename(self, name: str) -> str:
+        return self.local_name(name) or name
+
+    def modify(self, name: str, ref: TensorRef) -> Iterable[Planned]:
+        """Output tensors for one vision tensor (``name`` is the local name)."""
         raise NotImplementedError
 
     def required(self) -> list[str]:
         """Names clip cannot load without: checked before anything is written."""
         return []
 
-    def plan(self, checkpoint: Checkpoint) -> list[ProjTensor]:
-        out: list[ProjTensor] = []
-        for ref in checkpoint:
-            local = self.local_name(ref.name)
-            if local is not None:
-                out.extend(self.map_tensor(local, ref))
-        names = [t.name for t in out]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ConversionError(f"{self.model_dir}: two source tensors map to {sorted(dup)[0]!r}; the checkpoint has duplicate weights")
-        missing = [n for n in self.required() if n not in set(names)]
+    def plan_tensors(self, checkpoint: Checkpoint) -> list[Planned]:
+        if not any(self.local_name(ref.name) is not None for ref in checkpoint):
+            raise ConversionError(f"{self.model_dir}: the config has a vision tower but the checkpoint has no vision weights; convert with --text-only for the language model alone")
+        return super().plan_tensors(checkpoint)
+
+    def validate(self, plan: list[Planned]) -> None:
+        names = {p.name for p in plan}
+        missing = [n for n in self.required() if n not in names]
         if missing:
             raise ConversionError(f"{self.model_dir}: the vision tower has no {missing[0]!r} ({len(missing)} tensors missing); the checkpoint is incomplete or its vision_config does not match")
-        return out
 
     def unknown(self, name: str) -> ConversionError:
         bid = block_id(name)
@@ -149,9 +143,17 @@ class Projector:
         """The per-layer tensors every encoder block has (for :meth:`required`)."""
         return [tensor_name(k, "weight", bid) for k in (V.V_ENC_ATTN_Q, V.V_ENC_ATTN_K, V.V_ENC_ATTN_V, V.V_ENC_ATTN_O, V.V_ENC_INPUT_NORM, V.V_ENC_POST_ATTN_NORM, V.V_ENC_FFN_UP, V.V_ENC_FFN_DOWN)]
 
+    def tensor_type(self, p: Planned, outtype: str) -> Q:
+        """Matrices in ``outtype`` (f16 or f32); vectors, and the tensors a
+        subclass marks (embeddings), f32."""
+        if p.qtype is not None:
+            return p.qtype
+        return Q.F32 if len(p.shape) <= 1 or outtype == "f32" else Q.F16
+
     # -- metadata -------------------------------------------------------
     def set_parameters(self, w: gguf.GGUFWriter) -> None:
-        """Keys every vision tower has; subclasses add theirs."""
+        """Keys every vision tower has (subclasses add theirs first, then call
+        this), then the whole output checked as libmtmd will read it."""
         w.add_clip_has_vision_encoder(True)
         w.add_clip_projector_type(self.projector_type)
         w.add_vision_projection_dim(self.text_hidden_size())
@@ -159,7 +161,20 @@ class Projector:
         w.add_vision_feed_forward_length(int(self.vp("intermediate_size")))
         w.add_vision_block_count(self.block_count)
         w.add_vision_head_count(int(self.vp("num_attention_heads", "num_heads")))
-        w.add_vision_patch_size(_first(self.vp("patch_size")))
+        w.add_vision_patch_size(square_size(self.vp("patch_size")))
+        self.set_vision_parameters(w)
+        meta = {k: v.value for k, v in w.kv_data[0].items() if not isinstance(v.value, list)}
+        tensors = {n: (tuple(reversed(ti.shape)), ti.dtype.name) for shard in w.tensors for n, ti in shard.items()}
+        try:
+            check_clip(meta, tensors)
+        except InvalidFileError as e:
+            raise ConversionError(f"{self.model_dir}: the vision weights do not fit their config: {e}") from None
+
+    def set_vision_parameters(self, w: gguf.GGUFWriter) -> None:
+        """The architecture's own keys (image size, normalization, projector)."""
+
+    def set_vocab(self, w: gguf.GGUFWriter) -> None:
+        pass  # a projector has no tokenizer
 
 
 def block_id(name: str) -> int | None:
@@ -167,7 +182,7 @@ def block_id(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _first(v: Any) -> int:
+def square_size(v: Any) -> int:
     """``image_size``/``patch_size`` may be an int or a [height, width] pair."""
     if isinstance(v, list):
         if len(set(v)) != 1:
@@ -180,17 +195,11 @@ def _preprocessor_config(model_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, inner in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
         path = model_dir / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidFileError(f"{path}: not valid JSON ({e}); download it again") from None
-        if not isinstance(data, dict):
-            raise InvalidFileError(f"{path}: not a JSON object; download it again")
-        if inner and isinstance(data.get(inner), dict):
-            data = {**data, **data[inner]}
-        out.update(data)
+        if path.is_file():
+            data = read_json_object(path, "; download it again")
+            if inner and isinstance(data.get(inner), dict):
+                data = {**data, **data[inner]}
+            out.update(data)
     return out
 
 
@@ -198,69 +207,25 @@ def _preprocessor_config(model_dir: Path) -> dict[str, Any]:
 # tensor helpers
 
 
-def same(name: str, ref: TensorRef, keep_f32: bool = False) -> ProjTensor:
-    return ProjTensor(name, ref.shape, ref.load, keep_f32 or len(ref.shape) <= 1)
+def same(name: str, ref: TensorRef, keep_f32: bool = False) -> Planned:
+    """The source tensor unchanged (``keep_f32``: norms, embeddings, where
+    precision matters and size does not)."""
+    return Planned(name, ref.shape, ref.dtype, ref.load, qtype=Q.F32 if keep_f32 else None, source=ref)
 
 
-def transformed(name: str, ref: TensorRef, fn: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]], shape: tuple[int, ...], keep_f32: bool = False) -> ProjTensor:
-    return ProjTensor(name, shape, lambda: fn(to_float32(ref.load())), keep_f32 or len(shape) <= 1)
+def transformed(name: str, ref: TensorRef, fn: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]], shape: tuple[int, ...], keep_f32: bool = False) -> Planned:
+    return Planned(name, shape, ref.dtype, lambda: fn(to_float32(ref.load())), qtype=Q.F32 if keep_f32 else None)
 
 
-def split_rows(names: list[str], ref: TensorRef) -> Iterator[ProjTensor]:
+def split_rows(names: list[str], ref: TensorRef) -> Iterator[Planned]:
     """A fused tensor (qkv) split into equal parts along its first axis."""
     n = len(names)
     if ref.shape[0] % n:
         raise ConversionError(f"{ref.file}: tensor {ref.name!r} has {ref.shape[0]} rows, not divisible into {n} parts")
     rows = ref.shape[0] // n
+
     def part(i: int) -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]:
         return lambda a: a[i * rows : (i + 1) * rows]
 
     for i, name in enumerate(names):
         yield transformed(name, ref, part(i), (rows, *ref.shape[1:]))
-
-
-# ---------------------------------------------------------------------------
-# writing
-
-
-def write_projector(proj: Projector, dest: Path, outtype: str = "f16", *, dry_run: bool = False, progress: ProgressCallback | None = None) -> Path:
-    """Plan (which validates the checkpoint), then stream every tensor into ``dest``."""
-    if outtype not in OUTTYPES:
-        raise ConversionError(f"projector outtype {outtype!r} is not supported; use f16 or f32")
-    qtype, ftype = OUTTYPES[outtype]
-    plan = proj.plan(Checkpoint(proj.model_dir))
-    if dry_run:
-        return dest
-    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-    w.add_type(gguf.GGUFType.MMPROJ)
-    w.add_name(proj.model_dir.resolve().name)
-    w.add_file_type(ftype)
-    proj.set_parameters(w)
-    types = [Q.F32 if t.keep_f32 else qtype for t in plan]
-    for t, q in zip(plan, types):
-        nbytes = int(np.prod(t.shape, dtype=np.int64)) * (4 if q == Q.F32 else 2)
-        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=q)
-    total = sum(int(np.prod(t.shape, dtype=np.int64)) for t in plan)
-    done = 0
-    desc = f"Writing {dest.name}"
-    with atomic_path(dest) as tmp:
-        w.open_output_file(tmp)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        if progress:
-            progress(desc, 0, total)
-        for t, q in zip(plan, types):
-            a = to_float32(t.load())
-            if a.shape != t.shape:
-                raise ConversionError(f"{proj.model_dir}: tensor {t.name} has shape {list(a.shape)}, expected {list(t.shape)}; the checkpoint is inconsistent")
-            w.write_tensor_data(np.ascontiguousarray(a, dtype=np.float32 if q == Q.F32 else np.float16))
-            done += a.size
-            if progress:
-                progress(desc, done, total)
-        w.close()
-        try:  # the checks libmtmd's users get, before the file takes its name
-            check_projector(tmp)
-        except InvalidFileError as e:
-            raise ConversionError(f"{proj.model_dir}: the vision weights do not fit their config: {str(e).partition(': ')[2]}") from None
-    return dest

@@ -12,8 +12,9 @@ from collections.abc import Iterable
 
 import gguf
 
+from ember.convert.base import Planned
 from ember.convert.source import TensorRef
-from ember.convert.vision.base import V, Projector, ProjTensor, _first, block_id, same, tensor_name, transformed
+from ember.convert.vision.base import V, Projector, block_id, same, square_size, tensor_name, transformed
 from ember.errors import ConversionError
 
 _BLOCK = {
@@ -39,7 +40,7 @@ class Gemma3Projector(Projector):
         ("multi_modal_projector.", "mm."),
     )
 
-    def map_tensor(self, name: str, ref: TensorRef) -> Iterable[ProjTensor]:
+    def modify(self, name: str, ref: TensorRef) -> Iterable[Planned]:
         rest = name.partition(".")[2]
         if name.startswith("mm."):
             if rest == "mm_input_projection_weight":
@@ -72,16 +73,15 @@ class Gemma3Projector(Projector):
             names += self.block_tensors(bid)
         return names
 
-    def set_parameters(self, w: gguf.GGUFWriter) -> None:
-        super().set_parameters(w)
-        image_size, patch = _first(self.vp("image_size")), _first(self.vp("patch_size"))
+    def set_vision_parameters(self, w: gguf.GGUFWriter) -> None:
+        image_size, patch = square_size(self.vp("image_size")), square_size(self.vp("patch_size"))
         w.add_vision_image_size(image_size)
         mean, std = self.mean_std([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
         w.add_vision_image_mean(mean)
         w.add_vision_image_std(std)
         w.add_vision_attention_layernorm_eps(float(self.vp("layer_norm_eps", default=1e-6)))
         w.add_vision_use_gelu(True)
-        tokens = int(self.config.get("mm_tokens_per_image", self.preprocessor.get("image_seq_length", 256)))
+        tokens = int(self.hparams.get("mm_tokens_per_image", self.preprocessor.get("image_seq_length", 256)))
         side = math.isqrt(tokens)
         per_side = image_size // patch
         if side * side != tokens or side == 0 or per_side % side:

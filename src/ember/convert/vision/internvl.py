@@ -9,13 +9,15 @@ dynamically (``min/max_dynamic_patch``) with a thumbnail last."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
+from ember.convert.base import Planned
 from ember.convert.source import TensorRef
-from ember.convert.vision.base import IMAGENET_MEAN, IMAGENET_STD, V, Projector, ProjTensor, _first, block_id, same, split_rows, tensor_name, transformed
+from ember.convert.vision.base import IMAGENET_MEAN, IMAGENET_STD, V, Projector, block_id, same, split_rows, square_size, tensor_name, transformed
 from ember.errors import ConversionError
 
 # per-layer source names (both layouts) -> GGUF tensor kinds
@@ -76,15 +78,15 @@ class InternVLProjector(Projector):
         ("multi_modal_projector.", "mm."),
     )
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        layer = self.config.get("select_layer", self.config.get("vision_feature_layer", -1))
+    def __init__(self, model_dir: Path, hparams: dict[str, Any], config_file: Path) -> None:
+        super().__init__(model_dir, hparams, config_file)
+        layer = hparams.get("select_layer", hparams.get("vision_feature_layer", -1))
         if layer != -1:
             raise ConversionError(f"{self.config_file}: select_layer {layer} is not supported (llama.cpp's InternVL encoder uses the last layer)")
         if self.vp("hidden_act", default="gelu") not in ("gelu", "silu"):
             raise ConversionError(f"{self.config_file}: vision hidden_act {self.vision['hidden_act']!r} is not supported; gelu or silu")
 
-    def map_tensor(self, name: str, ref: TensorRef) -> Iterable[ProjTensor]:
+    def modify(self, name: str, ref: TensorRef) -> Iterable[Planned]:
         tower, _, rest = name.partition(".")
         if tower == "mm":
             module, _, suffix = rest.rpartition(".")
@@ -123,9 +125,8 @@ class InternVLProjector(Projector):
             names += self.block_tensors(bid)
         return names
 
-    def set_parameters(self, w: gguf.GGUFWriter) -> None:
-        super().set_parameters(w)
-        w.add_vision_image_size(_first(self.vp("image_size")))
+    def set_vision_parameters(self, w: gguf.GGUFWriter) -> None:
+        w.add_vision_image_size(square_size(self.vp("image_size")))
         mean, std = self.mean_std(IMAGENET_MEAN, IMAGENET_STD)
         w.add_vision_image_mean(mean)
         w.add_vision_image_std(std)
@@ -134,14 +135,14 @@ class InternVLProjector(Projector):
             w.add_vision_use_silu(True)
         else:
             w.add_vision_use_gelu(True)
-        ratio = float(self.config.get("downsample_ratio", 0.5))
+        ratio = float(self.hparams.get("downsample_ratio", 0.5))
         if ratio <= 0 or abs(1 / ratio - round(1 / ratio)) > 1e-6:
             raise ConversionError(f"{self.config_file}: downsample_ratio {ratio} is not 1/n")
         w.add_vision_projector_scale_factor(round(1 / ratio))
         # tiling limits: config.json (original) or the image processor (transformers)
-        lo = self.config.get("min_dynamic_patch", self.preprocessor.get("min_patches"))
-        hi = self.config.get("max_dynamic_patch", self.preprocessor.get("max_patches"))
-        if self.config.get("dynamic_image_size") is False or self.preprocessor.get("crop_to_patches") is False:
+        lo = self.hparams.get("min_dynamic_patch", self.preprocessor.get("min_patches"))
+        hi = self.hparams.get("max_dynamic_patch", self.preprocessor.get("max_patches"))
+        if self.hparams.get("dynamic_image_size") is False or self.preprocessor.get("crop_to_patches") is False:
             lo = hi = 1
         if lo is not None:
             w.add_vision_preproc_min_tiles(int(lo))

@@ -8,11 +8,14 @@ limits. Tensors live under ``visual.`` (hub) or ``model.visual.``."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import gguf
 
+from ember.convert.base import Planned
 from ember.convert.source import TensorRef
-from ember.convert.vision.base import V, Projector, ProjTensor, block_id, same, split_rows, tensor_name, transformed
+from ember.convert.vision.base import V, Projector, block_id, same, split_rows, tensor_name, transformed
 from ember.errors import ConversionError
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -32,8 +35,8 @@ class Qwen25VLProjector(Projector):
     projector_type = gguf.VisionProjectorType.QWEN25VL
     prefixes = (("visual.", "v."), ("model.visual.", "v."))
 
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
+    def __init__(self, model_dir: Path, hparams: dict[str, Any], config_file: Path) -> None:
+        super().__init__(model_dir, hparams, config_file)
         checks = {"spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112}
         for key, want in checks.items():
             if int(self.vp(key, default=want)) != want:
@@ -44,7 +47,7 @@ class Qwen25VLProjector(Projector):
             raise ConversionError(f"{self.config_file}: fullatt_block_indexes {full} is not a regular pattern (every n-th layer), which llama.cpp needs")
         self.n_wa_pattern = step
 
-    def map_tensor(self, name: str, ref: TensorRef) -> Iterable[ProjTensor]:
+    def modify(self, name: str, ref: TensorRef) -> Iterable[Planned]:
         rest = name.partition(".")[2]
         module, _, suffix = rest.rpartition(".")
         if module == "patch_embed.proj":
@@ -78,8 +81,7 @@ class Qwen25VLProjector(Projector):
     def text_hidden_size(self) -> int:
         return int(self.vp("out_hidden_size", default=super().text_hidden_size()))
 
-    def set_parameters(self, w: gguf.GGUFWriter) -> None:
-        super().set_parameters(w)
+    def set_vision_parameters(self, w: gguf.GGUFWriter) -> None:
         w.add_vision_image_size(int(self.vp("image_size", default=560)))  # only sizes the warm-up image
         mean, std = self.mean_std(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         w.add_vision_image_mean(mean)
