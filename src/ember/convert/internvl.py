@@ -59,7 +59,7 @@ class InternVLModel(Model):
                 return [InternVLProjector(model_dir, hparams, config_file)] if isinstance(hparams.get("vision_config"), dict) else []
 
         Extracted.__name__ = f"InternVL{inner.__name__}"
-        merged = dict(llm)
+        merged = {"architectures": archs, **llm}
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if key in hparams and key not in merged:
                 merged[key] = hparams[key]

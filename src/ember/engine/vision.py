@@ -412,6 +412,7 @@ def _token_limits(meta: dict[str, Any]) -> tuple[int, int]:
         min_tokens = max_tokens
     return min_tokens, max_tokens
 
+
 def target_size(meta: dict[str, Any], width: int, height: int, min_tokens: int = 0, max_tokens: int = 0) -> tuple[int, int] | None:
     """(width, height) the model's image processor resizes to, where Ember
     resizes itself (None: libmtmd's own preprocessing already matches)."""
