@@ -202,7 +202,7 @@ def test_internvl_extracts_internlm2(tmp_path: Path) -> None:
     sd["mlp1.3.weight"] = torch.randn(64, 64)
     save_file(sd, d / "model.safetensors")
     (d / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"], "llm_config": config, "vision_config": {"hidden_size": 32}}))
-    g = convert_model(d, tmp_path / "ivl.gguf", outtype="f32")
+    g = convert_model(d, tmp_path / "ivl.gguf", outtype="f32", text_only=True)  # a stand-in vision tower: the language model alone
     check(model, g, sp.vocab_size(), seed=8)
     assert kv(g)["general.architecture"] == "internlm2"
 
@@ -250,7 +250,7 @@ def test_internvl_extracts_qwen2(qwen2, tmp_path: Path) -> None:
         "vision_config": {"architectures": ["InternVisionModel"], "hidden_size": 32, "image_size": 448, "patch_size": 14},
         "downsample_ratio": 0.5, "template": "internvl2_5",
     }))
-    g = convert_model(d, tmp_path / "ivl.gguf", outtype="f32")
+    g = convert_model(d, tmp_path / "ivl.gguf", outtype="f32", text_only=True)  # a stand-in vision tower: the language model alone
     check(model, g, len(tok), seed=7)
     names = {t.name for t in gguf.GGUFReader(g).tensors}
     assert not any(n.startswith(("v.", "mm.", "vision")) for n in names)
@@ -259,7 +259,8 @@ def test_internvl_extracts_qwen2(qwen2, tmp_path: Path) -> None:
 
 def test_gemma3_multimodal_extracts_text_model(tmp_path: Path) -> None:
     """Gemma3ForConditionalGeneration (Gemma 3 4B and up): text_config and the
-    language_model tensors are converted, the SigLIP tower is skipped."""
+    language_model tensors are converted; the SigLIP tower goes to the
+    projector written beside it (tests/test_convert_vision.py checks that one)."""
     torch_threads()
     d = tmp_path / "gemma3mm"
     sp = make_spm_tokenizer(d, add_dummy_prefix=False, bos="<bos>", eos="<eos>")
@@ -281,6 +282,7 @@ def test_gemma3_multimodal_extracts_text_model(tmp_path: Path) -> None:
     check(model, g, sp.vocab_size(), seed=9)
     names = {t.name for t in gguf.GGUFReader(g).tensors}
     assert all(n.startswith(("blk.", "token_embd", "output_norm")) for n in names)
+    assert kv(tmp_path / "mmproj-g.gguf")["general.architecture"] == "clip"
 
 
 def test_qwen2_vocab_json_merges_txt(qwen2, tmp_path: Path) -> None:

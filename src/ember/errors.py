@@ -95,6 +95,11 @@ class CancelledError(EmberError):
     status = 499
 
 
+class ImageError(EmberError):
+    """An image is corrupt, too large, of an unsupported format, or sent to a
+    model that cannot see."""
+
+
 class WorkerError(EmberError):
     """An RPC worker (``ember worker``) cannot be reached or used."""
 

@@ -35,6 +35,13 @@ def base_url() -> str:
     return "http://" + host()
 
 
+def max_image_pixels() -> int:
+    """``EMBER_MAX_IMAGE_PIXELS``: the largest image (width x height) accepted;
+    bigger ones are refused from their header, before any decoding (default 64 megapixels)."""
+    value = os.environ.get("EMBER_MAX_IMAGE_PIXELS") or ""
+    return int(value) if value.isdecimal() and int(value) > 0 else 64_000_000
+
+
 def registry_url() -> str:
     """Where names without a host (``llama3.2``, ``user/model:tag``) are pulled
     from: Ollama's public registry unless ``EMBER_REGISTRY`` names a mirror."""

@@ -24,16 +24,23 @@ def convert_cmd(
     split_max_size: str = typer.Option(None, "--split-max-size", help="Split the output into shards of at most this size, e.g. 2G."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the checkpoint, tokenizer and output names and print the plan without writing."),
     vocab_only: bool = typer.Option(False, "--vocab-only", help="Write only the tokenizer and metadata."),
+    text_only: bool = typer.Option(False, "--text-only", help="For a vision-language model: write only the language model, not its vision projector."),
 ) -> None:
-    """Convert a Hugging Face model to GGUF (llama.cpp's format)."""
+    """Convert a Hugging Face model to GGUF (llama.cpp's format).
+
+    A vision-language checkpoint (InternVL, Gemma 3, Qwen2.5-VL) also gives its
+    vision projector, mmproj-NAME.gguf beside the model: F32 with --outtype f32,
+    F16 otherwise.
+    """
     from ember.convert import plan, write
 
     split = parse_size(split_max_size) if split_max_size else None
     # everything is checked (config, tensors, tokenizer) before the first byte is written
-    p = plan(model_dir, outtype=outtype, split_max_size=split, vocab_only=vocab_only)
+    p = plan(model_dir, outtype=outtype, split_max_size=split, vocab_only=vocab_only, text_only=text_only)
     _print_plan(p, outfile)
     if dry_run:
-        console.print(f"would write {p.destinations(outfile)[0][0]}")
+        for dests in p.destinations(outfile):
+            console.print(f"would write {dests[0]}")
         return
     with progress_bar() as bar:
         paths = write(p, outfile, progress=bar)

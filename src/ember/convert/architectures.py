@@ -30,6 +30,7 @@ ARCHITECTURES: dict[str, str] = {
     "BaiChuanForCausalLM": "ember.convert.baichuan:BaichuanModel",
     "InternVLChatModel": "ember.convert.internvl:InternVLModel",
     "InternVLForConditionalGeneration": "ember.convert.internvl:InternVLModel",
+    "Qwen2_5_VLForConditionalGeneration": "ember.convert.qwen2vl:Qwen25VLTextModel",
 }
 
 

@@ -68,6 +68,11 @@ class Model:
         planned and written like the main output, beside it."""
         return []
 
+    def output_type(self, outtype: str) -> str:
+        """The type this output is written in when the model's is ``outtype``
+        (f32, f16, bf16 or q8_0); a companion may keep its own."""
+        return outtype
+
     # -- config helpers -------------------------------------------------
     def hp(self, *keys: str, default: Any = ...) -> Any:
         for k in keys:

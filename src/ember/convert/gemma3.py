@@ -1,7 +1,8 @@
 """Gemma 3 text models: RMSNorm weights stored as (w - 1) in HF, so +1 here;
 tied embeddings (no lm_head); sliding-window pattern and local rope base keys.
-For the multimodal Gemma3ForConditionalGeneration only the text model (its
-``text_config`` and ``language_model`` tensors) is converted."""
+For the multimodal Gemma3ForConditionalGeneration this is the text model (its
+``text_config`` and ``language_model`` tensors); the vision tower is its
+companion, the projector (:mod:`ember.convert.vision.gemma3`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from ember.convert.base import Model, Planned, lazy
 from ember.convert.source import TensorRef, to_float32
+from ember.convert.vision.gemma3 import Gemma3Projector
 
 
 def _plus_one(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -26,6 +28,9 @@ class Gemma3Model(Model):
         if "text_config" in hparams and "num_hidden_layers" not in hparams:
             hparams = {**hparams, **hparams["text_config"]}
         super().__init__(model_dir, hparams, config_file)
+
+    def companions(self) -> list[Model]:
+        return [Gemma3Projector(self.model_dir, self.hparams, self.config_file)] if isinstance(self.hparams.get("vision_config"), dict) else []
 
     def rename(self, name: str) -> str:
         return name.replace("model.language_model.", "model.").replace("language_model.model.", "model.")

@@ -112,13 +112,17 @@ def plan(
     outtype: str = "auto",
     split_max_size: int | None = None,
     vocab_only: bool = False,
+    text_only: bool = False,
 ) -> ConversionPlan:
     """Plan the conversion of a Hugging Face model folder, checking the config,
     every tensor header and the tokenizer; raises before anything is written.
 
     ``outtype`` is f32, f16, bf16, q8_0, auto (the checkpoint's 16-bit type)
-    or any llama.cpp quantization type (q4_k_m, ...). ``split_max_size``
-    (bytes) splits the output into ``-0000N-of-0000M.gguf`` shards."""
+    or any llama.cpp quantization type (q4_k_m, ...); a companion may choose
+    another (:meth:`Model.output_type`: projectors are f16 or f32).
+    ``split_max_size`` (bytes) splits the model into ``-0000N-of-0000M.gguf``
+    shards (companions stay whole: libmtmd loads one file). ``text_only``
+    leaves companions out (a vision-language model's language model alone)."""
     model_dir = Path(model_dir)
     ot = outtype.lower()
     quantize_to = None
@@ -135,18 +139,20 @@ def plan(
     tensors: list[list[Planned]] = [[]]
     if not vocab_only:
         checkpoint = Checkpoint(model_dir)
-        models += model.companions()
+        if not text_only:
+            models += model.companions()
         tensors = [m.plan_tensors(checkpoint) for m in models]
     if ot == "auto":
         ot = _auto_outtype(tensors[0])
 
     outputs = []
-    for m, ts in zip(models, tensors, strict=True):
+    for i, (m, ts) in enumerate(zip(models, tensors, strict=True)):
+        m_ot = m.output_type(ot)
         for p in ts:
-            p.out_qtype = m.tensor_type(p, ot)
-        w = Writer(None, gguf.MODEL_ARCH_NAMES[m.gguf_arch], split_max_size=split_max_size or 0)
+            p.out_qtype = m.tensor_type(p, m_ot)
+        w = Writer(None, gguf.MODEL_ARCH_NAMES[m.gguf_arch], split_max_size=0 if i else split_max_size or 0)
         add_tensor_infos(w, ts)
-        outputs.append(Output(m, ts, ot, w))
+        outputs.append(Output(m, ts, m_ot, w))
     outputs[0].quantize_to = quantize_to
 
     md = card_metadata(model_dir, *outputs[0].writer.get_total_parameter_count())
@@ -156,7 +162,7 @@ def plan(
         md.set_gguf_meta_model(w)
         out.model.set_parameters(w)
         if not vocab_only:
-            w.add_file_type(_FTYPE[ot])
+            w.add_file_type(_FTYPE[out.outtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         out.model.set_vocab(w)
     return ConversionPlan(model_dir, outputs, md, vocab_only)
@@ -199,12 +205,14 @@ def convert_model(
     split_max_size: int | None = None,
     dry_run: bool = False,
     vocab_only: bool = False,
+    text_only: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Convert a Hugging Face model folder to GGUF in one call (:func:`plan`
-    then :func:`write`) and return the model's (first) file. ``dry_run``
-    plans, which checks everything, and writes nothing."""
-    p = plan(model_dir, outtype=outtype, split_max_size=split_max_size, vocab_only=vocab_only)
+    then :func:`write`) and return the model's (first) file; companions (a
+    vision projector) are written beside it. ``dry_run`` plans, which checks
+    everything, and writes nothing."""
+    p = plan(model_dir, outtype=outtype, split_max_size=split_max_size, vocab_only=vocab_only, text_only=text_only)
     if dry_run:
         return p.destinations(outfile)[0][0]
     return write(p, outfile, progress=progress)[0]

@@ -258,12 +258,14 @@ def spm_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], lis
     except (OSError, RuntimeError) as e:
         raise InvalidFileError(f"{path}: not a SentencePiece model ({e}); download it again") from None
     add_prefix = True
+    user_defined: set[int] = set()  # pieces always matched whole (sentencepiece has no IsUserDefined)
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
 
         proto = pb.ModelProto()  # type: ignore[attr-defined]
         proto.ParseFromString(path.read_bytes())
         add_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
+        user_defined = {i for i, p in enumerate(proto.pieces) if p.type == pb.ModelProto.SentencePiece.USER_DEFINED}  # type: ignore[attr-defined]
     except Exception:  # protobuf missing or an unusual proto: keep the default
         pass
     n_sp = sp.vocab_size()
@@ -283,6 +285,8 @@ def spm_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], lis
             types[i] = T.UNUSED
         elif sp.IsByte(i):
             types[i] = T.BYTE
+        elif i in user_defined:
+            types[i] = T.USER_DEFINED
         else:
             types[i] = T.NORMAL
     # tokens added on top of the SentencePiece model

@@ -34,6 +34,12 @@ def ensure_backend() -> None:
         _initialized = True
 
 
+def c_log_callback() -> object:
+    """The C log callback Ember installed (for libraries that log separately, libmtmd)."""
+    ensure_backend()
+    return _log_callback
+
+
 def supports_gpu_offload() -> bool:
     """Whether this machine has a GPU llama.cpp can use. (llama.cpp's own
     ``llama_supports_gpu_offload`` also says yes for any build with the RPC
