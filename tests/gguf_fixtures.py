@@ -301,3 +301,38 @@ class LlamaWorker:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+def rewrite_gguf(src: Path, dst: Path, *, arch: str | None = None, values: dict[str, tuple[gguf.GGUFValueType, Any]] | None = None) -> Path:
+    """A copy of a small GGUF with its architecture renamed (every "<old>." key
+    follows) and some keys set to (type, value) pairs (arrays: of str, float
+    or uint32, after their first element)."""
+    reader = gguf.GGUFReader(src)
+    old = str(reader.fields["general.architecture"].contents())
+    new = arch or old
+    w = gguf.GGUFWriter(dst, new)
+    values = dict(values or {})
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        name = new + field.name[len(old) :] if field.name.startswith(old + ".") else field.name
+        if name in values:
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(name, field.contents(), vtype)
+    for name, (vtype, value) in values.items():
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = {str: gguf.GGUFValueType.STRING, float: gguf.GGUFValueType.FLOAT32}.get(type(value[0]), gguf.GGUFValueType.UINT32)
+            w.add_key_value(name, value, vtype, sub_type=sub)
+        else:
+            w.add_key_value(name, value, vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data, raw_shape=list(reversed([int(x) for x in t.shape])), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -12,6 +12,7 @@ demo model: whatever validation accepts must load and generate in llama.cpp.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ from gguf import GGUFValueType as T
 from ember.demo import demo_model_path
 from ember.errors import InvalidFileError
 from ember.gguf import read_array, read_header, validate_model
-from gguf_fixtures import LlamaWorker, MetadataPatcher, kv_record, run_ember
+from gguf_fixtures import LlamaWorker, MetadataPatcher, kv_record, rewrite_gguf, run_ember
 
 Mutation = tuple[str, dict[str, bytes]]  # (description, key -> new record)
 
@@ -77,6 +78,11 @@ ATTACKS: list[tuple[str, object, str, str]] = [
      "3 KV heads in layer 17 do not divide the 4 attention heads"),
     ("duplicate vocabulary entry", _duplicate_token, "id_to_token.size() == token_to_id.size()",
      "tokens 300 and 301 are both"),
+    ("sliding window without a sliding-window layer", lambda: _one("gemma3.attention.sliding_window_pattern", T.UINT32, 1),
+     "is_swa_any()", "gemma3.attention.sliding_window_pattern = 1"),
+    ("sliding-window flags all off",
+     lambda: _one("gemma3.attention.sliding_window_pattern", T.ARRAY, [0] * 18, T.BOOL), "is_swa_any()",
+     "gemma3.attention.sliding_window_pattern = [18 values]"),
     ("BOS added but there is none",
      lambda: {**_one("tokenizer.ggml.model", T.STRING, "t5"), **_one("tokenizer.ggml.bos_token_id", T.UINT32, 2**32 - 1)},
      "special_bos_id != LLAMA_TOKEN_NULL", "there is no BOS token"),
@@ -159,6 +165,54 @@ def _numeric_mutations() -> list[Mutation]:
     return out
 
 
+def _added_key_mutations() -> list[Mutation]:
+    """Keys llama.cpp reads for gemma3 that the demo lacks, added with edge
+    values (and a wrong type each)."""
+    g = "gemma3."
+    u32 = [0, 1, 2, 7, 128, 255, 256, 2**31 - 1, 2**32 - 1]
+    f32 = [0.0, -1.0, 1e-30, 30.0, 1e30, math.nan, math.inf, -math.inf]
+    keys: dict[str, list[object]] = {
+        g + "attention.sliding_window_pattern": [0, 1, 2, 6, 2**32 - 1],
+        g + "rope.dimension_count": u32 + [257, 512],
+        g + "rope.dimension_count_swa": [0, 1, 128, 255, 256, 512],
+        g + "attention.key_length_swa": [0, 128, 256, 512],
+        g + "attention.value_length_swa": [0, 128, 256],
+        g + "rope.scaling.original_context_length": [0, 1, 2**32 - 1],
+        g + "expert_count": [0, 1, 8, 2000],
+        g + "expert_used_count": [0, 1, 2],
+        g + "expert_group_count": [0, 1, 2],
+        g + "expert_group_used_count": [0, 1],
+        g + "nextn_predict_layers": [0, 1, 17, 18, 19],
+        g + "pooling_type": [0, 1, 2, 3, 4, 5, 2**32 - 1],
+        g + "embedding_length_out": [0, 7, 640, 2**32 - 1],
+        g + "vocab_size": [0, 5, 2**32 - 1],
+        "tokenizer.ggml.eot_token_id": [0, 2**32 - 1],
+        "tokenizer.ggml.seperator_token_id": [0, 2**32 - 1],
+        g + "rope.freq_base_swa": f32,
+        g + "final_logit_softcapping": f32,
+        g + "rope.scaling.factor": f32,
+        g + "rope.scaling.attn_factor": f32,
+        g + "attention.scale": f32,
+        g + "attention.layer_norm_epsilon": f32,
+        g + "attention.clamp_kqv": [0.0, -1.0, math.nan],
+        g + "logit_scale": [0.0, math.nan],
+    }
+    out: list[Mutation] = []
+    for key, values in keys.items():
+        vtype = T.FLOAT32 if isinstance(values[0], float) else T.UINT32
+        for v in values:
+            out.append((f"{key} = {v!r} (added)", _one(key, vtype, v)))
+        out.append((f"{key} = string (added)", _one(key, T.STRING, "1")))
+    pattern = g + "attention.sliding_window_pattern"
+    for flags in ([0] * 18, [1] * 18, [1, 0] * 9, [1] * 3, [0] * 3):
+        out.append((f"{pattern} = {flags} (added)", _one(pattern, T.ARRAY, flags, T.BOOL)))
+    for scaling in ("none", "linear", "yarn", "longrope", "", "bogus"):
+        out.append((f"{g}rope.scaling.type = {scaling!r} (added)", _one(g + "rope.scaling.type", T.STRING, scaling)))
+    for flag in (0, 1):
+        out.append((f"{g}attention.causal = {flag} (added)", _one(g + "attention.causal", T.BOOL, flag)))
+    return out
+
+
 def _fuzz_lane(patcher: MetadataPatcher, mutations: list[Mutation]) -> list[tuple[str, str | None, str | None]]:
     """(mutation, our error or None, llama.cpp's outcome for accepted files)."""
     worker = LlamaWorker()
@@ -182,7 +236,7 @@ def _fuzz_lane(patcher: MetadataPatcher, mutations: list[Mutation]) -> list[tupl
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_fuzz_numeric_metadata_accepted_files_load_and_generate(demo_copies: list[MetadataPatcher]) -> None:
-    mutations = _numeric_mutations()
+    mutations = _numeric_mutations() + _added_key_mutations()
     assert len(mutations) >= 300
     with ThreadPoolExecutor(max_workers=2) as pool:
         lanes = pool.map(_fuzz_lane, demo_copies, [mutations[0::2], mutations[1::2]])
@@ -257,3 +311,94 @@ def test_adapters_and_projectors_are_not_models(tmp_path: Path) -> None:
         w.close()
         assert validate_model(p) == [p]
 
+
+
+# --- the architectures Ember converts ------------------------------------------------------------
+# Tiny random models made with transformers and converted by Ember (llama, qwen2,
+# qwen3, gemma3); InternLM2 and Baichuan share llama's tensors and are the
+# llama file with its architecture renamed.
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from convert_fixtures import QWEN2_RE, SPECIALS_QWEN, make_bpe_tokenizer, make_spm_tokenizer, pad_vocab, torch_threads
+    from ember.convert import convert_model
+
+    torch_threads()
+    d = tmp_path_factory.mktemp("tiny")
+    spm = make_spm_tokenizer(d / "spm", bos="<s>", eos="</s>")
+    bpe = make_bpe_tokenizer(d / "bpe", QWEN2_RE, SPECIALS_QWEN, bos=None, eos="<|im_end|>")
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256)
+    configs = {
+        "llama": (spm.vocab_size(), "spm", transformers.LlamaConfig, transformers.LlamaForCausalLM, {"tie_word_embeddings": False}),
+        "qwen2": (pad_vocab(len(bpe)), "bpe", transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "qwen3": (pad_vocab(len(bpe)), "bpe", transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
+        "gemma3": (spm.vocab_size(), "spm", transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                   {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                    "layer_types": ["sliding_attention", "full_attention"]}),
+    }
+    out: dict[str, Path] = {}
+    for arch, (vocab, tok, config_cls, model_cls, extra) in configs.items():
+        src = d / arch
+        shutil.copytree(d / tok, src)
+        cfg = config_cls(vocab_size=vocab, **common, **extra)
+        cfg.architectures = [model_cls.__name__]
+        torch.manual_seed(0)
+        model_cls(cfg).save_pretrained(src)
+        out[arch] = convert_model(src, d / f"{arch}.gguf", outtype="f32")
+    for arch in ("internlm2", "baichuan"):
+        out[arch] = rewrite_gguf(out["llama"], d / f"{arch}.gguf", arch=arch)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "internlm2", "baichuan"])
+def test_converted_architectures_pass_and_generate(tiny_models: dict[str, Path], worker: LlamaWorker, arch: str) -> None:
+    """No false alarms: every architecture Ember converts passes every check
+    (shapes included) and generates in llama.cpp."""
+    path = tiny_models[arch]
+    assert read_header(path).get("general.architecture") == arch
+    assert validate_model(path) == [path]
+    assert worker.run(path).startswith("OK")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "internlm2", "baichuan"])
+def test_attack_rope_dimension_below_the_head_size(tiny_models: dict[str, Path], worker: LlamaWorker, tmp_path: Path, arch: str) -> None:
+    """These graphs assert that the whole head is rotated; no tensor shape depends on it."""
+    head = read_header(tiny_models[arch]).get(f"{arch}.attention.key_length") or 16
+    path = rewrite_gguf(tiny_models[arch], tmp_path / "m.gguf", values={f"{arch}.rope.dimension_count": (T.UINT32, head // 2)})
+    outcome = worker.run(path)
+    assert outcome.startswith("ABORT") and "n_embd_head == n_rot" in outcome, outcome
+    with pytest.raises(InvalidFileError, match=rf"{arch}.rope.dimension_count = {head // 2}: must equal the head size {head}"):
+        validate_model(path)
+
+
+def test_attack_qwen2_heads_that_do_not_make_the_embedding(tiny_models: dict[str, Path], worker: LlamaWorker, tmp_path: Path) -> None:
+    """Qwen2's Q projection is n_embd wide whatever the heads say: 8 heads of 16
+    pass every tensor shape and abort when the graph splits Q into heads."""
+    values = {
+        "qwen2.attention.head_count": (T.UINT32, 8), "qwen2.attention.head_count_kv": (T.UINT32, 2),
+        "qwen2.attention.key_length": (T.UINT32, 16), "qwen2.attention.value_length": (T.UINT32, 16),
+        "qwen2.rope.dimension_count": (T.UINT32, 16),
+    }
+    path = rewrite_gguf(tiny_models["qwen2"], tmp_path / "m.gguf", values=values)
+    assert worker.run(path).startswith("ABORT")
+    with pytest.raises(InvalidFileError, match="8 heads of 16 .* must make the embedding length 64"):
+        validate_model(path)
+
+
+def test_llama_rope_dimension_and_vocabulary_mismatch_are_refused(tiny_models: dict[str, Path], worker: LlamaWorker, tmp_path: Path) -> None:
+    """llama.cpp refuses these cleanly; validation says so first, in one line."""
+    path = rewrite_gguf(tiny_models["llama"], tmp_path / "rot.gguf", values={"llama.rope.dimension_count": (T.UINT32, 8)})
+    assert worker.run(path) == "ERR load"
+    with pytest.raises(InvalidFileError, match="llama.rope.dimension_count = 8: must equal the head size 16"):
+        validate_model(path)
+    tokens = read_array(read_header(tiny_models["llama"]), "tokenizer.ggml.tokens")
+    fewer = {"tokenizer.ggml.tokens": (T.ARRAY, tokens[:-1])}
+    path = rewrite_gguf(tiny_models["llama"], tmp_path / "vocab.gguf", values=fewer)
+    assert worker.run(path) == "ERR load"
+    n = len(tokens)
+    with pytest.raises(InvalidFileError, match=rf"tensor '(token_embd|output).weight' has shape \[64, {n}\] but the hyperparameters give \[64, {n - 1}\]"):
+        validate_model(path)

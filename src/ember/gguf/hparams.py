@@ -265,6 +265,8 @@ def _check_shared(keys: _Keys, n_vocab: int | None, tensors: list[TensorRecord])
     if n_layer is None:
         return None
     _check_layer_indices(keys, n_layer, tensors)
+    if window is not None:
+        _check_swa_pattern(keys, n_layer)
     nextn = keys.u32("nextn_predict_layers")
     if nextn is not None and nextn > n_layer:
         raise keys.fail("nextn_predict_layers", f"is more than the {n_layer} layers (block_count)")
@@ -322,6 +324,27 @@ def _check_layer_indices(keys: _Keys, n_layer: int, tensors: list[TensorRecord])
             raise keys.fail("block_count", f"is less than the layers in the file (tensor {t.name!r})")
 
 
+def _check_swa_pattern(keys: _Keys, n_layer: int) -> None:
+    """llama.cpp asserts that a model with a sliding window has at least one
+    sliding-window layer. attention.sliding_window_pattern says which: a
+    period whose last layer attends in full (1: every layer does), or one
+    flag per layer."""
+    name = "attention.sliding_window_pattern"
+    kv = keys.header.kv.get(keys.key(name))
+    if kv is None:
+        return
+    if not kv.is_array:
+        if keys.u32(name) == 1:
+            raise keys.fail(name, "makes every layer full attention, but the model has a sliding window (llama.cpp asserts on that)")
+        return
+    if kv.sub_type not in (_T.BOOL, _T.INT32, _T.UINT32):
+        raise keys.fail(name, f"must be a uint32 or an array of bool, not {_kind(kv)}")
+    if kv.count > MAX_LAYERS:
+        raise keys.fail(name, f"has more than {MAX_LAYERS} values (llama.cpp's LLAMA_MAX_LAYERS)")
+    if not any(read_array(keys.header, keys.key(name))[:n_layer]):
+        raise keys.fail(name, "marks no layer as sliding-window, but the model has a sliding window (llama.cpp asserts on that)")
+
+
 def _check_experts(keys: _Keys, n_layer: int) -> tuple[int, list[int]]:
     """llama.cpp's expert asserts: counts within LLAMA_MAX_EXPERTS, used <=
     total, groups dividing the experts."""
@@ -333,7 +356,7 @@ def _check_experts(keys: _Keys, n_layer: int) -> tuple[int, list[int]]:
         raise keys.fail("expert_used_count", f"is more than the {n_expert} experts (expert_count)")
     if n_expert:
         if max(used) == 0:
-            raise keys.fail("expert_used_count", f"must be at least 1 when the model has {n_expert} experts")
+            raise keys.fail("expert_used_count", f"must be at least 1 when the model has {n_expert} experts (expert_count)")
         if groups >= n_expert:
             raise keys.fail("expert_group_count", f"must be less than the {n_expert} experts (expert_count)")
         if groups > 1:
@@ -453,6 +476,9 @@ def _check_graph(keys: _Keys, d: Dims) -> None:
     for name, values in (("attention.head_count", d.n_head), ("attention.head_count_kv", d.n_head_kv), ("feed_forward_length", d.n_ff)):
         if len(set(values)) > 1:
             raise keys.fail(name, f"must be the same for every layer in a {arch} model")
+    if keys.header.get(keys.key("nextn_predict_layers"), 0):
+        # llama.cpp would leave the last layers' tensors unused and refuse the file.
+        raise keys.fail("nextn_predict_layers", f"must be 0 in a {arch} model (it has no next-token prediction layers)")
     if d.n_head[0] == 0:
         raise keys.fail("attention.head_count", f"must be at least 1 in a {arch} model")
     if d.n_head_kv[0] == 0:
@@ -484,7 +510,10 @@ def _expected_shapes(arch: str, d: Dims) -> dict[str, tuple[int, ...]]:
         q, k, v, o = d.head_k * H, d.head_v * KV, d.head_v * KV, d.head_k * H
     else:  # llama, gemma3
         q, k, v, o = d.head_k * H, d.head_k * KV, d.head_v * KV, d.head_k * H
-    shapes: dict[str, tuple[int, ...]] = {"output_norm.weight": (E,), "rope_freqs.weight": (d.n_rot // 2,)}
+    rope = (d.n_rot // 2,)
+    shapes: dict[str, tuple[int, ...]] = {
+        "output_norm.weight": (E,), "rope_freqs.weight": rope, "rope_factors_long.weight": rope, "rope_factors_short.weight": rope,
+    }
     if d.n_vocab is not None:
         shapes.update({"token_embd.weight": (E, d.n_vocab), "output.weight": (E, d.n_vocab), "output.bias": (d.n_vocab,)})
     layer: dict[str, tuple[int, ...]] = {
