@@ -21,7 +21,7 @@ import pytest
 
 from ember.errors import TemplateError
 from ember.templates import ChatTemplate
-from ember.templates.budget import MAX_CHARS
+from ember.templates.budget import MAX_CHARS, MAX_INT_BITS, MAX_WORK
 from ember.templates.jinja import JinjaChatTemplate
 
 DATA = Path(__file__).parent / "data" / "templates"
@@ -330,7 +330,7 @@ def too_expensive(text: str, messages: list[dict[str, Any]] | None = None, why: 
     return str(e.value)
 
 
-WORK = "more than 2000000 units of work"
+WORK = f"more than {MAX_WORK} units of work"
 
 
 def test_attack_nested_loops_over_a_message() -> None:
@@ -344,19 +344,19 @@ def test_attack_nested_loops_over_lists() -> None:
 
 
 def test_attack_integer_power_chain() -> None:
-    too_expensive("{{ 9 ** 1024 ** 1024 ** 16 }}", why="has more than 16384 bits")
+    too_expensive("{{ 9 ** 1024 ** 1024 ** 16 }}", why=f"has more than {MAX_INT_BITS} bits")
 
 
 def test_attack_repeated_squaring() -> None:
     too_expensive("{% set ns = namespace(x=9) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x }}",
-                  why="a product of more than 16384 bits")
+                  why=f"a product of more than {MAX_INT_BITS} bits")
 
 
 def test_attack_repeated_doubling() -> None:
     too_expensive("{% set ns = namespace(x=3) %}{% for i in range(100000) %}{% set ns.x = ns.x + ns.x %}{% endfor %}",
-                  why="an integer grew past 16384 bits")
+                  why=f"an integer grew past {MAX_INT_BITS} bits")
     too_expensive("{% set ns = namespace(x=3) %}{% for i in range(100000) %}{% set ns.x = 0 - ns.x - ns.x %}{% endfor %}",
-                  why="an integer grew past 16384 bits")
+                  why=f"an integer grew past {MAX_INT_BITS} bits")
 
 
 @pytest.mark.parametrize("text", ["{{ 5 | round(-1000000) }}", "{{ 5 | round(-1000000, 'ceil') }}"])
