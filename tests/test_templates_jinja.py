@@ -391,6 +391,17 @@ def test_attack_printing_shared_references() -> None:
     too_expensive(shared + "{% set ns = namespace(a=a) %}{{ ns }}", why="printing a value could grow past")
 
 
+def test_attack_lists_of_many_items() -> None:
+    # a list entry costs a pointer and often an object: 30 million of them are gigabytes
+    too_expensive("{{ ('\u4e2d' * 30000000) | list | length }}", why="the list filter could grow past")
+    too_expensive("{{ ('a ' * 10000000).split() | length }}", why="str.split() could grow past")
+    too_expensive("{{ ('a\n' * 10000000).splitlines() | length }}", why="str.splitlines() could grow past")
+    too_expensive("{{ range(-1000000, 1000000) | list | length }}", why="range() could grow past")
+    too_expensive("{{ dict.fromkeys(range(-1000000, 1000000)) | length }}", why="range() could grow past")
+    # splitting a long message on a marker, as Qwen's templates do, is fine
+    assert render("{{ (messages[0].content.split('</think>') | last) | length }}", TWO_LONG) == "1000000"
+
+
 def test_attack_markup_escapes_what_it_is_given() -> None:
     # |safe makes a Markup, which escapes the other operand: '"' becomes '&#34;'
     too_expensive("{{ '' | safe + '\"' * 30000000 }}", why="adding two values could grow past")

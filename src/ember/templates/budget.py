@@ -8,11 +8,12 @@ a million digits. Each render therefore gets a :class:`Budget` of
 - work: one unit per loop iteration, comparison or piece of output,
   ``CALL_UNITS`` per call, one per item or character an operation visits in
   Python, and one per ``CHARS_PER_UNIT`` characters it copies or scans in C;
-- size: no value, and not the output, longer than ``MAX_CHARS`` characters
-  or items. Operations that can multiply sizes (joins, repeats, padding,
-  replacement, format widths, printing nested data) are checked *before*
-  they allocate, against an upper bound computed from their inputs;
-- memory: all the characters and items one render creates, together, at most
+- size: no value, and not the output, larger than ``MAX_CHARS`` cells (a
+  character is a cell, a list or dict entry ``ITEM_CELLS``). Operations
+  that can multiply sizes (joins, repeats, splits, padding, replacement,
+  format widths, printing nested data) are checked *before* they allocate,
+  against an upper bound computed from their inputs;
+- memory: all the cells one render creates, together, at most
   ``MAX_MEMORY``;
 - integers: at most ``MAX_INT_BITS`` bits, so arithmetic stays cheap.
 
@@ -36,6 +37,7 @@ MAX_WORK = 2_000_000
 MAX_INT_BITS = 1 << 14
 CHARS_PER_UNIT = 64
 CALL_UNITS = 8  # a call into a filter, method, operator or function
+ITEM_CELLS = 32  # an entry of a list or dict: a pointer and often an object of its own
 # The most characters one character or item of nested data can print as:
 # repr() writes "\U000e0001" for some characters, JSON "\ud83d\ude00".
 PRINT_FACTOR = 12
@@ -54,7 +56,7 @@ class Size(NamedTuple):
 
     @property
     def cells(self) -> int:
-        return self.chars + self.items
+        return self.chars + ITEM_CELLS * self.items
 
 
 class Budget:
@@ -76,35 +78,38 @@ class Budget:
         self.spend(1 + chars // CHARS_PER_UNIT)
 
     def allow(self, cells: int, what: str) -> None:
-        """Refuse, before it is built, a value that could be longer than MAX_CHARS."""
+        """Refuse, before it is built, a value that could be larger than MAX_CHARS cells."""
         if cells > MAX_CHARS:
             raise BudgetExceeded(f"{what} could grow past {MAX_CHARS} characters")
 
-    def allocate(self, cells: int, what: str = "a value") -> None:
-        """Charge for a value of ``cells`` characters or items just built."""
+    def allocate(self, value: Any, what: str = "a value") -> Any:
+        """Charge for ``value``, just built (one level deep); returns it."""
+        cells = shallow_cells(value)
         self.allow(cells, what)
         self.memory += cells
         if self.memory > MAX_MEMORY:
             raise BudgetExceeded(f"more than {MAX_MEMORY} characters allocated in all")
         self.scan(cells)
+        return value
 
     def read(self, value: Any) -> int:
         """Charge for reading ``value`` one level deep in C (a string's
-        characters, a list's items); its length."""
+        characters, a list's items); its size in cells."""
         if isinstance(value, (str, list, tuple, dict, set, frozenset, range)):
             self.scan(len(value))
-            return len(value)
+            return shallow_cells(value)
         self.spend()
         return number_chars(value)
 
     def measure(self, value: Any, expand: Callable[[Any], Any] | None = None) -> Size:
         """The size of ``value`` with everything it holds, charged as a
-        Python walk over its items that reads its characters; stops counting
-        past MAX_CHARS. ``expand`` maps objects of other types to data to
-        measure instead (None: 16 cells)."""
+        Python walk over its items that reads its characters. Past MAX_CHARS
+        cells it stops and reports more than MAX_CHARS characters. ``expand``
+        maps objects of other types to data to measure instead (None: 16
+        characters)."""
         chars = items = depth = 0
         stack: list[tuple[Any, int]] = [(value, 0)]
-        while stack and chars + items <= MAX_CHARS:
+        while stack and chars + ITEM_CELLS * items <= MAX_CHARS:
             v, level = stack.pop()
             if isinstance(v, str):
                 chars += len(v)
@@ -113,7 +118,7 @@ class Budget:
                 self.spend(1 + n)
                 items += n
                 depth = max(depth, level + 1)
-                if chars + items <= MAX_CHARS:
+                if chars + ITEM_CELLS * items <= MAX_CHARS:
                     children = (x for kv in v.items() for x in kv) if isinstance(v, Mapping) else v
                     stack.extend((x, level + 1) for x in children)
             elif v is None or isinstance(v, (bool, int, float)):
@@ -125,20 +130,34 @@ class Budget:
                 else:
                     stack.append((inner, level))
         self.scan(chars)
+        if stack:
+            chars = MAX_CHARS + 1
         return Size(chars, items, depth)
 
     def text_bound(self, value: Any, expand: Callable[[Any], Any] | None = None) -> int:
-        """The longest ``str(value)`` can be."""
+        """The longest ``str(value)`` can be: each character printed as up to
+        PRINT_FACTOR, each entry with up to 8 of punctuation around it."""
         if isinstance(value, str):
             return len(value)
         if value is None or isinstance(value, (bool, int, float)):
             return number_chars(value)
-        return PRINT_FACTOR * self.measure(value, expand).cells
+        size = self.measure(value, expand)
+        return PRINT_FACTOR * size.chars + 8 * (size.items + 1)
 
     def check_int(self, value: Any) -> Any:
         if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
             raise BudgetExceeded(f"an integer grew past {MAX_INT_BITS} bits")
         return value
+
+
+def shallow_cells(value: Any) -> int:
+    """The cells of ``value`` itself: its characters, or its entries (0 for
+    anything else)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple, dict, set, frozenset, range)):
+        return ITEM_CELLS * len(value)
+    return 0
 
 
 def number_chars(value: Any) -> int:

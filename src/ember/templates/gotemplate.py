@@ -1824,7 +1824,7 @@ class _Exec:
     def write(self, s: str) -> None:
         self.size += len(s)
         self.budget.allow(self.size, "the output")
-        self.budget.allocate(len(s), "the output")
+        self.budget.allocate(s, "the output")
         self.out.append(s)
 
     # variables
@@ -2085,8 +2085,8 @@ class _Exec:
             self.budget.spend(CALL_UNITS)
             self.budget.allow(_FUNC_BOUNDS.get(name, _read_bound)(self.budget, values), name)
             result = fn(*values)
-            if isinstance(result, (str, list)):
-                self.budget.allocate(len(result), name)
+            if isinstance(result, str):  # a slice shares its list's items, as in Go
+                self.budget.allocate(result, name)
             return result
         except _FuncError as e:
             raise self.error(f"error calling {name}: {e}") from None

@@ -37,7 +37,17 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
 from ember.errors import TemplateError
-from ember.templates.budget import CALL_UNITS, MAX_CHARS, MAX_INT_BITS, Budget, BudgetExceeded, current, using
+from ember.templates.budget import (
+    CALL_UNITS,
+    ITEM_CELLS,
+    MAX_CHARS,
+    MAX_INT_BITS,
+    Budget,
+    BudgetExceeded,
+    current,
+    shallow_cells,
+    using,
+)
 
 __all__ = ["JinjaChatTemplate", "MAX_CHARS"]
 
@@ -55,6 +65,15 @@ _TEXT_FILTERS = frozenset({
 _SLOW_FILTERS = frozenset({
     "batch", "dictsort", "groupby", "items", "map", "max", "min", "reject", "rejectattr", "select", "selectattr",
     "slice", "sort", "striptags", "title", "unique", "wordcount", "wordwrap",
+})
+# Filters that make a list of the items of a sequence (of the characters of a string).
+_LIST_FILTERS = frozenset({
+    "batch", "groupby", "list", "map", "reject", "rejectattr", "select", "selectattr", "slice", "sort", "unique",
+})
+# Filters that return a number or one of the values they are given.
+_SCALAR_FILTERS = frozenset({
+    "abs", "attr", "count", "d", "default", "first", "float", "int", "last", "length", "max", "min", "random",
+    "wordcount",
 })
 # Left out: HTML and debugging helpers no chat template uses, whose output
 # size has no simple bound (pformat's indentation, urlize's markup).
@@ -130,7 +149,7 @@ def _materialize(b: Budget, value: Any) -> Any:
     for item in value:
         b.spend()
         items.append(item)
-        b.allow(len(items), "a list")
+        b.allow(ITEM_CELLS * len(items), "a list")
     return items
 
 
@@ -141,8 +160,8 @@ _Bound = Callable[[Budget, Any, int, Sequence[Any], Mapping[str, Any]], int]
 
 def _join_bound(b: Budget, value: Any, size: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
     sep = _text(b, _arg(args, kwargs, 0, "d", ""))
-    b.spend(size)
-    return sum(_text(b, item) for item in value) + sep * max(size - 1, 0)
+    b.spend(len(value))
+    return sum(_text(b, item) for item in value) + sep * max(len(value) - 1, 0)
 
 
 def _tojson_bound(b: Budget, value: Any, size: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
@@ -183,7 +202,7 @@ def _sum_bound(b: Budget, value: Any, size: int, args: Sequence[Any], kwargs: Ma
     if start is None or isinstance(start, (bool, int, float)):
         return 24  # a number (checked against MAX_INT_BITS afterwards)
     total = b.read(start) + sum(b.read(item) for item in value)
-    b.scan(total * size)  # every step copies the sum so far
+    b.scan(total * len(value))  # every step copies the sum so far
     return total
 
 
@@ -192,6 +211,10 @@ def _round_bound(b: Budget, value: Any, size: int, args: Sequence[Any], kwargs: 
     if type(precision) is int and abs(precision) > 1000:
         raise BudgetExceeded(f"round() to {precision} digits")  # computes 10 ** precision
     return 24
+
+
+def _scalar_bound(b: Budget, value: Any, size: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    return 0
 
 
 def _print_bound(factor: int) -> _Bound:
@@ -222,7 +245,7 @@ _FILTER_BOUNDS: dict[str, _Bound] = {
 def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     # Context-taking filters get the context (or environment) first.
     skip = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
-    bound = _FILTER_BOUNDS.get(name, _generic_bound)
+    bound = _FILTER_BOUNDS.get(name, _scalar_bound if name in _SCALAR_FILTERS else _generic_bound)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -233,13 +256,16 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         if name in ("join", "sum"):  # their bounds look at every item
             value = _materialize(b, value)
             args = (*args[:skip], value, *rest)
-        size = _text(b, value) if name in _TEXT_FILTERS else b.read(value)
+        if name in _TEXT_FILTERS:
+            size = _text(b, value)
+        else:
+            size = b.read(value) * (ITEM_CELLS if isinstance(value, str) and name in _LIST_FILTERS else 1)
         if name in _SLOW_FILTERS:
-            b.spend(size)
+            b.spend(len(value) if hasattr(value, "__len__") else 1)
         b.allow(bound(b, value, size, rest, kwargs) * _escaping(value), f"the {name} filter")
         result = func(*args, **kwargs)
-        if result is not value and isinstance(result, (str, list, tuple)):
-            b.allocate(len(result), f"the {name} filter")
+        if result is not value:
+            b.allocate(result, f"the {name} filter")
         return b.check_int(result)
 
     return wrapper
@@ -286,7 +312,7 @@ def _range(*args: int) -> range:
     """``range()`` for templates: loops over it are counted like any loop;
     here only its length is bounded."""
     r = range(*args)
-    current().allow(len(r), "range()")
+    current().allow(ITEM_CELLS * len(r), "range()")
     return r
 
 
@@ -349,7 +375,7 @@ class _OutputBuffer(list):  # type: ignore[type-arg]
     output before joining it: every piece is charged as it comes."""
 
     def append(self, piece: Any) -> None:
-        current().allocate(len(piece), "the output of a block")
+        current().allocate(piece, "the output of a block")
         super().append(piece)
 
     def extend(self, pieces: Any) -> None:
@@ -409,7 +435,7 @@ def _bounded_binop(op: Callable[[Any, Any], Any], name: str) -> Callable[[Any, A
         if name == "*" and _is_int(left) and isinstance(right, (str, list, tuple)):
             left, right = right, left
         if name == "*" and isinstance(left, (str, list, tuple)) and _is_int(right):
-            b.allow(len(left) * right, "repeating a value")
+            b.allow(shallow_cells(left) * right, "repeating a value")
         elif name == "*" and _is_int(left) and _is_int(right):
             if left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
                 raise BudgetExceeded(f"a product of more than {MAX_INT_BITS} bits")
@@ -417,17 +443,14 @@ def _bounded_binop(op: Callable[[Any, Any], Any], name: str) -> Callable[[Any, A
             if right > MAX_INT_BITS or left.bit_length() * right > MAX_INT_BITS + 1:
                 raise BudgetExceeded(f"{left} ** {right} has more than {MAX_INT_BITS} bits")
         elif name == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-            b.allow((len(left) + len(right)) * _escaping(left) * _escaping(right), "adding two values")
+            b.allow((shallow_cells(left) + shallow_cells(right)) * _escaping(left) * _escaping(right), "adding two values")
         elif name == "%" and isinstance(left, str):
             if isinstance(right, Mapping):
                 bound = _format_bound(b, left, list(right.values()), reused=True)
             else:
                 bound = _format_bound(b, left, right if isinstance(right, tuple) else (right,), reused=False)
             b.allow(bound * _escaping(left), "% formatting")
-        result = op(left, right)
-        if isinstance(result, (str, list, tuple)):
-            b.allocate(len(result))
-        return b.check_int(result)
+        return b.check_int(b.allocate(op(left, right)))
 
     return run
 
@@ -455,7 +478,27 @@ def _str_translate_bound(b: Budget, s: str, args: Sequence[Any], kwargs: Mapping
     return len(s) * max(longest, 1)
 
 
+# What str.isspace() and str.splitlines() split on.
+_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _str_split_bound(b: Budget, s: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    sep, limit = _arg(args, kwargs, 0, "sep"), _arg(args, kwargs, 1, "maxsplit", -1)
+    cuts = s.count(sep) if isinstance(sep, str) and sep else sum(map(s.count, _WHITESPACE))
+    if _is_int(limit) and limit >= 0:
+        cuts = min(cuts, limit)
+    return len(s) + ITEM_CELLS * (cuts + 1)
+
+
+def _str_splitlines_bound(b: Budget, s: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    return len(s) + ITEM_CELLS * (sum(map(s.count, _LINE_BREAKS)) + 1)
+
+
 _STR_METHOD_BOUNDS: dict[str, Callable[[Budget, str, Sequence[Any], Mapping[str, Any]], int]] = {
+    "split": _str_split_bound,
+    "rsplit": _str_split_bound,
+    "splitlines": _str_splitlines_bound,
     "replace": _str_replace_bound,
     "join": _str_join_bound,
     "expandtabs": _str_expandtabs_bound,
@@ -495,8 +538,8 @@ class _Environment(ImmutableSandboxedEnvironment):
                 bound = _generic_bound(b, receiver, size, args, kwargs)
             b.allow(bound * _escaping(receiver), f"{type(receiver).__name__}.{name}()")
         result = super().call(__context, __obj, *args, **kwargs)
-        if isinstance(result, (str, list, tuple)) and result is not receiver:
-            b.allocate(len(result))
+        if result is not receiver:
+            b.allocate(result)
         return b.check_int(result)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
@@ -511,9 +554,7 @@ class _Environment(ImmutableSandboxedEnvironment):
                 values = list(args[0].values())
             b = current()
             b.allow(_format_bound(b, fmt, values, reused=True) * _escaping(fmt), "str.format()")
-            result = wrapped(*args, **kwargs)
-            b.allocate(len(result))
-            return result
+            return str(b.allocate(wrapped(*args, **kwargs)))
 
         return functools.update_wrapper(bounded, wrapped)
 
@@ -549,17 +590,13 @@ class _Environment(ImmutableSandboxedEnvironment):
 
     @staticmethod
     def allocated(value: Any) -> Any:
-        if isinstance(value, (str, list, tuple)):
-            current().allocate(len(value))
-        return value
+        return current().allocate(value)
 
     @staticmethod
     def bounded_concat(parts: Sequence[Any]) -> str:
         b = current()
         b.allow(sum(_text(b, p) for p in parts), "~")
-        result = "".join(map(str, parts))
-        b.allocate(len(result))
-        return result
+        return str(b.allocate("".join(map(str, parts))))
 
     @staticmethod
     def output_buffer() -> _OutputBuffer:
@@ -719,7 +756,7 @@ class JinjaChatTemplate:
                 for chunk in self.template.generate(**context):
                     size += len(chunk)
                     b.allow(size, "the prompt")
-                    b.allocate(len(chunk), "the prompt")
+                    b.allocate(chunk, "the prompt")
                     out.append(chunk)
                 return "".join(out)
         except _TemplateRaised as e:
