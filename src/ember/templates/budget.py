@@ -18,8 +18,8 @@ a million digits. Each render therefore gets a :class:`Budget` of
 - integers: at most ``MAX_INT_BITS`` bits, so arithmetic stays cheap.
 
 Going past any of them raises :class:`BudgetExceeded`; the template engines
-turn it into a TemplateError naming the template and line. A real chat
-template uses well under a thousandth of each.
+turn it into a TemplateError naming the template and line. The real chat
+templates use about a hundred units of work per message.
 """
 
 from __future__ import annotations
