@@ -5,6 +5,8 @@ ctypes as an oracle, and the `ember` console script."""
 from __future__ import annotations
 
 import ctypes
+import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +165,174 @@ def run_ember(*args: str | Path, timeout: float = 120) -> subprocess.CompletedPr
     return subprocess.run(
         [str(EMBER), *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+_VALUE_FORMATS = {
+    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<B", gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+}
+
+
+def _encode(vtype: gguf.GGUFValueType, value: Any) -> bytes:
+    if vtype == gguf.GGUFValueType.STRING:
+        raw = str(value).encode()
+        return struct.pack("<Q", len(raw)) + raw
+    return struct.pack(_VALUE_FORMATS[vtype], value)
+
+
+def kv_record(key: str, vtype: gguf.GGUFValueType, value: Any, sub_type: gguf.GGUFValueType | None = None) -> bytes:
+    """One key/value record as GGUF stores it (arrays: ``value`` is a list of ``sub_type``)."""
+    name = key.encode()
+    out = struct.pack("<Q", len(name)) + name + struct.pack("<I", vtype)
+    if vtype == gguf.GGUFValueType.ARRAY:
+        assert sub_type is not None
+        return out + struct.pack("<IQ", sub_type, len(value)) + b"".join(_encode(sub_type, v) for v in value)
+    return out + _encode(vtype, value)
+
+
+class MetadataPatcher:
+    """A copy of a GGUF model whose key/value records can be replaced in place.
+
+    The copy carries one extra string key, a pad whose length absorbs any
+    change in the size of the other records, so the tensor data never moves:
+    each variant rewrites only the header (a few MB for a 262k-token
+    vocabulary), not the whole file. Each write gets a new mtime, so cached
+    validation results of the previous variant are not reused."""
+
+    PAD_KEY = "ember.test.pad"
+
+    def __init__(self, src: Path, dest: Path, slack: int = 512) -> None:
+        from ember.gguf import read_header
+
+        h = read_header(src)
+        with open(src, "rb") as f:
+            head = f.read(h.tensor_info_end)
+        self.path = dest
+        self.version = h.version
+        self.n_tensors = len(h.tensors)
+        self.records = {k: head[kv.offset : kv.end] for k, kv in h.kv.items()}
+        self.tensor_info = head[h.tensors[0].info_offset : h.tensor_info_end]
+        unpadded = 24 + sum(map(len, self.records.values())) + len(kv_record(self.PAD_KEY, gguf.GGUFValueType.STRING, ""))
+        unpadded += len(self.tensor_info)
+        self.data_offset = -(-(unpadded + slack) // h.alignment) * h.alignment
+        self._mtime = 1_000_000_000 * 10**9
+        with open(src, "rb") as f_in, open(dest, "wb") as f_out:
+            f_out.write(self._header({}))
+            f_in.seek(h.data_offset)
+            while chunk := f_in.read(1 << 24):
+                f_out.write(chunk)
+
+    def _header(self, replace: dict[str, bytes]) -> bytes:
+        records = [replace.get(k, r) for k, r in self.records.items()]
+        records += [r for k, r in replace.items() if k not in self.records]
+        fixed = 24 + sum(map(len, records)) + len(kv_record(self.PAD_KEY, gguf.GGUFValueType.STRING, "")) + len(self.tensor_info)
+        pad = self.data_offset - fixed
+        if pad < 0:
+            raise ValueError(f"replacement records grew the header by more than the slack ({-pad} bytes)")
+        head = struct.pack("<4sIQQ", b"GGUF", self.version, self.n_tensors, len(records) + 1)
+        out = head + b"".join(records) + kv_record(self.PAD_KEY, gguf.GGUFValueType.STRING, "x" * pad) + self.tensor_info
+        assert len(out) == self.data_offset
+        return out
+
+    def write(self, replace: dict[str, bytes]) -> Path:
+        """Rewrite the header with ``replace`` (key -> new record, see
+        kv_record; keys the file lacks are added)."""
+        with open(self.path, "r+b") as f:
+            f.write(self._header(replace))
+        self._mtime += 1_000_000
+        os.utime(self.path, ns=(self._mtime, self._mtime))
+        return self.path
+
+
+WORKER = Path(__file__).parent / "llama_worker.py"
+
+
+class LlamaWorker:
+    """tests/llama_worker.py in a child process: load a GGUF in llama.cpp and
+    generate a few tokens. ``run`` answers "OK ...", "ERR ..." (llama.cpp
+    refused cleanly), "ABORT <last stderr line>" (the process died: a
+    GGML_ASSERT or a crash; a fresh child takes over) or "HANG"."""
+
+    def __init__(self, timeout: float = 120) -> None:
+        self.timeout = timeout
+        self.proc: subprocess.Popen[str] | None = None
+
+    def _start(self) -> subprocess.Popen[str]:
+        import tempfile
+
+        self.stderr = tempfile.TemporaryFile("w+")
+        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # no gdb session per abort
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "READY"
+        return proc
+
+    def run(self, path: Path) -> str:
+        import select
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = self._start()
+        proc = self.proc
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(f"{path}\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        ready, _, _ = select.select([proc.stdout], [], [], self.timeout)
+        if not ready:
+            self.close()
+            return "HANG"
+        line = proc.stdout.readline().strip()
+        if line:
+            return line
+        proc.wait()
+        self.stderr.seek(0)
+        lines = [ln for ln in self.stderr.read().splitlines() if ln.strip()]
+        self.proc = None
+        return "ABORT " + next((ln for ln in reversed(lines) if "GGML_" in ln), lines[-1] if lines else f"exit {proc.returncode}")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def rewrite_gguf(src: Path, dst: Path, *, arch: str | None = None, values: dict[str, tuple[gguf.GGUFValueType, Any]] | None = None) -> Path:
+    """A copy of a small GGUF with its architecture renamed (every "<old>." key
+    follows) and some keys set to (type, value) pairs (arrays: of str, float
+    or uint32, after their first element)."""
+    reader = gguf.GGUFReader(src)
+    old = str(reader.fields["general.architecture"].contents())
+    new = arch or old
+    w = gguf.GGUFWriter(dst, new)
+    values = dict(values or {})
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        name = new + field.name[len(old) :] if field.name.startswith(old + ".") else field.name
+        if name in values:
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(name, field.contents(), vtype)
+    for name, (vtype, value) in values.items():
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = {str: gguf.GGUFValueType.STRING, float: gguf.GGUFValueType.FLOAT32}.get(type(value[0]), gguf.GGUFValueType.UINT32)
+            w.add_key_value(name, value, vtype, sub_type=sub)
+        else:
+            w.add_key_value(name, value, vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data, raw_shape=list(reversed([int(x) for x in t.shape])), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -3,7 +3,6 @@ and to_text() round trips."""
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,7 @@ from ember.registry.modelfile import Modelfile, decode, quote, read_modelfile
 
 def qwen_modelfile() -> str:
     """The Modelfile from the user's Qwen2.5 document (seed 003), verbatim."""
-    text = Path(glob.glob("/work/shared/seeds/003_*.txt")[0]).read_text(encoding="utf-8")
-    start = text.index("FROM qwen2.5-7b-instruct-q4_k_m.gguf")
-    return text[start : text.index("```", start)]
+    return (Path(__file__).parent / "data" / "modelfiles" / "qwen2.5.Modelfile").read_text(encoding="utf-8")
 
 
 def test_qwen_modelfile_from_users_document() -> None:

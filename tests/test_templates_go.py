@@ -47,12 +47,12 @@ def test_golden(name: str, case: str) -> None:
 
 
 def test_qwen_modelfile_template_is_the_users() -> None:
-    # The Qwen2.5 golden template is byte-for-byte the TEMPLATE of the user's document.
-    doc = next(Path("/work/shared/seeds").glob("003_*.txt"), None) if Path("/work/shared/seeds").exists() else None
+    # The Qwen2.5 golden template is byte-for-byte the TEMPLATE of the user's
+    # Modelfile (seed 003, shipped in tests/data/modelfiles).
+    modelfile = (DATA.parent / "modelfiles" / "qwen2.5.Modelfile").read_text(encoding="utf-8")
     text = (DATA / "go" / "qwen2.5.gotmpl").read_text(encoding="utf-8")
     assert text.startswith("{{ if .Messages }}\n{{- if or .System .Tools }}<|im_start|>system")
-    if doc is not None:
-        assert f'TEMPLATE """{text}"""' in doc.read_text(encoding="utf-8")
+    assert f'TEMPLATE """{text}"""' in modelfile
 
 
 def test_qwen_tool_call_arguments_from_openai_json_string() -> None:
@@ -265,12 +265,92 @@ def test_parse_errors_name_the_line(text: str, pattern: str) -> None:
         ("{{ nil }}", None, r"nil is not a command"),
         ("{{ .a 1 }}", {"a": 1}, r"not a method but has arguments"),
         ("{{ len 1 2 }}", None, r"wrong number of args for len: want 1 got 2"),
-        ("{{ range 10000000 }}{{ end }}", None, r"too long"),
+        ("{{ range 10000000 }}{{ end }}", None, r"template too expensive: more than \d+ units of work"),
     ],
 )
 def test_execution_errors(text: str, data: object, pattern: str) -> None:
     with pytest.raises(TemplateError, match=pattern):
         render(text, data)
+
+
+# ---------------------------------------------------------------- budgets (issue 13, item 5)
+# A 2-million-step cap still let a template work for minutes: one step can
+# encode a megabyte prompt (len, index), quote it (printf %q, json) or double
+# a string. Each render now has a budget of work, sizes and memory
+# (ember.templates.budget): each attack ends in an error after at most that
+# budget, so the tests assert the error, not the time.
+
+MEGABYTE = {"System": "s" * 1_000_000, "Prompt": "x" * 1_000_000}
+
+
+def too_expensive(text: str, data: object, why: str = "") -> None:
+    with pytest.raises(TemplateError, match=r"^template line \d+: executing.*: template too expensive: ") as e:
+        render(text, data)
+    assert why in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("text", [
+    "{{ range 20000 }}{{ $n := len $.Prompt }}{{ end }}",
+    "{{ range 20000 }}{{ $c := index $.Prompt 5 }}{{ end }}",
+    "{{ range 20000 }}{{ $s := slice $.Prompt 1 }}{{ end }}",
+    "{{ range 20000 }}{{ if eq $.Prompt $.System }}{{ end }}{{ end }}",
+    "{{ range 20000 }}{{ $j := json $.Prompt }}{{ end }}",
+    "{{ range 20000 }}{{ $j := js $.Prompt }}{{ end }}",
+    "{{ range 20000 }}{{ $j := printf \"%q\" $.Prompt }}{{ end }}",
+    "{{ range 20000 }}{{ $j := html $.Prompt }}{{ end }}",
+])
+def test_attack_loop_over_a_megabyte_prompt(text: str) -> None:
+    too_expensive(text, MEGABYTE)
+
+
+def test_attack_steps_alone() -> None:
+    too_expensive("{{ range 100000000 }}{{ end }}", None, "units of work")
+    too_expensive('{{ define "T" }}{{ range 1000 }}{{ range 1000 }}{{ end }}{{ end }}{{ end }}{{ range 1000 }}{{ template "T" }}{{ end }}',
+                  None, "units of work")
+
+
+def test_attack_output_of_a_loop() -> None:
+    too_expensive("{{ range 20000 }}{{ $.Prompt }}{{ end }}", MEGABYTE, "the output could grow past")
+
+
+def test_attack_printf_doubling() -> None:
+    too_expensive('{{ $x := .Prompt }}{{ range 100 }}{{ $x = printf "%s%s" $x $x }}{{ end }}', MEGABYTE)
+    too_expensive('{{ $x := .Prompt }}{{ range 100 }}{{ $x = print $x $x }}{{ end }}', MEGABYTE)
+    # one call that would build 40 MB is refused before it starts
+    too_expensive(f'{{{{ printf "{"%s" * 40}" {" .Prompt" * 40} }}}}', MEGABYTE, "printf could grow past")
+    too_expensive(f'{{{{ print {" .Prompt" * 40} }}}}', MEGABYTE, "print could grow past")
+
+
+def test_attack_printf_widths_repeated() -> None:
+    fmt = "%999999d" * 100
+    too_expensive(f'{{{{ printf "{fmt}" {" 1" * 100} }}}}', None, "printf could grow past")
+
+
+def test_attack_memory_in_total() -> None:
+    # each string is under the size limit; together they are gigabytes
+    wide = "%999999d" * 30
+    too_expensive(f'{{{{ range 10 }}}}{{{{ $x := printf "{wide}"{" 1" * 30} }}}}{{{{ end }}}}', None, "allocated in all")
+
+
+def test_legacy_templates_share_one_budget() -> None:
+    # a legacy template runs once per turn; the turns share one budget
+    text = "{{ range 300000 }}{{ end }}{{ .Prompt }}"
+    assert ChatTemplate.parse(text).render_messages([{"role": "user", "content": "hi"}]) == "hi"
+    turns = [{"role": ("user", "assistant")[i % 2], "content": "x"} for i in range(20)]
+    with pytest.raises(TemplateError, match="template too expensive"):
+        ChatTemplate.parse(text).render_messages(turns)
+
+
+def test_real_templates_render_long_conversations() -> None:
+    """No false alarms: every real template renders a 2-million-character
+    conversation and a thousand messages within the budget."""
+    big = [{"role": "user", "content": "x" * 1_000_000}, {"role": "assistant", "content": "y" * 1_000_000},
+           {"role": "user", "content": "z"}]
+    many = [{"role": ("user", "assistant")[i % 2], "content": f"message {i} " * 20} for i in range(999)]
+    for path in sorted((DATA / "go").glob("*.gotmpl")):
+        tmpl = ChatTemplate.parse(path.read_text(encoding="utf-8"))
+        assert tmpl.render_messages(big, tools=CASES["tools-user"]["tools"]).count("x") >= 1_000_000, path.name
+        assert "message 998" in tmpl.render_messages(many), path.name
 
 
 def test_template_error_from_chat_template_parse() -> None:

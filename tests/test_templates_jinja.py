@@ -21,7 +21,8 @@ import pytest
 
 from ember.errors import TemplateError
 from ember.templates import ChatTemplate
-from ember.templates.jinja import MAX_CHARS, MAX_ITERATIONS, JinjaChatTemplate
+from ember.templates.budget import MAX_CHARS, MAX_INT_BITS, MAX_WORK
+from ember.templates.jinja import JinjaChatTemplate
 
 DATA = Path(__file__).parent / "data" / "templates"
 JINJA = DATA / "jinja"
@@ -300,18 +301,182 @@ def test_errors_name_the_line(text: str, pattern: str) -> None:
     ],
 )
 def test_expensive_templates_are_stopped(text: str) -> None:
-    start = time.monotonic()
     with pytest.raises(TemplateError, match=r"too expensive|recursion too deep"):
         render(text)
-    assert time.monotonic() - start < 5
 
 
 def test_limits_leave_normal_use_alone() -> None:
-    assert MAX_CHARS >= 1 << 24 and MAX_ITERATIONS >= 1_000_000
+    assert MAX_CHARS >= 1 << 24
     big = "x" * 1_000_000
     assert render("{% for m in messages %}{{ m.content | length }}{{ 10000000 | string }}{% endfor %}",
                   [{"role": "user", "content": big}]) == "100000010000000"
     assert render("{{ range(3) | list }}{{ range(5) | reverse | first }}{{ range(4) | length }}") == "[0, 1, 2]44"
+
+
+# ---------------------------------------------------------------- budgets (issue 13, item 5)
+# Attacks that step counting let through: each took seconds of CPU or
+# gigabytes of memory. Every render now has a budget of work, sizes and
+# memory (ember.templates.budget), so each attack ends in an error after at
+# most that budget: the tests assert the error, not the time.
+
+LONG = [{"role": "user", "content": "x" * 20_000}]
+TWO_LONG = [{"role": "user", "content": "x" * 1_000_000}, {"role": "assistant", "content": "x" * 1_000_000}]
+
+
+def too_expensive(text: str, messages: list[dict[str, Any]] | None = None, why: str = "") -> str:
+    with pytest.raises(TemplateError, match=r"^chat template( line \d+)?: template too expensive: ") as e:
+        render(text, messages)
+    assert why in str(e.value), str(e.value)
+    return str(e.value)
+
+
+WORK = f"more than {MAX_WORK} units of work"
+
+
+def test_attack_nested_loops_over_a_message() -> None:
+    too_expensive("{% for a in messages[0].content %}{% for b in messages[0].content %}{% endfor %}{% endfor %}", LONG, WORK)
+
+
+def test_attack_nested_loops_over_lists() -> None:
+    too_expensive("{% set l = messages[0].content | list %}{% for a in l %}{% for b in l %}{% endfor %}{% endfor %}", LONG, WORK)
+    # items a loop filter skips are iterated all the same
+    too_expensive("{% for a in messages[0].content %}{% for b in messages[0].content if false %}{% endfor %}{% endfor %}", LONG, WORK)
+
+
+def test_attack_integer_power_chain() -> None:
+    too_expensive("{{ 9 ** 1024 ** 1024 ** 16 }}", why=f"has more than {MAX_INT_BITS} bits")
+
+
+def test_attack_repeated_squaring() -> None:
+    too_expensive("{% set ns = namespace(x=9) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x }}",
+                  why=f"a product of more than {MAX_INT_BITS} bits")
+
+
+def test_attack_repeated_doubling() -> None:
+    too_expensive("{% set ns = namespace(x=3) %}{% for i in range(100000) %}{% set ns.x = ns.x + ns.x %}{% endfor %}",
+                  why=f"an integer grew past {MAX_INT_BITS} bits")
+    too_expensive("{% set ns = namespace(x=3) %}{% for i in range(100000) %}{% set ns.x = 0 - ns.x - ns.x %}{% endfor %}",
+                  why=f"an integer grew past {MAX_INT_BITS} bits")
+
+
+@pytest.mark.parametrize("text", ["{{ 5 | round(-1000000) }}", "{{ 5 | round(-1000000, 'ceil') }}"])
+def test_attack_round_to_a_million_digits(text: str) -> None:
+    too_expensive(text, why="round() to -1000000 digits")
+
+
+def test_attack_join_of_a_repeated_list() -> None:
+    # 100 references to one 10-million-character string: a 1 GB join
+    too_expensive("{{ (['x' * 10000000] * 100) | join }}", why="the join filter could grow past")
+    too_expensive("{{ ''.join(['x' * 10000000] * 100) }}", why="str.join() could grow past")
+    too_expensive("{{ (['x' * 10000000] * 100) | map('upper') | join }}", why="could grow past")
+
+
+def test_attack_indent_of_many_lines() -> None:
+    too_expensive("{{ ('x\n' * 2000) | indent(1000000) }}", why="the indent filter could grow past")
+
+
+def test_attack_replace_with_a_long_string() -> None:
+    too_expensive("{{ ('x' * 1000) | replace('x', 'y' * 1000000) }}", why="the replace filter could grow past")
+    too_expensive("{{ ('x' * 1000).replace('x', 'y' * 1000000) }}", why="str.replace() could grow past")
+
+
+def test_attack_printing_shared_references() -> None:
+    # a list of 40 references to one million-character string prints as 40 MB
+    shared = "{% set a = ['x' * 1000000] * 40 %}"
+    too_expensive(shared + "{{ a }}", why="printing a value could grow past")
+    too_expensive(shared + "{{ a | string }}", why="the string filter could grow past")
+    too_expensive(shared + "{{ a | tojson }}", why="the tojson filter could grow past")
+    too_expensive(shared + "{{ 'x' ~ a }}", why="~ could grow past")
+    too_expensive(shared + "{{ a | trim }}", why="the trim filter could grow past")
+    too_expensive(shared + "{% set ns = namespace(a=a) %}{{ ns }}", why="printing a value could grow past")
+
+
+def test_attack_lists_of_many_items() -> None:
+    # a list entry costs a pointer and often an object: 30 million of them are gigabytes
+    too_expensive("{{ ('\u4e2d' * 30000000) | list | length }}", why="the list filter could grow past")
+    too_expensive("{{ ('a ' * 10000000).split() | length }}", why="str.split() could grow past")
+    too_expensive("{{ ('a\n' * 10000000).splitlines() | length }}", why="str.splitlines() could grow past")
+    too_expensive("{{ range(-1000000, 1000000) | list | length }}", why="range() could grow past")
+    too_expensive("{{ dict.fromkeys(range(-1000000, 1000000)) | length }}", why="range() could grow past")
+    # splitting a long message on a marker, as Qwen's templates do, is fine
+    assert render("{{ (messages[0].content.split('</think>') | last) | length }}", TWO_LONG) == "1000000"
+
+
+def test_attack_markup_escapes_what_it_is_given() -> None:
+    # |safe makes a Markup, which escapes the other operand: '"' becomes '&#34;'
+    too_expensive("{{ '' | safe + '\"' * 30000000 }}", why="adding two values could grow past")
+    too_expensive("{{ ('%s' | safe) % ('\"' * 30000000) }}", why="% formatting could grow past")
+
+
+def test_attack_tojson_separators_and_indent() -> None:
+    too_expensive("{{ range(100) | list | tojson(separators=('x' * 1000000, ':')) }}", why="the tojson filter could grow past")
+    too_expensive("{% set a = [[[[range(100) | list]]]] * 100 %}{{ a | tojson(indent='x' * 100000) }}",
+                  why="the tojson filter could grow past")
+
+
+def test_attack_format_widths_repeated() -> None:
+    too_expensive("{{ ('{0:999999}' * 2000).format(1) }}", why="str.format() could grow past")
+    too_expensive("{{ ('%(a)999999s' * 2000) % {'a': 1} }}", why="% formatting could grow past")
+    too_expensive("{{ ('%999999s' * 2000) | format(*range(2000)) }}", why="the format filter could grow past")
+    too_expensive("{{ ('{0}' * 1000).format('x' * 1000000) }}", why="str.format() could grow past")
+
+
+def test_attack_str_methods_that_multiply() -> None:
+    too_expensive("{{ ('\t' * 100000).expandtabs(1000000) }}", why="str.expandtabs() could grow past")
+    too_expensive("{{ ('x' * 100000).translate({120: 'y' * 100000}) }}", why="str.translate() could grow past")
+    too_expensive("{{ strftime_now('%c' * 10000000) }}", why="strftime_now() could grow past")
+
+
+def test_attack_output_of_macros_and_blocks() -> None:
+    # block output is joined in memory, out of sight of the prompt's own size check
+    loop = "{% for i in range(100000) %}{{ messages[0].content }}{% endfor %}"
+    for text in (
+        "{% macro m() %}" + loop + "{% endmacro %}{% set x = m() %}",
+        "{% set x %}" + loop + "{% endset %}",
+        "{% filter upper %}" + loop + "{% endfilter %}",
+    ):
+        too_expensive(text, LONG)
+
+
+def test_attack_memory_in_total() -> None:
+    # each string is under the size limit; together they are gigabytes
+    too_expensive("{% set ns = namespace(l=[]) %}{% for i in range(100) %}{% set ns.l = ns.l + ['x' * 30000000] %}{% endfor %}",
+                  why="characters allocated in all")
+
+
+def test_attack_comparisons_of_long_strings() -> None:
+    # two equal million-character messages: each comparison reads both
+    too_expensive("{% for i in range(1000000) %}{% if messages[0].content == messages[1].content %}{% endif %}{% endfor %}",
+                  TWO_LONG, WORK)
+    too_expensive("{% for i in range(1000000) %}{% if messages[0].content is eq messages[1].content %}{% endif %}{% endfor %}",
+                  TWO_LONG, WORK)
+    too_expensive("{% for i in range(1000000) %}{% if 'y' in messages[0].content %}{% endif %}{% endfor %}", TWO_LONG, WORK)
+
+
+def test_attack_slices_of_a_long_message() -> None:
+    too_expensive("{% for i in range(1000000) %}{% set s = messages[0].content[::-1] %}{% endfor %}", TWO_LONG)
+
+
+def test_attack_filters_over_long_lists() -> None:
+    too_expensive("{% for a in messages[0].content %}{{ messages[0].content | list | sort | join }}{% endfor %}", LONG, WORK)
+    too_expensive("{% for a in messages[0].content %}{{ (messages[0].content ~ ' ') | title }}{% endfor %}", LONG, WORK)
+
+
+def test_attack_recursive_loop_is_counted() -> None:
+    # a billion iterations, three levels deep
+    too_expensive("{% for m in messages recursive %}{% if loop.depth < 3 %}{{ loop(messages) }}{% endif %}{% endfor %}",
+                  [{"role": "user", "content": "x"}] * 1000, WORK)
+
+
+def test_real_templates_render_long_conversations() -> None:
+    """No false alarms: every real template renders a 2-million-character
+    conversation and a thousand messages within the budget."""
+    big = [{"role": "user", "content": "x" * 1_000_000}, {"role": "assistant", "content": "y" * 1_000_000},
+           {"role": "user", "content": "z"}]
+    many = [{"role": ("user", "assistant")[i % 2], "content": f"message {i} " * 20} for i in range(999)]
+    for name in TEMPLATES:
+        assert ours(name, {"messages": big, "tools": CASES["tools-user"]["tools"]}).count("x") >= 1_000_000
+        assert "message 998" in ours(name, {"messages": many})
 
 
 def test_empty_tool_list_means_no_tools() -> None:

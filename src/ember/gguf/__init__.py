@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ember.errors import InvalidFileError
+from ember.gguf.hparams import check_hparams
 from ember.gguf.inspect import ModelInfo, QuantStats, TensorEntry, model_info
 from ember.gguf.shards import find_shards, parse_shard_name, shard_name
 from ember.gguf.split import ShardPlan, merge_model, plan_split, split_model
@@ -49,6 +50,7 @@ def read_model(path_or_paths: PathArg | Sequence[PathArg]) -> list[GGUFHeader]:
             raise InvalidFileError("no model files given")
     headers = [read_header(p) for p in paths]
     check_shards(headers)
+    check_hparams(headers)
     return headers
 
 
@@ -58,7 +60,8 @@ def validate_model(path_or_paths: PathArg | Sequence[PathArg]) -> list[Path]:
     ``path_or_paths`` is one file (any shard of a split model finds the others)
     or an explicit ordered list of shards. Only headers and tables are read
     (cached by size and mtime), so this is cheap enough to run before every
-    load. Raises :class:`InvalidFileError` "FILE: what is wrong (where)".
+    load. Besides the structure, the hyperparameters are checked against what
+    llama.cpp asserts on (:mod:`ember.gguf.hparams`). Raises :class:`InvalidFileError` "FILE: what is wrong (where)".
     """
     return [h.path for h in read_model(path_or_paths)]
 

@@ -185,7 +185,24 @@ class _Cursor:
         return b
 
     def skip_strings(self, count: int, what: str) -> None:
-        """Walk ``count`` length-prefixed strings without decoding them."""
+        """Walk ``count`` length-prefixed strings without decoding them.
+
+        A vocabulary has hundreds of thousands of entries: the walk first
+        runs without per-entry checks (a length past the end makes the next
+        read fail, or leaves the position past the end) and only when that
+        fails walks again, checking each entry, to say which one is wrong."""
+        buf, pos, unpack = self.buf, self.pos, _U64.unpack_from
+        try:
+            for _ in range(count):
+                pos += 8 + unpack(buf, pos)[0]
+        except (struct.error, OverflowError):
+            pos = self.end + 1
+        if pos <= self.end:
+            self.pos = pos
+            return
+        self._skip_strings_checked(count, what)
+
+    def _skip_strings_checked(self, count: int, what: str) -> None:
         buf, pos, end, unpack = self.buf, self.pos, self.end, _U64.unpack_from
         for i in range(count):
             if end - pos < 8:

@@ -25,6 +25,7 @@ from decimal import Decimal
 from typing import Any, Callable, Iterator, Mapping
 
 from ember.errors import TemplateError
+from ember.templates.budget import CALL_UNITS, PRINT_FACTOR, Budget, BudgetExceeded, current, using
 
 __all__ = [
     "GoList",
@@ -245,7 +246,7 @@ def _sprint_value(v: Any) -> str:
         return v
     stringer = getattr(v, "stringer", None)
     if stringer is not None:
-        return stringer(v)
+        return str(stringer(v))
     if isinstance(v, GoStruct):
         return "{" + " ".join(_sprint_value(x) for x in v.fields.values()) + "}"
     if isinstance(v, dict):
@@ -460,6 +461,8 @@ def go_sprintf(fmt: str, *args: Any) -> str:
     argi = 0
     i = 0
     n = len(fmt)
+    budget = current()
+    size = n
     while i < n:
         ch = fmt[i]
         if ch != "%":
@@ -514,6 +517,13 @@ def go_sprintf(fmt: str, *args: Any) -> str:
         if argi >= len(args):
             out.append(f"%!{verb}(MISSING)")
             continue
+        # %q and %x print a character as up to 12 (\U0010ffff, "f4 8f bf bf ")
+        printed = budget.text_bound(args[argi], _expand)
+        if verb in "qxX":
+            budget.spend(printed)  # quoted or hex-encoded character by character
+            printed *= PRINT_FACTOR
+        size += (width or 0) + (prec or 0) + printed
+        budget.allow(size, "printf")
         out.append(_format_one(verb, args[argi], flags, width, prec))
         argi += 1
     if argi < len(args):
@@ -1522,7 +1532,49 @@ class _FuncError(Exception):
 
 
 _MISSING = object()
-_MAX_STEPS = 2_000_000
+
+
+def _expand(value: Any) -> Any:
+    """What a struct prints: its fields (for Budget.measure)."""
+    return value.fields if isinstance(value, GoStruct) else None
+
+
+def _args_text(b: Budget, args: list[Any]) -> int:
+    return sum(b.text_bound(a, _expand) + 1 for a in args)
+
+
+def _json_bound(b: Budget, args: list[Any]) -> int:
+    size = b.measure(args[0], _expand)
+    b.spend(size.chars)  # encoded character by character in Python
+    return 6 * size.chars + 6 * size.items  # \u003c; quotes, colon and comma per entry
+
+
+def _printed_bound(factor: int, per_char: bool) -> Callable[[Budget, list[Any]], int]:
+    def bound(b: Budget, args: list[Any]) -> int:
+        text = _args_text(b, args)
+        if per_char:
+            b.spend(text)
+        return factor * text
+
+    return bound
+
+
+def _read_bound(b: Budget, args: list[Any]) -> int:
+    """Functions that return (part of) what they are given, after reading
+    it: len and index encode a string to UTF-8, slice copies, eq compares."""
+    return sum(b.read(a) for a in args)
+
+
+# Upper bounds on what a function returns, computed (and charged) before it
+# runs; printf checks each piece itself (go_sprintf).
+_FUNC_BOUNDS: dict[str, Callable[[Budget, list[Any]], int]] = {
+    "print": _printed_bound(1, per_char=False),
+    "println": _printed_bound(1, per_char=False),
+    "html": _printed_bound(6, per_char=False),  # &#34;
+    "js": _printed_bound(6, per_char=True),  # \u003C
+    "urlquery": _printed_bound(12, per_char=True),  # %F0%9F%98%80
+    "json": _json_bound,
+}
 
 
 def _len(item: Any) -> int:
@@ -1750,17 +1802,16 @@ class _Exec:
         tmpl: "GoTemplate",
         data: Any,
         funcs: dict[str, tuple[Callable[..., Any], int, int | None]],
-        max_output: int,
+        budget: Budget,
     ) -> None:
         self.tmpl = tmpl
         self.funcs = funcs
         self.vars: list[list[Any]] = [["$", data]]
         self.out: list[str] = []
         self.size = 0
-        self.max_output = max_output
+        self.budget = budget
         self.node: Node | None = None
         self.depth = 0
-        self.steps = 0
 
     def error(self, msg: str) -> TemplateError:
         node = self.node
@@ -1772,8 +1823,8 @@ class _Exec:
 
     def write(self, s: str) -> None:
         self.size += len(s)
-        if self.size > self.max_output:
-            raise self.error(f"output exceeds {self.max_output} characters")
+        self.budget.allow(self.size, "the output")
+        self.budget.allocate(s, "the output")
         self.out.append(s)
 
     # variables
@@ -1793,9 +1844,7 @@ class _Exec:
     # walking
     def walk(self, dot: Any, node: Node) -> None:
         self.node = node
-        self.steps += 1
-        if self.steps > _MAX_STEPS:
-            raise self.error(f"template runs too long (more than {_MAX_STEPS} steps)")
+        self.budget.spend(2)  # a step of the tree walk
         if isinstance(node, TextNode):
             self.write(node.text)
         elif isinstance(node, ListNode):
@@ -1805,6 +1854,7 @@ class _Exec:
             val = self.eval_pipeline(dot, node.pipe)
             if not node.pipe.decl:
                 self.node = node
+                self.budget.allow(self.budget.text_bound(val, _expand), "printing a value")
                 self.write(self.print_value(val))
         elif isinstance(node, IfNode) or isinstance(node, WithNode):
             mark = len(self.vars)
@@ -1849,8 +1899,10 @@ class _Exec:
             if val is None:
                 items = []
             elif isinstance(val, (list, tuple)):
+                self.budget.spend(len(val))
                 items = list(enumerate(val))
             elif isinstance(val, dict):
+                self.budget.spend(len(val))
                 items = [(k, val[k]) for k in _sorted_keys(val)]
             elif isinstance(val, int) and not isinstance(val, bool):
                 if len(node.pipe.decl) > 1:
@@ -2030,7 +2082,12 @@ class _Exec:
             values.append(final)
         self.node = node
         try:
-            return fn(*values)
+            self.budget.spend(CALL_UNITS)
+            self.budget.allow(_FUNC_BOUNDS.get(name, _read_bound)(self.budget, values), name)
+            result = fn(*values)
+            if isinstance(result, str):  # a slice shares its list's items, as in Go
+                self.budget.allocate(result, name)
+            return result
         except _FuncError as e:
             raise self.error(f"error calling {name}: {e}") from None
         except TemplateError:
@@ -2138,16 +2195,20 @@ class GoTemplate:
             names.extend(identifiers(body))
         return names
 
-    def execute(self, data: Any, *, root: ListNode | None = None, max_output: int = 64 * 1024 * 1024) -> str:
+    def execute(self, data: Any, *, root: ListNode | None = None, budget: Budget | None = None) -> str:
         """Render with ``data`` as dot and ``$``; errors are TemplateError
-        naming the line."""
-        ex = _Exec(self, data, self.funcs, max_output)
+        naming the line. Work and sizes are charged to ``budget`` (see
+        :mod:`ember.templates.budget`; by default a fresh one)."""
+        ex = _Exec(self, data, self.funcs, budget or Budget())
         try:
-            ex.walk(data, root if root is not None else self.root)
+            with using(ex.budget):
+                ex.walk(data, root if root is not None else self.root)
         except (_Break, _Continue):  # pragma: no cover - the parser rejects these outside range
             raise ex.error("break or continue outside range") from None
         except RecursionError:
             raise ex.error("template nesting too deep") from None
+        except BudgetExceeded as e:
+            raise ex.error(f"template too expensive: {e}") from None
         return "".join(ex.out)
 
     def iter_nodes(self) -> Iterator[Node]:

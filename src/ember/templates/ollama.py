@@ -26,6 +26,7 @@ import json
 from typing import Any, Mapping, Sequence
 
 from ember.errors import TemplateError
+from ember.templates.budget import Budget
 
 from .gotemplate import (
     ActionNode,
@@ -410,13 +411,14 @@ class OllamaTemplate:
                     **think_values,
                 }
             )
-        # legacy: one execution per (system, prompt, response) turn
+        # legacy: one execution per (system, prompt, response) turn, all on one budget
         out: list[str] = []
         sys_, prm, rsp = "", "", ""
+        budget = Budget()
 
         def run() -> None:
             nonlocal sys_, prm, rsp
-            out.append(self.go.execute({"System": sys_, "Prompt": prm, "Response": rsp, **think_values}))
+            out.append(self.go.execute({"System": sys_, "Prompt": prm, "Response": rsp, **think_values}, budget=budget))
             sys_, prm, rsp = "", "", ""
 
         for m in collated:
@@ -435,6 +437,6 @@ class OllamaTemplate:
         if self._cut is None:
             self._cut = cut_after_response(self.go.root)
         out.append(
-            self.go.execute({"System": sys_, "Prompt": prm, "Response": rsp, **think_values}, root=self._cut)
+            self.go.execute({"System": sys_, "Prompt": prm, "Response": rsp, **think_values}, root=self._cut, budget=budget)
         )
         return "".join(out)
