@@ -58,6 +58,11 @@ class EngineError(EmberError):
     status = 500
 
 
+class RunnerError(EngineError):
+    """A model's runner process died (a llama.cpp abort, a crash, the OOM
+    killer): only that model's requests fail; the next request loads it again."""
+
+
 class ContextOverflowError(EmberError):
     """A prompt does not fit in the context window."""
 
@@ -78,3 +83,9 @@ class CancelledError(EmberError):
     """A generation was cancelled (client gone, model unloaded)."""
 
     status = 499
+
+
+class BodyTooLargeError(EmberError):
+    """A request body is larger than the server accepts (EMBER_MAX_BODY_SIZE)."""
+
+    status = 413
