@@ -31,7 +31,7 @@ from ember.registry import (
     show_model,
     store,
 )
-from ember.registry.ggufmeta import format_params, read_info
+from ember.registry.ggufmeta import read_info
 from ember.server import schemas as s
 from ember.server.common import iso, manager, ndjson, with_progress
 from ember.server.manager import Entry
@@ -307,11 +307,17 @@ async def ps(request: Request) -> Any:
             "name": e.name, "model": e.name, "size": info.size + mem.get("kv_cache", 0) + mem.get("compute", 0),
             "digest": _digest_hex(e.resolved.digest),
             "details": {"parent_model": "", "format": "gguf", "family": info.architecture, "families": [info.architecture],
-                        "parameter_size": format_params(info.parameters), "quantization_level": info.quantization},
+                        "parameter_size": _param_size(info.parameters), "quantization_level": info.quantization},
             "expires_at": e.expires_iso(), "size_vram": 0, "context_length": info.num_ctx,
             "num_parallel": info.num_parallel, "active_requests": e.refs, "running": n,
         })
     return {"models": out}
+
+
+def _param_size(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.0f}M"
 
 
 @router.get("/api/version")
