@@ -26,13 +26,20 @@ from ember.errors import ContextOverflowError, OptionError, TemplateError
 from ember.models import resolve_model
 from ember.progress import ProgressCallback
 from ember.registry import ResolvedModel
-from ember.request import AsyncChunkStream, ChunkStream, GenerationRequest, ModelInfo, Result, StreamChunk
+from ember.request import (
+    FALLBACK_NOTE,
+    AsyncChunkStream,
+    ChunkStream,
+    GenerationRequest,
+    ModelInfo,
+    Result,
+    StreamChunk,
+)
 from ember.templates import ChatTemplate
 from ember.templates.tools import split_tool_calls
 
 __all__ = ["FALLBACK_NOTE", "GenerationRequest", "Model", "ModelInfo", "Result", "StreamChunk"]
 
-FALLBACK_NOTE = "this model has no chat template: messages are sent as plain text for completion"
 _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)} - {"options"}
 
 

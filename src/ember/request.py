@@ -210,6 +210,10 @@ class AsyncChunkStream:
         await self.aclose()
 
 
+# What a model without a chat template does with messages (a note for users).
+FALLBACK_NOTE = "this model has no chat template: messages are sent as plain text for completion"
+
+
 @dataclass
 class ModelInfo:
     """What a loaded model is (``Model.info``)."""

@@ -31,6 +31,7 @@ import collections
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -407,10 +408,8 @@ class ProcessRunner(Runner):
 def _last_words(lines: list[str]) -> str:
     """The line of a runner's stderr that says what went wrong (a GGML_ASSERT,
     a Python error), else its last line."""
-    for line in reversed(lines):
-        if "GGML_ASSERT" in line or "error" in line.lower():
-            return line[:300]
-    return lines[-1][:300] if lines else ""
+    picked = next((ln for ln in reversed(lines) if "GGML_ASSERT" in ln or "error" in ln.lower()), lines[-1] if lines else "")
+    return re.sub(r"^/\S*/([^/\s]+:\d+:)", r"\1", picked)[:300]  # llama.cpp's build folder says nothing
 
 
 # --- the runner process -------------------------------------------------------------------------
