@@ -163,6 +163,25 @@ def test_server_never_maps_a_model_and_unload_ends_the_runner(server: Server) ->
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_batch_invariant_request_never_reloads_the_model(server: Server) -> None:
+    """A request with batch_invariant reloaded the model with it, and every
+    later request on it ran one sequence at a time. It is the request's own
+    (per request in the scheduler): the runner and its load stay as they were."""
+    before = unload(server, "bystander")
+    ollama.Client(host=server.url, timeout=120).generate(model="bystander", prompt="", keep_alive="1h")
+    pid = new_runner(server, before)
+    pids = {p.pid for p in runners(server)}
+    r = httpx.post(server.url + "/api/generate", json={"model": "bystander", "prompt": "Hi", "stream": False, "options": {
+        "batch_invariant": True, "num_predict": 1}}, timeout=120)
+    assert r.status_code in (200, 400), r.text  # 400 where the engine still takes it only at load
+    assert {p.pid for p in runners(server)} == pids and psutil.Process(pid).is_running()
+    # a real load option does reload it
+    r = httpx.post(server.url + "/api/generate", json={"model": "bystander", "prompt": "Hi", "stream": False, "options": {
+        "num_ctx": 128, "num_predict": 1}}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert wait_until(lambda: pid not in {p.pid for p in runners(server)})
+
+
 def test_runner_exits_when_the_server_is_killed(tmp_path: Path) -> None:
     srv = Server(tmp_path)
     try:

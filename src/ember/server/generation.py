@@ -22,23 +22,13 @@ from typing import Any
 
 from fastapi import Request
 
-from ember import options as opts
 from ember.errors import CancelledError, OptionError
 from ember.request import AsyncChunkStream, GenerationRequest, Result, StreamChunk
 from ember.server.common import manager
-from ember.server.manager import Entry, parse_keep_alive
+from ember.server.manager import Entry, check_options, parse_keep_alive
 from ember.server.runner import Runner
 
 MAX_SEQUENCES = 64  # generations one HTTP request may ask for (OpenAI's n x prompts)
-
-
-def check_options(options: Any) -> dict[str, Any]:
-    """A request's ``options``, checked by ember.options (names, types, ranges)."""
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise OptionError("options must be an object of option names to values")
-    return opts.coerce_all(options)
 
 
 def _runner(entry: Entry) -> Runner:

@@ -36,6 +36,11 @@ log = logging.getLogger("ember.server")
 
 DEFAULT_KEEP_ALIVE = 300.0
 
+# Options a request may give that never reload (or key) a loaded model: with
+# batch_invariant one client would otherwise make the model run one sequence
+# at a time for everyone after it. It is the request's own (the scheduler's).
+NEVER_RELOADS = frozenset({"batch_invariant"})
+
 
 class ServerBusyError(EmberError):
     """The model is busy and cannot be reloaded or evicted now; retry later."""
@@ -211,7 +216,7 @@ class ModelManager:
     async def acquire(self, name: str, options: dict[str, Any], keep_alive: float) -> Entry:
         resolved = await self.resolve(name)
         key = model_key(resolved)
-        wanted = {k: v for k, v in options.items() if k in opts.LOAD_OPTIONS}
+        wanted = {k: v for k, v in options.items() if k in opts.LOAD_OPTIONS and k not in NEVER_RELOADS}
         while True:
             async with self._lock:
                 entry = self._models.get(key)
