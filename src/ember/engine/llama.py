@@ -33,19 +33,8 @@ def ensure_backend() -> None:
 
 
 def supports_gpu_offload() -> bool:
-    """A GPU (or an RPC server, which registers as one) can take layers.
-    (``llama_supports_gpu_offload`` also says yes for a build with the RPC
-    backend and no server added, where everything stays in this process.)"""
     ensure_backend()
-    from llama_cpp import _ggml
-
-    by_type = _ggml.libggml.ggml_backend_dev_by_type
-    by_type.argtypes = [ctypes.c_int]
-    by_type.restype = ctypes.c_void_p
-    return any(by_type(kind) for kind in (_DEVICE_GPU, _DEVICE_IGPU))
-
-
-_DEVICE_GPU, _DEVICE_IGPU = 1, 2  # enum ggml_backend_dev_type
+    return bool(lc.llama_supports_gpu_offload())
 
 
 def system_info() -> str:
