@@ -214,7 +214,9 @@ def test_in_process_runner_serves_the_same_api(tmp_path: Path, monkeypatch: pyte
                                 options={"temperature": 0, "num_predict": 4}))
         assert "".join(p.response for p in parts) == first.response and parts[-1].eval_count == 4
         assert first.load_duration and first.load_duration > parts[-1].load_duration  # loaded by the first
-        assert [m.model for m in c.ps().models] == ["demo:latest"]
+        (loaded_model,) = c.ps().models
+        assert loaded_model.model == "demo:latest"
+        assert (loaded_model.size or 0) > demo_model_path().stat().st_size  # the weights, the KV cache and compute buffers
     finally:
         srv.should_exit = True
         thread.join(60)

@@ -304,12 +304,13 @@ async def ps(request: Request) -> Any:
         assert e.runner is not None and e.runner.info is not None
         info, mem = e.runner.info, e.runner.memory
         out.append({
-            "name": e.name, "model": e.name, "size": info.size + mem.get("kv_cache", 0) + mem.get("compute", 0),
+            "name": e.name, "model": e.name, "size": info.size + mem.get("kv_cache_bytes", 0) + mem.get("compute_bytes", 0),
             "digest": _digest_hex(e.resolved.digest),
             "details": {"parent_model": "", "format": "gguf", "family": info.architecture, "families": [info.architecture],
                         "parameter_size": _param_size(info.parameters), "quantization_level": info.quantization},
             "expires_at": e.expires_iso(), "size_vram": 0, "context_length": info.num_ctx,
             "num_parallel": info.num_parallel, "active_requests": e.refs, "running": n,
+            "devices": mem.get("devices", {}),  # bytes per device (CPU, GPUs, RPC workers) and kind
         })
     return {"models": out}
 

@@ -76,7 +76,7 @@ class Runner(abc.ABC):
         self.name = spec.resolved.name
         self.info: ModelInfo | None = None
         self.defaults: dict[str, Any] = {}  # the model's options in effect (load options included)
-        self.memory: dict[str, int] = {}  # bytes at load: model, KV cache, compute buffers
+        self.memory: dict[str, Any] = {}  # at load: the engine's MemoryReport.to_dict() (bytes by kind and device)
         self.load_duration = 0
         self.error: EmberError | None = None  # why the runner stopped by itself, once it has
 
@@ -138,10 +138,9 @@ class LocalRunner(Runner):
             Model, s.resolved, num_parallel=s.num_parallel, max_queue=s.max_queue, **s.options
         )
         m = self.model
-        mem = m.memory
         self.info = m.info
         self.defaults = dict(m.defaults)
-        self.memory = {"model": mem.model_bytes, "kv_cache": mem.kv_cache_bytes, "compute": mem.compute_bytes}
+        self.memory = m.memory.to_dict()
         self.load_duration = m.load_duration
 
     async def submit(self, request: GenerationRequest) -> AsyncChunkStream:
