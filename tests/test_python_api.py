@@ -77,3 +77,85 @@ def test_api_functions_survive_submodule_imports():
         assert callable(getattr(ember, name)) and getattr(ember, name) is not module
     importlib.import_module("ember.gguf")
     assert callable(ember.split) and callable(ember.inspect)
+
+
+# --- one request type, one submit ------------------------------------------------------
+def test_request_chunk_and_result_cross_json_unchanged():
+    import json
+
+    from ember.request import GenerationRequest, Result, StreamChunk
+
+    req = GenerationRequest(messages=[{"role": "user", "content": "hi"}], tools=[{"type": "function"}], format="json",
+                            options={"temperature": 0, "stop": ["\n"]}, context=[1, 2], truncate=True)
+    assert GenerationRequest.from_dict(json.loads(json.dumps(req.to_dict()))) == req
+    result = Result("m", "text", "stop", eval_count=3, message={"role": "assistant", "content": "text"}, context=[4])
+    chunk = StreamChunk("t", True, result, tool_calls=[{"function": {"name": "f", "arguments": {}}}])
+    assert StreamChunk.from_dict(json.loads(json.dumps(chunk.to_dict()))) == chunk
+    assert StreamChunk("x").to_dict() == {"text": "x"}  # sparse: one per token crosses the runner boundary
+
+
+def test_submit_streams_and_collects_and_the_first_result_reports_the_load():
+    import asyncio
+
+    from ember.request import GenerationRequest
+
+    req = GenerationRequest(prompt=PROMPTS[0], raw=True, options={"temperature": 0, "num_predict": 6})
+    with ember.load("demo", num_ctx=256) as m:
+        first = m.submit(req).result()
+        assert first.load_duration == m.load_duration > 0 and first.total_duration > first.load_duration
+        stream = m.submit(req)
+        chunks = list(stream)
+        assert "".join(c.text for c in chunks) == first.text and chunks[-1].done
+        assert chunks[-1].result is not None and chunks[-1].result.load_duration == 0
+
+        async def run() -> str:
+            return (await m.submit(req, loop=asyncio.get_running_loop()).result()).text
+
+        assert asyncio.run(run()) == first.text
+        # closing a stream early frees its sequence
+        long = GenerationRequest(prompt=PROMPTS[0], raw=True, options={"num_predict": 500})
+        s = m.submit(long)
+        next(s)
+        s.close()
+        import time
+
+        deadline = time.monotonic() + 10
+        while m.scheduler.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert m.scheduler.active == 0
+
+
+def test_chat_with_tools_holds_text_back_and_ends_with_the_calls():
+    from dataclasses import replace
+
+    from ember.api import Model
+    from ember.models import resolve_model
+
+    template = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+                "<|im_start|>assistant\n")
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    schema = {"type": "object", "properties": {"name": {"type": "string", "enum": ["get_weather"]},
+                                               "arguments": {"type": "object", "properties": {
+                                                   "city": {"type": "string", "enum": ["Paris"]}}, "required": ["city"]}},
+              "required": ["name", "arguments"]}
+    with Model(replace(resolve_model("demo"), template=template), num_ctx=512) as m:
+        chunks = list(m.chat([{"role": "user", "content": "Weather in Paris?"}], tools=[tool], format=schema,
+                             stream=True, temperature=0, num_predict=40))
+    assert len(chunks) == 1 and chunks[0].done  # no text before the call is known
+    assert [c["function"]["name"] for c in chunks[0].tool_calls] == ["get_weather"]
+    assert chunks[0].result is not None and chunks[0].result.tool_calls == chunks[0].tool_calls
+
+
+def test_kv_cache_beyond_the_memory_budget_is_refused(monkeypatch):
+    import pytest
+
+    from ember.engine.llama import supports_gpu_offload
+
+    if supports_gpu_offload():
+        pytest.skip("the KV cache may live on the GPU")
+    monkeypatch.setenv("EMBER_KV_BUDGET", "0.000001")
+    with pytest.raises(ember.OptionError, match=r"KV cache.*EMBER_KV_BUDGET=1e-06 of the .* GiB of free memory"):
+        ember.load("demo", num_ctx=2048)
+    monkeypatch.setenv("EMBER_KV_BUDGET", "2")
+    with pytest.raises(ember.OptionError, match="EMBER_KV_BUDGET must be a fraction"):
+        ember.load("demo", num_ctx=2048)

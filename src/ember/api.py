@@ -1,95 +1,46 @@
 """The library layer: a loaded model with generate, chat, embed and tokenize.
 
-The CLI, the server and user code all go through :class:`Model`, so a prompt
-is rendered, an option is merged and a result is shaped the same way whoever
-asks. A model is a registry name, a GGUF path (any shard of a split model) or
-a Hugging Face directory (converted once into a cached GGUF).
+The CLI, the server's runners and user code all go through :class:`Model`, so
+a prompt is rendered, an option is merged and a result is shaped the same way
+whoever asks. Every generation is one :class:`GenerationRequest` passed to
+:meth:`Model.submit`; ``generate``, ``chat``, ``agenerate`` and ``achat`` are
+thin wrappers that build one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, overload
 
 from ember import options as opts
 from ember.engine import Context, LoadedModel, MemoryReport
 from ember.engine.scheduler import Chunk, Handle, Scheduler
-from ember.errors import ContextOverflowError, EmberError, OptionError, TemplateError
+from ember.errors import ContextOverflowError, OptionError, TemplateError
+from ember.models import resolve_model
 from ember.progress import ProgressCallback
+from ember.registry import ResolvedModel
+from ember.request import (
+    FALLBACK_NOTE,
+    AsyncChunkStream,
+    ChunkStream,
+    GenerationRequest,
+    ModelInfo,
+    Result,
+    StreamChunk,
+)
+from ember.templates import ChatTemplate
+from ember.templates.tools import split_tool_calls
 
-FALLBACK_NOTE = "this model has no chat template: messages are sent as plain text for completion"
+__all__ = ["FALLBACK_NOTE", "GenerationRequest", "Model", "ModelInfo", "Result", "StreamChunk"]
 
-
-@dataclass
-class ModelInfo:
-    """What a model is (``Model.info``)."""
-
-    name: str
-    architecture: str
-    parameters: int
-    quantization: str
-    context_length: int  # training context
-    num_ctx: int  # per-sequence context of this load
-    num_parallel: int
-    size: int
-    paths: list[str]
-    template: Literal["go", "jinja"] | None
-    has_chat_template: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Result:
-    """A finished generation. ``message`` is set for chat, ``text`` always."""
-
-    model: str
-    text: str
-    done_reason: str
-    prompt_tokens: int = 0
-    prompt_eval_count: int = 0
-    prompt_eval_duration: int = 0  # ns
-    eval_count: int = 0
-    eval_duration: int = 0  # ns
-    load_duration: int = 0  # ns
-    total_duration: int = 0  # ns
-    message: dict[str, Any] | None = None
-    context: list[int] = field(default_factory=list)
-
-    @property
-    def tool_calls(self) -> list[dict[str, Any]]:
-        return list((self.message or {}).get("tool_calls") or [])
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class StreamChunk:
-    """One streamed piece; the last has ``done=True`` and ``result`` set."""
-
-    text: str
-    done: bool = False
-    result: Result | None = None
-
-
-@dataclass
-class _Prepared:
-    tokens: list[int]
-    options: dict[str, Any]
-    grammar: str | None
-    chat: bool
-    tools: bool
-    t0: float
+_REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)} - {"options"}
 
 
 def _grammar_for(format: str | dict[str, Any] | None) -> str | None:
@@ -108,6 +59,17 @@ def _grammar_for(format: str | dict[str, Any] | None) -> str | None:
     raise OptionError(f"format must be \"json\" or a JSON schema object, got {format!r}")
 
 
+def _request(kwargs: dict[str, Any], **what: Any) -> GenerationRequest:
+    """A request from a wrapper's keywords: request fields by name (system,
+    format, truncate, ...), everything else an Ollama option."""
+    if "messages" in what and not isinstance(what["messages"], list):
+        raise OptionError("messages must be a list of {role, content} objects")
+    options = dict(kwargs.pop("options", None) or {})
+    given = {k: kwargs.pop(k) for k in list(kwargs) if k in _REQUEST_FIELDS}
+    options.update(kwargs)
+    return GenerationRequest(**what, **given, options=options)
+
+
 class Model:
     """A model loaded for generation. Use as a context manager, or call close().
 
@@ -117,7 +79,7 @@ class Model:
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | ResolvedModel,
         *,
         num_parallel: int = 1,
         max_queue: int = 512,
@@ -125,14 +87,8 @@ class Model:
         progress: ProgressCallback | None = None,
         **options: Any,
     ) -> None:
-        from ember.registry import resolve
-
         t0 = time.perf_counter()
-        ref = str(model)
-        path = Path(ref).expanduser()
-        if path.is_dir() and (path / "config.json").is_file():  # a Hugging Face checkpoint, not a registry name
-            ref = str(converted_gguf(path, progress=progress))
-        self.resolved = resolve(ref)
+        self.resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, convert=True, progress=progress)
         self.name = self.resolved.name
         self.defaults = opts.merged(self.resolved.parameters, opts.coerce_all(options))
         load_opts = {k: v for k, v in self.defaults.items() if k in opts.LOAD_OPTIONS}
@@ -149,6 +105,8 @@ class Model:
             self.engine.close()
             raise
         self.load_duration = int((time.perf_counter() - t0) * 1e9)
+        self._load_unreported = True  # the first result reports the load, as Ollama's first request does
+        self._max_token_bytes = 0
         self._embed_ctx: Context | None = None
         self._embed_lock = threading.Lock()
         self.closed = False
@@ -196,9 +154,7 @@ class Model:
     def system(self) -> str | None:
         return self.resolved.system
 
-    def _load_template(self) -> Any:
-        from ember.templates import ChatTemplate
-
+    def _load_template(self) -> ChatTemplate | None:
         text = self.resolved.template or self.engine.chat_template
         if not text:
             return None
@@ -215,9 +171,31 @@ class Model:
     def detokenize(self, tokens: list[int]) -> str:
         return self.engine.detokenize(tokens)
 
+    def _checked_ids(self, tokens: Sequence[Any], where: str) -> list[int]:
+        n_vocab = self.engine.n_vocab
+        for t in tokens:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+                raise OptionError(f"{where}: token id {t!r} is out of range (vocabulary size {n_vocab})")
+        return list(tokens)
+
     # --- prompts ---------------------------------------------------------
+    def render(self, request: GenerationRequest) -> str:
+        """The exact prompt text of a request (what llama.cpp sees)."""
+        if request.images:
+            raise OptionError("images are not supported by this model (no vision projector loaded)")
+        if request.is_chat:
+            text = self.render_chat(request.messages or [], tools=request.tools)
+        else:
+            text = self.render_generate(
+                request.prompt or "", system=request.system, template=request.template, suffix=request.suffix,
+                raw=request.raw,
+            )
+        if request.context:
+            text = self.detokenize(self._checked_ids(request.context, "context")) + text
+        return text
+
     def render_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> str:
-        """The exact prompt text a chat request produces (what llama.cpp sees)."""
+        """The prompt text of a conversation."""
         msgs = _normalize_messages(messages)
         msgs = list(self.resolved.messages) + msgs
         if self.resolved.system and not any(m["role"] == "system" for m in msgs):
@@ -234,8 +212,6 @@ class Model:
         """The prompt text of an Ollama-style generate request."""
         if raw:
             return prompt
-        from ember.templates import ChatTemplate
-
         tmpl = ChatTemplate.parse(template) if template else self.template
         sys_text = self.resolved.system if system is None else system
         if tmpl is None:
@@ -243,22 +219,37 @@ class Model:
         return str(tmpl.render_prompt(prompt, system=sys_text or "", suffix=suffix))
 
     def _tokens_for(self, text: str, truncate: bool, num_keep: int) -> list[int]:
+        num_ctx = self.scheduler.num_ctx
+        limit = num_ctx - 1
+        overflow = (
+            f"the context holds {num_ctx} tokens (num_ctx); shorten the prompt, raise num_ctx, or ask for truncation"
+        )
+        n_bytes = len(text.encode("utf-8", "surrogatepass"))
+        # Every token stands for at most the longest token's bytes: a prompt with
+        # more bytes than the context can hold is refused without tokenizing it.
+        if not truncate and n_bytes > limit and n_bytes > (limit + 2) * self._longest_token_bytes():
+            raise ContextOverflowError(f"the prompt has {n_bytes} bytes, more than {num_ctx} tokens can hold; {overflow}")
         # Templates that start with the BOS text already carry it; don't add a second one.
         bos = self.engine.token_text(self.engine.bos_id) if self.engine.bos_id >= 0 else ""
         add_special = not (bos and text.startswith(bos))
         tokens = self.engine.tokenize(text, add_special, True)
-        limit = self.scheduler.num_ctx - 1
         if len(tokens) > limit:
             if not truncate:
-                raise ContextOverflowError(
-                    f"the prompt has {len(tokens)} tokens but the context holds {self.scheduler.num_ctx} "
-                    "(num_ctx); shorten it, raise num_ctx, or ask for truncation"
-                )
+                raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but {overflow}")
             keep = min(max(num_keep, 0), limit // 2)
             tokens = tokens[:keep] + tokens[len(tokens) - (limit - keep) :]
         return tokens
 
+    def _longest_token_bytes(self) -> int:
+        """An upper bound of any token's length in bytes (its vocabulary text)."""
+        if not self._max_token_bytes:
+            e = self.engine
+            self._max_token_bytes = max((len(e.token_text(t).encode()) for t in range(e.n_vocab)), default=1) or 1
+        return self._max_token_bytes
+
     def _request_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(options, dict):
+            raise OptionError("options must be an object of option names to values")
         given = opts.coerce_all(options)
         changed = [k for k in given if k in opts.LOAD_OPTIONS and given[k] != self.defaults.get(k)]
         changed = [k for k in changed if not (k == "num_ctx" and given[k] == 0)]
@@ -275,143 +266,86 @@ class Model:
                 merged[k] = v
         return merged
 
-    def _prepare(self, text: str, options: dict[str, Any], format: Any, truncate: bool, chat: bool, tools: bool) -> _Prepared:
-        t0 = time.perf_counter()
-        o = self._request_options(options)
-        tokens = self._tokens_for(text, truncate, o["num_keep"])
-        return _Prepared(tokens, o, _grammar_for(format), chat, tools, t0)
-
     # --- generation ------------------------------------------------------
-    def generate(
-        self,
-        prompt: str = "",
-        *,
-        system: str | None = None,
-        template: str | None = None,
-        suffix: str = "",
-        raw: bool = False,
-        format: str | dict[str, Any] | None = None,
-        stream: bool = False,
-        truncate: bool = False,
-        options: dict[str, Any] | None = None,
-        **kw_options: Any,
-    ) -> Result | Iterator[StreamChunk]:
-        """Complete ``prompt`` (rendered with the model's template unless ``raw``).
+    @overload
+    def submit(self, request: GenerationRequest, *, loop: None = None) -> ChunkStream: ...
 
-        Options are Ollama's names, as keywords or an ``options`` dict, e.g.
-        ``model.generate("Hi", temperature=0, num_predict=50)``. With
-        ``stream=True`` an iterator of :class:`StreamChunk` is returned.
+    @overload
+    def submit(self, request: GenerationRequest, *, loop: asyncio.AbstractEventLoop) -> AsyncChunkStream: ...
+
+    def submit(
+        self, request: GenerationRequest, *, loop: asyncio.AbstractEventLoop | None = None
+    ) -> ChunkStream | AsyncChunkStream:
+        """Render, tokenize, check and queue ``request``. Bad input raises here,
+        before anything is queued. The chunks stream back in order, to an async
+        iterator on ``loop`` when one is given (call from that loop's thread or
+        a worker thread)."""
+        t0 = time.perf_counter()
+        options = self._request_options(request.options)
+        tokens = self._tokens_for(self.render(request), request.truncate, options["num_keep"])
+        handle = self.scheduler.submit(tokens, options, grammar=_grammar_for(request.format), loop=loop)
+        shaper = _Shaper(self, request, tokens, t0)
+        if loop is None:
+            return ChunkStream(shaper.chunks(handle), handle.cancel)
+        return AsyncChunkStream(shaper.achunks(handle), handle.cancel)
+
+    def generate(self, prompt: str = "", *, stream: bool = False, **kwargs: Any) -> Result | ChunkStream:
+        """Complete ``prompt`` (rendered with the model's template unless ``raw=True``).
+
+        Keywords are :class:`GenerationRequest` fields (``system``, ``template``,
+        ``suffix``, ``raw``, ``context``, ``format``, ``truncate``, ``options``)
+        or Ollama's options, e.g. ``model.generate("Hi", temperature=0,
+        num_predict=50)``. With ``stream=True`` a :class:`ChunkStream`.
         """
-        text = self.render_generate(prompt, system=system, template=template, suffix=suffix, raw=raw)
-        prep = self._prepare(text, {**(options or {}), **kw_options}, format, truncate, chat=False, tools=False)
-        handle = self.scheduler.submit(prep.tokens, prep.options, grammar=prep.grammar)
-        chunks = self._sync_stream(handle, prep)
-        return chunks if stream else _collect(chunks)
+        chunks = self.submit(_request(kwargs, prompt=prompt))
+        return chunks if stream else chunks.result()
 
-    def chat(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        format: str | dict[str, Any] | None = None,
-        stream: bool = False,
-        truncate: bool = False,
-        options: dict[str, Any] | None = None,
-        **kw_options: Any,
-    ) -> Result | Iterator[StreamChunk]:
-        """Answer a conversation (``[{"role": "user", "content": "..."}]``).
+    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False, **kwargs: Any) -> Result | ChunkStream:
+        """Answer a conversation (``[{"role": "user", "content": "..."}]``);
+        keywords as for :meth:`generate`, plus ``tools``.
 
         The result's ``message`` is ``{"role": "assistant", "content": ...}``
         with ``tool_calls`` when the model called one of ``tools``.
         """
-        text = self.render_chat(messages, tools=tools)
-        prep = self._prepare(text, {**(options or {}), **kw_options}, format, truncate, chat=True, tools=bool(tools))
-        handle = self.scheduler.submit(prep.tokens, prep.options, grammar=prep.grammar)
-        chunks = self._sync_stream(handle, prep)
-        return chunks if stream else _collect(chunks)
+        chunks = self.submit(_request(kwargs, messages=messages))
+        return chunks if stream else chunks.result()
 
-    async def agenerate(self, prompt: str = "", *, stream: bool = False, **kwargs: Any) -> Any:
-        """Async :meth:`generate`: a Result, or an async iterator when ``stream``."""
-        chunks = self._async_submit(False, prompt, kwargs)
-        return chunks if stream else await _acollect(chunks)
+    async def agenerate(self, prompt: str = "", *, stream: bool = False, **kwargs: Any) -> Result | AsyncChunkStream:
+        """Async :meth:`generate`: a Result, or an :class:`AsyncChunkStream` when ``stream``."""
+        chunks = self.submit(_request(kwargs, prompt=prompt), loop=asyncio.get_running_loop())
+        return chunks if stream else await chunks.result()
 
-    async def achat(self, messages: list[dict[str, Any]], *, stream: bool = False, **kwargs: Any) -> Any:
-        """Async :meth:`chat`: a Result, or an async iterator when ``stream``."""
-        chunks = self._async_submit(True, messages, kwargs)
-        return chunks if stream else await _acollect(chunks)
+    async def achat(self, messages: list[dict[str, Any]], *, stream: bool = False, **kwargs: Any) -> Result | AsyncChunkStream:
+        """Async :meth:`chat`: a Result, or an :class:`AsyncChunkStream` when ``stream``."""
+        chunks = self.submit(_request(kwargs, messages=messages), loop=asyncio.get_running_loop())
+        return chunks if stream else await chunks.result()
 
-    def _async_submit(self, chat: bool, what: Any, kwargs: dict[str, Any]) -> AsyncIterator[StreamChunk]:
-        options = {**(kwargs.pop("options", None) or {})}
-        fmt = kwargs.pop("format", None)
-        truncate = kwargs.pop("truncate", False)
-        if chat:
-            tools = kwargs.pop("tools", None)
-            text = self.render_chat(what, tools=tools)
-        else:
-            tools = None
-            names = ("system", "template", "suffix", "raw")
-            text = self.render_generate(what, **{k: kwargs.pop(k) for k in names if k in kwargs})
-        options.update(kwargs)
-        prep = self._prepare(text, options, fmt, truncate, chat=chat, tools=bool(tools))
-        handle = self.scheduler.submit(prep.tokens, prep.options, grammar=prep.grammar, loop=asyncio.get_running_loop())
-        return self._async_stream(handle, prep)
-
-    def _final(self, last: Chunk, text: str, prep: _Prepared) -> Result:
-        message: dict[str, Any] | None = None
-        if prep.chat:
-            message = {"role": "assistant", "content": text}
-            if prep.tools:
-                from ember.templates.tools import split_tool_calls
-
-                content, calls = split_tool_calls(text, self.template)
-                if calls:
-                    message = {"role": "assistant", "content": content, "tool_calls": calls}
-        return Result(
-            model=self.name,
-            text=text,
-            done_reason=last.done_reason or "stop",
-            prompt_tokens=last.prompt_tokens,
-            prompt_eval_count=last.prompt_eval_count,
-            prompt_eval_duration=last.prompt_eval_duration,
-            eval_count=last.eval_count,
-            eval_duration=last.eval_duration,
-            load_duration=0,
-            total_duration=int((time.perf_counter() - prep.t0) * 1e9),
-            message=message,
-            context=prep.tokens + last.tokens,
-        )
-
-    def _sync_stream(self, handle: Handle, prep: _Prepared) -> Iterator[StreamChunk]:
-        parts: list[str] = []
-        for c in handle:
-            parts.append(c.text)
-            if c.done:
-                yield StreamChunk(c.text, True, self._final(c, "".join(parts), prep))
-            elif c.text:
-                yield StreamChunk(c.text)
-
-    async def _async_stream(self, handle: Handle, prep: _Prepared) -> AsyncIterator[StreamChunk]:
-        parts: list[str] = []
-        async for c in handle:
-            parts.append(c.text)
-            if c.done:
-                yield StreamChunk(c.text, True, self._final(c, "".join(parts), prep))
-            elif c.text:
-                yield StreamChunk(c.text)
+    def _take_load_duration(self) -> int:
+        if not self._load_unreported:
+            return 0
+        self._load_unreported = False
+        return self.load_duration
 
     # --- embeddings ------------------------------------------------------
-    def embed(self, texts: str | list[str], *, truncate: bool = True, normalize: bool = True) -> list[list[float]]:
-        """Mean-pooled (and L2-normalized, as Ollama's /api/embed) embeddings."""
+    def embed(
+        self, texts: str | Sequence[str | Sequence[int]], *, truncate: bool = True, normalize: bool = True
+    ) -> list[list[float]]:
+        """Mean-pooled (and L2-normalized, as Ollama's /api/embed) embeddings of
+        texts, or of token id lists taken as they are."""
         import numpy as np
 
         items = [texts] if isinstance(texts, str) else list(texts)
+        inputs = [
+            self.engine.tokenize(x, True, False) if isinstance(x, str) else self._checked_ids(x, "input")
+            for x in items
+        ]
         out: list[list[float]] = []
         with self._embed_lock:
             if self._embed_ctx is None:
                 self._embed_ctx = self.engine.new_context(self.scheduler.num_ctx, embeddings=True)
             ctx = self._embed_ctx
-            for text in items:
-                tokens = self.engine.tokenize(text, True, False) or [self.engine.bos_id]
+            for tokens in inputs:
+                tokens = tokens or [self.engine.bos_id]
                 if len(tokens) > ctx.n_batch:
                     if not truncate:
                         raise ContextOverflowError(f"input has {len(tokens)} tokens, more than the {ctx.n_batch} an embedding batch holds")
@@ -424,6 +358,65 @@ class Model:
                     vec = vec / n if n > 0 else vec
                 out.append([float(x) for x in vec])
         return out
+
+
+class _Shaper:
+    """The scheduler's chunks of one request as StreamChunks, the last one
+    carrying the Result (and, for a chat with tools, the parsed tool calls:
+    their text is held back, since a call is known only at the end)."""
+
+    def __init__(self, model: Model, request: GenerationRequest, tokens: list[int], t0: float) -> None:
+        self.model = model
+        self.chat = request.is_chat
+        self.tools = bool(request.is_chat and request.tools)
+        self.tokens = tokens
+        self.t0 = t0
+        self.parts: list[str] = []
+
+    def shape(self, c: Chunk) -> StreamChunk | None:
+        self.parts.append(c.text)
+        if not c.done:
+            return StreamChunk(c.text) if c.text and not self.tools else None
+        result = self._result(c, "".join(self.parts))
+        if self.tools:
+            return StreamChunk(str((result.message or {}).get("content") or ""), True, result, tool_calls=result.tool_calls)
+        return StreamChunk(c.text, True, result)
+
+    def chunks(self, handle: Handle) -> Iterator[StreamChunk]:
+        for c in handle:
+            out = self.shape(c)
+            if out is not None:
+                yield out
+
+    async def achunks(self, handle: Handle) -> AsyncIterator[StreamChunk]:
+        async for c in handle:
+            out = self.shape(c)
+            if out is not None:
+                yield out
+
+    def _result(self, last: Chunk, text: str) -> Result:
+        message: dict[str, Any] | None = None
+        if self.chat:
+            message = {"role": "assistant", "content": text}
+            if self.tools:
+                content, calls = split_tool_calls(text, self.model.template)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+        load = self.model._take_load_duration()
+        return Result(
+            model=self.model.name,
+            text=text,
+            done_reason=last.done_reason or "stop",
+            prompt_tokens=last.prompt_tokens,
+            prompt_eval_count=last.prompt_eval_count,
+            prompt_eval_duration=last.prompt_eval_duration,
+            eval_count=last.eval_count,
+            eval_duration=last.eval_duration,
+            load_duration=load,
+            total_duration=int((time.perf_counter() - self.t0) * 1e9) + load,
+            message=message,
+            context=self.tokens + last.tokens,
+        )
 
 
 def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -440,24 +433,12 @@ def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if not isinstance(content, str):
             raise OptionError(f"messages[{i}].content must be text")
+        if m.get("images"):
+            raise OptionError(f"messages[{i}].images: images are not supported by this model (no vision projector loaded)")
         msg = dict(m)
         msg["content"] = content
         out.append(msg)
     return out
-
-
-def _collect(chunks: Iterator[StreamChunk]) -> Result:
-    for c in chunks:
-        if c.done and c.result is not None:
-            return c.result
-    raise EmberError("generation ended without a result")
-
-
-async def _acollect(chunks: AsyncIterator[StreamChunk]) -> Result:
-    async for c in chunks:
-        if c.done and c.result is not None:
-            return c.result
-    raise EmberError("generation ended without a result")
 
 
 def _file_type(e: LoadedModel) -> str:
@@ -470,20 +451,3 @@ def _file_type(e: LoadedModel) -> str:
         return str(gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_"))
     except (ValueError, ImportError):
         return str(ftype)
-
-
-def converted_gguf(model_dir: Path, *, progress: ProgressCallback | None = None) -> Path:
-    """A Hugging Face directory converted once to an F16 GGUF in the cache; the
-    cache key covers the directory's path, file names, sizes and times."""
-    from ember.convert import convert_model
-    from ember.demo import cache_dir
-
-    h = hashlib.sha256(str(model_dir.resolve()).encode())
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    out = cache_dir() / "converted" / f"{model_dir.name}-{h.hexdigest()[:16]}.gguf"
-    if not out.is_file():
-        convert_model(model_dir, out, outtype="f16", progress=progress)
-    return out

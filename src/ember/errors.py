@@ -67,6 +67,11 @@ class EngineError(EmberError):
     status = 500
 
 
+class RunnerError(EngineError):
+    """A model's runner process died (a llama.cpp abort, a crash, the OOM
+    killer): only that model's requests fail; the next request loads it again."""
+
+
 class ContextOverflowError(EmberError):
     """A prompt does not fit in the context window."""
 
@@ -104,3 +109,7 @@ class WorkerError(EmberError):
     """An RPC worker (``ember worker``) cannot be reached or used."""
 
     status = 502
+class BodyTooLargeError(EmberError):
+    """A request body is larger than the server accepts (EMBER_MAX_BODY_SIZE)."""
+
+    status = 413

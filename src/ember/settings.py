@@ -3,6 +3,7 @@ and servers can change them). Every ``EMBER_*`` variable is read here."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -82,3 +83,41 @@ def rpc_workers() -> list[str]:
         return parse_workers(os.environ.get("EMBER_RPC", ""))
     except OptionError as e:
         raise OptionError(f"EMBER_RPC: {e}") from None
+DEFAULT_KV_BUDGET = 0.5
+
+
+def kv_budget() -> float:
+    """EMBER_KV_BUDGET: the fraction of free memory one model's KV cache may
+    take (the rest stays for other models and requests)."""
+    raw = os.environ.get("EMBER_KV_BUDGET", "").strip()
+    if not raw:
+        return DEFAULT_KV_BUDGET
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise OptionError(f"EMBER_KV_BUDGET must be a fraction between 0 and 1, got {raw!r}")
+    return value
+
+
+DEFAULT_MAX_BODY_SIZE = 16 << 20
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def max_body_size() -> int:
+    """EMBER_MAX_BODY_SIZE: the largest request body the server reads, in bytes
+    (or with K, M, G); blob uploads stream to disk and are not limited."""
+    raw = os.environ.get("EMBER_MAX_BODY_SIZE", "").strip()
+    if not raw:
+        return DEFAULT_MAX_BODY_SIZE
+    number, unit = raw.lower().rstrip("ib").rstrip(), ""
+    if number and number[-1] in "kmg":
+        number, unit = number[:-1].strip(), number[-1]
+    try:
+        value = int(float(number) * _SIZE_UNITS[unit])
+    except (ValueError, OverflowError):
+        value = 0
+    if value <= 0:
+        raise OptionError(f"EMBER_MAX_BODY_SIZE must be a size like 16M, got {raw!r}")
+    return value

@@ -13,6 +13,7 @@ import typer
 from ember.cli.app import app
 from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
 from ember.errors import OptionError, QuantizationError
+from ember.models import resolve_model
 from ember.progress import ProgressCallback
 
 # The package, not the API function ember.quantize() that shares its name; its
@@ -35,27 +36,12 @@ def _lazy_bar() -> Iterator[ProgressCallback]:
         yield callback
 
 
-def _model_file(arg: str | Path | None) -> Path | None:
-    """A GGUF path, or a registry name (``demo``, ``llama3:8b``) resolved to
-    its model file, so every command here takes what ``ember run`` takes."""
-    if arg is None:
-        return None
+def _model_paths(arg: str | Path) -> list[Path]:
+    """A path as given (the command checks it), or the files a model name
+    (``demo``, ``llama3:8b``) loads, so every command here takes what
+    ``ember run`` takes."""
     path = Path(arg).expanduser()
-    if path.exists():
-        return path
-    from ember.registry import resolve
-
-    resolved = resolve(str(arg))
-    return Path(resolved.model_paths[0])
-
-
-def _model_files(arg: str) -> list[Path]:
-    path = Path(arg).expanduser()
-    if path.exists():
-        return [path]
-    from ember.registry import resolve
-
-    return [Path(p) for p in resolve(arg).model_paths]
+    return [path] if path.exists() else resolve_model(str(arg)).model_paths
 
 
 def _parse_tensor_types(items: list[str]) -> dict[str, str]:
@@ -89,7 +75,7 @@ def quantize_cmd(
     quality: Path = typer.Option(None, "--quality", help="JSON of measured quality (bench/bench_quant_quality.py --json) for --recommend."),
 ) -> None:
     """Quantize a GGUF model with llama.cpp (every type llama-quantize knows)."""
-    model = _model_file(input)
+    model = _model_paths(input)[0] if input is not None else None
     if list_types:
         _list(model)
         return
@@ -176,7 +162,7 @@ def imatrix_cmd(
 ) -> None:
     """Compute an importance matrix from sample text (for --imatrix; needed by IQ1/IQ2/IQ3_XXS types)."""
     with _lazy_bar() as bar:
-        r = q.compute_imatrix(_model_file(model) or Path(model), file, output, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
+        r = q.compute_imatrix(_model_paths(model)[0], file, output, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, progress=bar)
     console.print(f"wrote {r.path}: {r.n_entries} tensors, {r.n_chunks} chunks of {ctx} tokens")
 
 
@@ -194,7 +180,7 @@ def merge_lora_cmd(
     from ember.lora_merge import merge_lora
 
     with _lazy_bar() as bar:
-        result = merge_lora(_model_file(base) or Path(base), adapter, output, scale=scale, outtype=outtype, progress=bar)
+        result = merge_lora(_model_paths(base)[0], adapter, output, scale=scale, outtype=outtype, progress=bar)
     console.print(f"wrote {output}: {result.n_merged} tensors merged")
     for note in result.notes:
         console.print(note)
@@ -217,7 +203,7 @@ def perplexity_cmd(
     from ember.evaluate import perplexity
 
     with _lazy_bar() as bar:
-        r = perplexity(_model_files(model), file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
+        r = perplexity(_model_paths(model), file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
     console.print(f"perplexity: {r.ppl:.4f} +/- {r.ppl_stderr:.4f} ({r.n_chunks} chunks of {r.n_ctx} tokens, {r.n_scored} tokens scored)")
 
 
@@ -236,7 +222,7 @@ def kld_cmd(
     from ember.evaluate import kl_divergence
 
     with _lazy_bar() as bar:
-        r = kl_divergence(_model_files(base), _model_files(quant), file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
+        r = kl_divergence(_model_paths(base), _model_paths(quant), file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
     console.print(f"mean KLD:        {r.kld_mean:.6f} +/- {r.kld_stderr:.6f}")
     console.print(f"same top token:  {100 * r.same_top:.2f}% +/- {100 * r.same_top_stderr:.2f}%")
     console.print(f"perplexity base: {r.ppl_base:.4f}   quant: {r.ppl_quant:.4f}   ratio: {r.ppl_quant / r.ppl_base:.4f}")

@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ember import options as opts
-from ember.api import FALLBACK_NOTE, Model, Result
 from ember.cli.app import app
 from ember.cli.common import err_console, format_size
 from ember.errors import EmberError, OptionError
+from ember.request import FALLBACK_NOTE, Result
+
+if TYPE_CHECKING:
+    from ember.api import Model
 
 HELP_TEXT = """Available Commands:
   /set parameter NAME VALUE   Set a parameter (e.g. /set parameter temperature 0)
@@ -117,6 +120,10 @@ class _Session:
         self.transcript = ""
 
     def _load(self) -> Model:
+        # The engine (llama.cpp) is imported with the first model, not by every
+        # ember command: `ember serve` must never load it in its own process.
+        from ember.api import Model  # noqa: F811
+
         return Model(self.name, num_parallel=1, lora=self.lora, **self.load_params)
 
     def close(self) -> None:

@@ -413,16 +413,21 @@ class Context:
 
 
 def _check_memory(model: LoadedModel, n_ctx: int, kv_cache_type: str, num_gpu: int) -> None:
-    """Refuse a context whose KV cache cannot fit in free memory (llama.cpp would
-    try to allocate it and the process could be killed)."""
+    """Refuse a context whose KV cache does not fit this model's share of free
+    memory (EMBER_KV_BUDGET, a fraction of it: other models and requests need
+    the rest; llama.cpp would try to allocate it and the process could be killed)."""
     import psutil
 
-    if llama.supports_gpu_offload() and num_gpu != 0:
+    from ember import settings
+
+    if num_gpu != 0 and llama.supports_gpu_offload():
         return  # the KV cache may live on the GPU; llama.cpp reports failures there
     need = model.kv_bytes_per_token(kv_cache_type) * n_ctx
     available = psutil.virtual_memory().available
-    if need > 0.9 * available:
+    fraction = settings.kv_budget()
+    if need > fraction * available:
         raise OptionError(
-            f"a context of {n_ctx} tokens needs about {need / 2**30:.1f} GiB for the KV cache but only "
-            f"{available / 2**30:.1f} GiB of memory is free; lower num_ctx or use kv_cache_type q8_0"
+            f"a context of {n_ctx} tokens needs about {need / 2**30:.1f} GiB for the KV cache, more than the "
+            f"{fraction * available / 2**30:.1f} GiB it may take (EMBER_KV_BUDGET={fraction:g} of the "
+            f"{available / 2**30:.1f} GiB of free memory); lower num_ctx or use kv_cache_type q8_0"
         )

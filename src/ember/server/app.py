@@ -19,8 +19,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ember import settings
 from ember.__about__ import __version__
-from ember.errors import EmberError
+from ember.errors import BodyTooLargeError, EmberError
+from ember.server import models, ollama, openai
 from ember.server.common import error_body
 from ember.server.manager import ModelManager
 
@@ -97,6 +99,48 @@ class _JsonBodyMiddleware:
         await self.app(scope, receive, send)
 
 
+class _BodyLimitMiddleware:
+    """Read a request body up to ``limit`` bytes before the app sees it, and
+    answer 413 beyond that, so no route parses (or a runner tokenizes) more.
+    Blob uploads stream to disk and are not limited."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path", "").startswith("/api/blobs/"):
+            await self.app(scope, receive, send)
+            return
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            size += len(message.get("body", b""))
+            if size <= self.limit:
+                parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        if size > self.limit:
+            response = JSONResponse(error_body(scope.get("path", ""), BodyTooLargeError(
+                f"the request body has {size} bytes, more than the {self.limit} this server accepts "
+                "(EMBER_MAX_BODY_SIZE)").message, 413), status_code=413)
+            await response(scope, receive, send)
+            return
+        body, replayed = b"".join(parts), False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 def create_app(manager: ModelManager | None = None) -> FastAPI:
     """A fresh application with its own model manager (settings from EMBER_*)."""
     mgr = manager or ModelManager()
@@ -136,10 +180,9 @@ def create_app(manager: ModelManager | None = None) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
 
-    from ember.server import ollama, openai
-
     app.include_router(ollama.router)
     app.include_router(openai.router)
+    app.include_router(models.router)
 
     index = WEB_DIR / "index.html"
 
@@ -159,6 +202,7 @@ def create_app(manager: ModelManager | None = None) -> FastAPI:
         app.mount("/web", StaticFiles(directory=WEB_DIR, check_dir=False), name="web")
 
     app.add_middleware(_JsonBodyMiddleware)
+    app.add_middleware(_BodyLimitMiddleware, limit=settings.max_body_size())
     key = os.environ.get("EMBER_API_KEY", "").strip()
     if key:
         app.add_middleware(_AuthMiddleware, key=key)

@@ -1,10 +1,10 @@
-"""Helpers shared by the Ollama and OpenAI routes: timestamps, streaming
-responses that stop generating when the client goes away, progress streams."""
+"""Helpers shared by the API routes: timestamps, the two stream framings
+(NDJSON for Ollama, server-sent events for OpenAI), progress streams and
+error bodies."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ember.errors import CancelledError, EmberError
+from ember.errors import EmberError
 from ember.server.manager import ModelManager
 
 
@@ -37,44 +37,39 @@ def dumps(obj: Any) -> str:
 
 
 def ndjson(lines: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """Ollama's stream: one JSON object per line; an error after the headers
+    went out is an ``{"error": ...}`` line."""
+
     async def body() -> AsyncIterator[bytes]:
-        async for obj in lines:
-            yield (dumps(obj) + "\n").encode()
+        try:
+            async for obj in lines:
+                yield (dumps(obj) + "\n").encode()
+        except Exception as e:  # noqa: BLE001 - the status line is already sent: report in-stream
+            yield (dumps({"error": message_of(e)}) + "\n").encode()
 
     return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """OpenAI's stream: ``data: {json}`` events, then ``data: [DONE]``; an
+    error after the headers went out is an error event."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for obj in events:
+                yield f"data: {dumps(obj)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - the status line is already sent: report in-stream
+            status = e.status if isinstance(e, EmberError) else 500
+            yield f"data: {dumps(error_body('/v1', message_of(e), status))}\n\n".encode()
+
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 def message_of(e: BaseException) -> str:
     if isinstance(e, EmberError):
         return e.message
     return f"internal error: {type(e).__name__}: {e}"
-
-
-async def collect(request: Request, chunks: AsyncIterator[Any]) -> Any:
-    """The final Result of a (non-streamed) generation. If the client hangs up
-    meanwhile, the generation is cancelled and its sequence freed."""
-
-    async def run() -> Any:
-        async for c in chunks:
-            if c.done and c.result is not None:
-                return c.result
-        raise EmberError("generation ended without a result")
-
-    task = asyncio.ensure_future(run())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise CancelledError("the client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        with contextlib.suppress(Exception):
-            await chunks.aclose()  # type: ignore[attr-defined]
 
 
 async def with_progress(fn: Callable[[Any], Any]) -> AsyncIterator[dict[str, Any]]:

@@ -1,10 +1,13 @@
 """Loaded models of a running server: load on first use (once, however many
 requests ask at the same time), keep alive for a while after the last request,
 evict idle models when memory is short or too many are loaded, reload when a
-request needs different load options.
+request needs different load options, forget a model whose runner died (the
+next request loads it again).
 
-Every blocking step (resolving, loading, closing) runs in a worker thread, so
-the event loop keeps serving other models' streams meanwhile.
+Each model lives in a runner (``server/runner.py``): by default a process of
+its own; ``ModelManager(runner=...)`` swaps in another kind. Every blocking
+step (resolving, loading, closing) runs off the event loop, so it keeps
+serving other models' streams meanwhile.
 """
 
 from __future__ import annotations
@@ -16,30 +19,27 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
+
 from ember import options as opts
 from ember.errors import EmberError, EngineError, OptionError
+from ember.models import model_key, resolve_model
+from ember.registry import ResolvedModel
+from ember.server.runner import ProcessRunner, Runner, RunnerSpec
 
 log = logging.getLogger("ember.server")
 
 DEFAULT_KEEP_ALIVE = 300.0
 
-
-def resolve_name(name: str) -> Any:
-    """ember.registry.resolve, with names no file system accepts (too long, NUL
-    bytes) reported as an unknown model rather than an OS error."""
-    from ember.registry import resolve
-
-    from ember.errors import ModelNotFoundError
-
-    try:
-        return resolve(name)
-    except (OSError, ValueError):
-        raise ModelNotFoundError(f"model '{name[:200]}' not found") from None
+# Options a request may give that never reload (or key) a loaded model: with
+# batch_invariant one client would otherwise make the model run one sequence
+# at a time for everyone after it. It is the request's own (the scheduler's).
+NEVER_RELOADS = frozenset({"batch_invariant"})
 
 
 class ServerBusyError(EmberError):
@@ -115,10 +115,10 @@ def check_options(options: Any) -> dict[str, Any]:
 class Entry:
     """One loaded (or loading) model."""
 
-    key: str
-    name: str
+    key: str  # the identity of what is loaded (ember.models.model_key)
+    resolved: ResolvedModel
     load_options: dict[str, Any]
-    model: Any = None  # ember.api.Model once loaded
+    runner: Runner | None = None  # once loaded
     loading: asyncio.Future[None] | None = None
     refs: int = 0
     keep_alive: float = DEFAULT_KEEP_ALIVE
@@ -126,7 +126,10 @@ class Entry:
     last_used: float = field(default_factory=time.monotonic)
     size: int = 0
     load_duration: int = 0
-    unloading: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
 
     def expires_iso(self) -> str:
         if math.isinf(self.expires_at):
@@ -136,7 +139,11 @@ class Entry:
 
 
 class ModelManager:
-    """The server's loaded models (see the module doc)."""
+    """The server's loaded models (see the module doc).
+
+    ``runner`` makes the runner of a model (default: a process each);
+    ``allow_paths=False`` accepts registry names only, never server paths.
+    """
 
     def __init__(
         self,
@@ -144,14 +151,18 @@ class ModelManager:
         num_parallel: int | None = None,
         max_queue: int | None = None,
         max_loaded: int | None = None,
+        runner: Callable[[RunnerSpec], Runner] = ProcessRunner,
+        allow_paths: bool = True,
     ) -> None:
         self.num_parallel = num_parallel or _env_int("EMBER_NUM_PARALLEL", 4)
         self.max_queue = max_queue or _env_int("EMBER_MAX_QUEUE", 512)
         self.max_loaded = max_loaded or _env_int("EMBER_MAX_LOADED_MODELS", 3)
+        self.runner = runner
+        self.allow_paths = allow_paths
         self._models: dict[str, Entry] = {}
         self._lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # closing runners, watching runners
 
     # --- lifecycle of the manager -----------------------------------------
     def start(self) -> None:
@@ -167,11 +178,10 @@ class ModelManager:
         async with self._lock:
             entries = list(self._models.values())
             self._models.clear()
-        for e in entries:
-            if e.model is not None:
-                await asyncio.to_thread(e.model.close)
-        for t in list(self._closing):
-            with contextlib.suppress(Exception):
+        await asyncio.gather(*(e.runner.close() for e in entries if e.runner is not None), return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+            with contextlib.suppress(BaseException):
                 await t
 
     async def _reap_loop(self) -> None:
@@ -180,10 +190,21 @@ class ModelManager:
             now = time.time()
             async with self._lock:
                 for e in list(self._models.values()):
-                    if e.model is not None and e.refs == 0 and e.expires_at <= now:
+                    if e.runner is not None and e.refs == 0 and e.expires_at <= now:
                         self._unload_locked(e)
 
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # --- use ----------------------------------------------------------------
+    async def resolve(self, name: str) -> ResolvedModel:
+        """What ``name`` loads on this server (off the event loop)."""
+        if not isinstance(name, str):
+            raise OptionError("model must be a string")
+        return await asyncio.to_thread(resolve_model, name, allow_paths=self.allow_paths)
+
     @contextlib.asynccontextmanager
     async def use(self, name: str, options: dict[str, Any] | None = None, keep_alive: Any = None) -> AsyncIterator[Entry]:
         """Hold model ``name`` for one request (loading it if needed); on exit
@@ -196,14 +217,15 @@ class ModelManager:
             self.release(entry, ka)
 
     async def acquire(self, name: str, options: dict[str, Any], keep_alive: float) -> Entry:
-        if not isinstance(name, str) or not name.strip():
-            raise OptionError("model is required")
-        resolved = await asyncio.to_thread(resolve_name, name)
-        key = resolved.name
-        wanted = {k: v for k, v in options.items() if k in opts.LOAD_OPTIONS}
+        resolved = await self.resolve(name)
+        key = model_key(resolved)
+        wanted = {k: v for k, v in options.items() if k in opts.LOAD_OPTIONS and k not in NEVER_RELOADS}
         while True:
             async with self._lock:
                 entry = self._models.get(key)
+                if entry is not None and entry.runner is not None and entry.runner.error is not None:
+                    del self._models[key]  # its runner died: load it again
+                    entry = None
                 if entry is not None and entry.loading is not None:
                     fut = entry.loading
                 elif entry is not None and self._compatible(entry, wanted):
@@ -221,10 +243,10 @@ class ModelManager:
                             )
                         self._unload_locked(entry)
                     await self._make_room_locked(resolved.size)
-                    entry = Entry(key=key, name=resolved.name, load_options=wanted, size=resolved.size)
+                    entry = Entry(key=key, resolved=resolved, load_options=wanted, size=resolved.size)
                     entry.loading = asyncio.get_running_loop().create_future()
                     self._models[key] = entry
-                    asyncio.get_running_loop().create_task(self._load(entry, name))
+                    self._background(self._load(entry))
                     fut = entry.loading
             await asyncio.shield(fut)
             # loaded: loop again to take a reference (or reload if options differ)
@@ -236,7 +258,8 @@ class ModelManager:
         entry.expires_at = math.inf if math.isinf(keep_alive) else time.time() + keep_alive
 
     def _compatible(self, entry: Entry, wanted: dict[str, Any]) -> bool:
-        defaults = entry.model.defaults
+        assert entry.runner is not None
+        defaults = entry.runner.defaults
         for k, v in wanted.items():
             if k == "num_ctx" and v == 0:
                 continue
@@ -244,15 +267,12 @@ class ModelManager:
                 return False
         return True
 
-    async def _load(self, entry: Entry, ref: str) -> None:
-        from ember.api import Model
-
+    async def _load(self, entry: Entry) -> None:
         assert entry.loading is not None
         t0 = time.perf_counter()
+        runner = self.runner(RunnerSpec(entry.resolved, self.num_parallel, self.max_queue, entry.load_options))
         try:
-            model = await asyncio.to_thread(
-                Model, ref, num_parallel=self.num_parallel, max_queue=self.max_queue, **entry.load_options
-            )
+            await runner.start()
         except BaseException as e:  # noqa: BLE001 - handed to every waiter
             if isinstance(e, EngineError) and entry.load_options:
                 e = OptionError(f"model {entry.name!r} could not be loaded with "
@@ -266,19 +286,27 @@ class ModelManager:
             fut.set_exception(e)
             fut.exception()  # mark retrieved: waiters may all be gone
             return
-        entry.model = model
+        entry.runner = runner
         entry.load_duration = int((time.perf_counter() - t0) * 1e9)
-        entry.size = model.info.size
+        entry.size = runner.info.size if runner.info else entry.size
         fut, entry.loading = entry.loading, None
         fut.set_result(None)
+        self._background(self._forget_when_stopped(entry))
+
+    async def _forget_when_stopped(self, entry: Entry) -> None:
+        """A runner that dies leaves the loaded models (and /api/ps) at once."""
+        assert entry.runner is not None
+        await entry.runner.wait()
+        async with self._lock:
+            if self._models.get(entry.key) is entry:
+                del self._models[entry.key]
 
     async def _make_room_locked(self, size: int) -> None:
         """Unload idle models (least recently used first) until one more fits
         the loaded-model limit and the available memory."""
-        import psutil  # type: ignore[import-untyped]
 
         def idle() -> list[Entry]:
-            return sorted((e for e in self._models.values() if e.model is not None and e.refs == 0), key=lambda e: e.last_used)
+            return sorted((e for e in self._models.values() if e.runner is not None and e.refs == 0), key=lambda e: e.last_used)
 
         while len(self._models) >= self.max_loaded:
             candidates = idle()
@@ -295,26 +323,19 @@ class ModelManager:
 
     async def _unload_now(self, entry: Entry) -> None:
         self._models.pop(entry.key, None)
-        entry.unloading = True
-        if entry.model is not None:
-            await asyncio.to_thread(entry.model.close)
+        if entry.runner is not None:
+            await entry.runner.close()
 
     def _unload_locked(self, entry: Entry) -> None:
         self._models.pop(entry.key, None)
-        entry.unloading = True
-        if entry.model is not None:
-            task = asyncio.get_running_loop().create_task(asyncio.to_thread(entry.model.close))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        if entry.runner is not None:
+            self._background(entry.runner.close())
 
     # --- control ------------------------------------------------------------
     async def unload(self, name: str) -> bool:
         """Unload ``name`` now when idle, else as soon as its requests finish.
         Returns False when it is not loaded."""
-        try:
-            key = (await asyncio.to_thread(resolve_name, name)).name
-        except EmberError:
-            key = name
+        key = model_key(await self.resolve(name))
         async with self._lock:
             entry = self._models.get(key)
             if entry is None:
@@ -331,10 +352,5 @@ class ModelManager:
         return await self.unload(name)
 
     def entries(self) -> list[Entry]:
-        return [e for e in self._models.values() if e.model is not None]
-
-    def get(self, name: str) -> Entry | None:
-        for e in self._models.values():
-            if e.name == name and e.model is not None:
-                return e
-        return None
+        """The loaded models (not those still loading)."""
+        return [e for e in self._models.values() if e.runner is not None]
