@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,9 +63,14 @@ def test_16_concurrent_streams_match_their_solo_runs(server: Server) -> None:
         ac = ollama.AsyncClient(host=server.url, timeout=300)
         return await asyncio.gather(*(_stream(ac, model, p) for p in prompts))
 
-    t0 = time.perf_counter()
-    results = asyncio.run(run("inv"))
-    elapsed = time.perf_counter() - t0
+    # Both cores busy with other work while the streams run: timing must not matter.
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        results = asyncio.run(run("inv"))
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
     for p, (text, last) in zip(prompts, results):
         assert last.done and last.eval_count == N_PREDICT
         assert text == solo[p], (p, text, solo[p])
@@ -73,7 +80,6 @@ def test_16_concurrent_streams_match_their_solo_runs(server: Server) -> None:
     for text, last in results:
         assert last.done and last.done_reason in ("length", "stop") and 0 < last.eval_count <= N_PREDICT
         assert text.strip() and "\ufffd" not in text
-    assert elapsed < 240
 
 
 # Counting goes on and on: no end-of-text token cuts these streams short.

@@ -16,6 +16,7 @@ temporary file beside the destination, which llama.cpp then quantizes.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from ember.convert.source import BF16, Checkpoint
 from ember.convert.writer import Writer, add_tensor_infos, write_gguf
 from ember.errors import ConversionError, InvalidFileError
 from ember.progress import ProgressCallback
-from ember.quantize import parse_quant_type, quantize_model
+from ember.quantize import parse_quant_type
 
 _FTYPE = {
     "f32": gguf.LlamaFileType.ALL_F32,
@@ -190,7 +191,9 @@ def _write_quantized(out: Output, qtype: str, dest: Path, progress: ProgressCall
     tmp = dest.parent / f".{dest.name}.f16-{os.getpid()}.tmp.gguf"
     try:
         write_gguf(out.writer, out.tensors, [tmp], progress, "Converting to F16")
-        files = quantize_model(tmp, dest, qtype, progress=progress)
+        # llama.cpp loads with the quantizer, only when a conversion quantizes
+        quantize = importlib.import_module("ember.quantize")
+        files = quantize.quantize_model(tmp, dest, qtype, progress=progress)
         return Path(files[0]) if files else dest
     finally:
         with contextlib.suppress(FileNotFoundError):

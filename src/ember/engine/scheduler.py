@@ -24,6 +24,9 @@ from ember.engine.model import Context, LoadedModel, MemoryReport
 from ember.engine.sampling import Sampler
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
 
+# batch_invariant prompts are evaluated in chunks aligned to this many tokens.
+INVARIANT_CHUNK = 64
+
 
 @dataclass
 class Chunk:
@@ -243,9 +246,13 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
                 req.handle._put(EngineError(f"could not start the request: {e}"))
 
+    def _invariant(self, req: _Request) -> bool:
+        return self.batch_invariant or bool(req.options.get("batch_invariant"))
+
     def _start(self, req: _Request, free: list[_Slot]) -> None:
         tokens = req.tokens
         limit = len(tokens) - 1  # the last prompt token is always evaluated (it gives the logits)
+        invariant = self._invariant(req)
 
         def common(s: _Slot) -> int:
             n = 0
@@ -253,7 +260,11 @@ class Scheduler:
                 if a != b:
                     break
                 n += 1
-            return n
+            # A batch_invariant prompt is evaluated in chunks that start at
+            # multiples of INVARIANT_CHUNK, so only whole chunks are reused:
+            # every token is then computed in the same batch shape, whatever
+            # the cache held before.
+            return n - n % INVARIANT_CHUNK if invariant else n
 
         best_free = max(free, key=lambda s: (common(s), -s.last_used if common(s) == 0 else 0))
         n_free = common(best_free)
@@ -286,14 +297,16 @@ class Scheduler:
             if s.req.handle.cancelled:  # type: ignore[union-attr]
                 self._finish(s, "cancel", notify=False)
         active = [s for s in active if s.req is not None]
-        if self.batch_invariant:
-            # llama.cpp's kernels pick different summation orders for different
-            # batch shapes; decoding each sequence on its own keeps its numbers
-            # exactly those of a lone request.
-            for s in active:
-                self._decode_group([s])
-        else:
-            self._decode_group(active)
+        # llama.cpp's kernels pick different summation orders for different
+        # batch shapes; decoding a batch_invariant sequence on its own keeps its
+        # numbers exactly those of a lone request. It is the request's option
+        # (a Modelfile's PARAMETER or the request's own), or the whole model's.
+        alone = [s for s in active if self._invariant(s.req)]  # type: ignore[arg-type]
+        for s in alone:
+            self._decode_group([s])
+        together = [s for s in active if s not in alone]
+        if together:
+            self._decode_group(together)
 
     def _decode_group(self, active: list[_Slot]) -> None:
         entries: list[tuple[int, int, int, bool]] = []
@@ -309,6 +322,8 @@ class Scheduler:
             if budget <= 0:
                 break
             take = s.pending[:budget]
+            if self._invariant(s.req):  # type: ignore[arg-type]
+                take = take[: INVARIANT_CHUNK - s.n_past % INVARIANT_CHUNK]
             finishes = len(take) == len(s.pending)
             for j, tok in enumerate(take):
                 entries.append((tok, s.n_past + j, s.seq, finishes and j == len(take) - 1))

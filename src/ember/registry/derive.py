@@ -13,6 +13,7 @@ model's projector layer (``application/vnd.ollama.image.projector``).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import tempfile
@@ -22,7 +23,6 @@ from pathlib import Path
 from ember.convert import convert_model
 from ember.convert.lora import convert_lora
 from ember.progress import ProgressCallback
-from ember.quantize import quantize_model
 from ember.registry import ggufmeta, store
 
 
@@ -72,7 +72,8 @@ def named(files: list[Path], work: Path) -> Path:
 
 def quantize_files(files: list[Path], work: Path, qtype: str, progress: ProgressCallback | None) -> list[Path]:
     """Quantize a model (all its shards) to ``qtype``; return the output shards."""
-    out = quantize_model(named(files, work), work / "quantized.gguf", qtype, progress=progress)
+    quantize = importlib.import_module("ember.quantize")  # llama.cpp loads only to quantize
+    out = quantize.quantize_model(named(files, work), work / "quantized.gguf", qtype, progress=progress)
     return [Path(p) for p in out]
 
 

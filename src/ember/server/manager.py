@@ -27,7 +27,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped]
 
 from ember import options as opts
-from ember.errors import EmberError, EngineError, OptionError
+from ember.errors import EmberError, EngineError, ModelNotFoundError, OptionError
 from ember.models import model_key, resolve_model
 from ember.registry import ResolvedModel
 from ember.server.runner import ProcessRunner, Runner, RunnerSpec
@@ -203,7 +203,10 @@ class ModelManager:
         """What ``name`` loads on this server (off the event loop)."""
         if not isinstance(name, str):
             raise OptionError("model must be a string")
-        return await asyncio.to_thread(resolve_model, name, allow_paths=self.allow_paths)
+        try:
+            return await asyncio.to_thread(resolve_model, name, allow_paths=self.allow_paths)
+        except ModelNotFoundError:  # Ollama's words: its clients match them
+            raise ModelNotFoundError(f"model '{name[:200]}' not found") from None
 
     @contextlib.asynccontextmanager
     async def use(self, name: str, options: dict[str, Any] | None = None, keep_alive: Any = None) -> AsyncIterator[Entry]:
