@@ -21,6 +21,8 @@ top_k, num_predict, stop, ...). Long steps take ``progress=callback`` with
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,13 +44,6 @@ from ember.errors import (
     WorkerError,
 )
 from ember.progress import ProgressCallback
-
-# Two submodules share their names with API functions below. Import them first:
-# Python binds a submodule to its package's attribute when it is first loaded,
-# which would otherwise replace ember.convert() and ember.quantize() later on.
-# (Code that wants the modules uses importlib.import_module("ember.quantize").)
-import ember.convert  # noqa: E402,F401
-import ember.quantize  # noqa: E402,F401
 
 if TYPE_CHECKING:
     from ember.api import Model, ModelInfo, Result, StreamChunk
@@ -129,7 +124,8 @@ def load(
             ``num_gpu`` (layers on the GPU, -1 all; accepted and ignored on a
             CPU-only build), ``main_gpu``, ``num_thread`` (default: physical
             cores), ``num_batch``, ``use_mmap``, ``use_mlock``, ``flash_attn``,
-            ``kv_cache_type`` (f16, q8_0, q4_0), ``batch_invariant``,
+            ``kv_cache_type`` (f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0,
+            q5_1), ``batch_invariant``,
             ``tensor_split`` (shares of the layers: this machine, then each
             worker; default by free memory), ``use_repack`` (False: the
             kernels RPC workers run, for identical numbers). Any other
@@ -282,9 +278,25 @@ def delete(name: str) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy access to the classes so ``import ember`` stays fast."""
+    """The classes load with llama.cpp, on first use: ``import ember`` loads
+    neither llama.cpp nor numpy, gguf-py or the converter."""
     if name in ("Model", "Result", "StreamChunk", "ModelInfo", "MemoryReport"):
         from ember import api, engine
 
         return getattr(engine if name == "MemoryReport" else api, name)
     raise AttributeError(f"module 'ember' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """``convert`` and ``quantize`` are functions of this API and subpackages
+    alike. Python binds a subpackage to its parent's attribute when it first
+    loads, which would replace the functions; this keeps them. (Code that
+    wants the packages imports from them, or uses importlib.import_module.)"""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("convert", "quantize") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
