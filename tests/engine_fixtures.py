@@ -4,15 +4,11 @@ llama.cpp's own reference path (llama-cpp-python's high-level Llama class)."""
 from __future__ import annotations
 
 import functools
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from ember.demo import demo_model_path
 
-EMBER = str(Path(sys.executable).with_name("ember"))
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 
 
@@ -32,14 +28,6 @@ def reference_greedy(prompt: str, n: int) -> list[int]:
         if len(out) >= n:
             break
     return out
-
-
-def run_ember(*args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: int = 180) -> subprocess.CompletedProcess[str]:
-    e = dict(os.environ)
-    e.update(env or {})
-    return subprocess.run(
-        [EMBER, *args], input=input if input is not None else "", capture_output=True, text=True, timeout=timeout, env=e
-    )
 
 
 def copy_demo(dest: Path) -> Path:

@@ -15,7 +15,6 @@ from typing import Any
 import gguf
 import numpy as np
 
-EMBER = Path(sys.executable).parent / "ember"
 
 
 def write_tiny_gguf(path: Path, *, split_max_tensors: int = 0, small_first_shard: bool = False) -> list[Path]:
@@ -159,12 +158,6 @@ def llama_cpp_gguf_tables(path: Path) -> dict[str, Any]:
         }
     finally:
         lib.gguf_free(ctx)
-
-
-def run_ember(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(EMBER), *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 _VALUE_FORMATS = {

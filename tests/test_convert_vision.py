@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from engine_fixtures import run_ember  # noqa: E402
+from cli_fixtures import run_ember
 from vision_fixtures import build_gemma3, build_internvl, build_qwen25vl  # noqa: E402
 
 from ember.convert import convert_model, plan, write  # noqa: E402

@@ -4,7 +4,6 @@ stop strings, UTF-8 streaming, batching and prefix reuse."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 

@@ -14,7 +14,7 @@ import pytest
 
 from ember.errors import EmberError, InvalidFileError, OptionError
 from ember.evaluate import kl_divergence, perplexity
-from test_quantize_support import write_tiny_llama
+from quantize_fixtures import write_tiny_llama
 
 TOOLS = Path(__file__).resolve().parent.parent / "bench" / ".tools" / "bin"
 

@@ -23,7 +23,8 @@ from gguf import GGUFValueType as T
 from ember.demo import demo_model_path
 from ember.errors import InvalidFileError
 from ember.gguf import read_array, read_header, validate_model
-from gguf_fixtures import LlamaWorker, MetadataPatcher, kv_record, rewrite_gguf, run_ember
+from gguf_fixtures import LlamaWorker, MetadataPatcher, kv_record, rewrite_gguf
+from cli_fixtures import run_ember
 
 Mutation = tuple[str, dict[str, bytes]]  # (description, key -> new record)
 

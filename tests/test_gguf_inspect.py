@@ -16,7 +16,8 @@ from ember.demo import demo_model_path
 from ember.errors import InvalidFileError
 from ember.gguf import find_shards, inspect_model, read_header, split_model, validate_model
 from ember.gguf import validate as gv
-from gguf_fixtures import llama_cpp_gguf_ok, llama_cpp_gguf_tables, run_ember, write_tiny_gguf
+from gguf_fixtures import llama_cpp_gguf_ok, llama_cpp_gguf_tables, write_tiny_gguf
+from cli_fixtures import run_ember
 
 
 @pytest.fixture(scope="module")

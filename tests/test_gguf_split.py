@@ -15,7 +15,8 @@ import pytest
 from ember.demo import demo_model_path
 from ember.errors import InvalidFileError
 from ember.gguf import inspect_model, merge_model, plan_split, read_header, split_model, validate_model
-from gguf_fixtures import EMBER, llama_cpp_gguf_tables, run_ember, write_tiny_gguf
+from gguf_fixtures import llama_cpp_gguf_tables, write_tiny_gguf
+from cli_fixtures import EMBER, run_ember
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_SPLIT = ROOT / "bench" / ".tools" / "bin" / "llama-gguf-split"

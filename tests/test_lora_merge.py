@@ -12,7 +12,7 @@ import pytest
 
 from ember.errors import EmberError, InvalidFileError
 from ember.lora_merge import merge_lora
-from test_quantize_support import FF, HIDDEN, VOCAB, tensor_types, write_tiny_llama
+from quantize_fixtures import FF, HIDDEN, VOCAB, tensor_types, write_tiny_llama
 
 RANK = 8
 ALPHA = 16.0

@@ -10,11 +10,7 @@ import pytest
 from ember.errors import ModelfileError
 from ember.registry import parse_modelfile
 from ember.registry.modelfile import Modelfile, decode, quote, read_modelfile
-
-
-def qwen_modelfile() -> str:
-    """The Modelfile from the user's Qwen2.5 document (seed 003), verbatim."""
-    return (Path(__file__).parent / "data" / "modelfiles" / "qwen2.5.Modelfile").read_text(encoding="utf-8")
+from registry_fixtures import qwen_modelfile
 
 
 def test_qwen_modelfile_from_users_document() -> None:

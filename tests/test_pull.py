@@ -24,8 +24,7 @@ from ember.registry import list_models, pull_model, resolve, store
 from ember.registry.hub import RemoteFile, _safe_path, select_gguf
 from ember.registry.names import parse_hub_ref as parse_ref
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_registry_util import snapshot, without_demo, write_tiny_gguf  # noqa: E402
+from registry_fixtures import snapshot, without_demo, write_tiny_gguf
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".model")

@@ -18,7 +18,8 @@ import pytest
 q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
 from ember.errors import InvalidFileError, QuantizationError
 from ember.ggml_types import find_ggml_type
-from test_quantize_support import file_type, tensor_types, write_tiny_llama
+from quantize_fixtures import file_type, tensor_types, write_tiny_llama
+from cli_fixtures import run_ember
 
 N_LAYER = 8
 TOOLS = Path(__file__).resolve().parent.parent / "bench" / ".tools" / "bin"
@@ -489,7 +490,7 @@ def test_split_input_and_keep_split(tiny: Path, work: Path) -> None:
 
 
 def _ember(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ember.cli.main", *args], capture_output=True, text=True, timeout=120)
+    return run_ember(*args, timeout=120)
 
 
 def test_cli_quantize_and_list(tiny: Path, work: Path) -> None:

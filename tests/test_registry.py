@@ -26,10 +26,9 @@ from ember.registry import (
 )
 from ember.registry import store
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_registry_util import snapshot, without_demo, write_tiny_gguf  # noqa: E402
+from registry_fixtures import snapshot, without_demo, write_tiny_gguf
+from cli_fixtures import EMBER, run_ember
 
-EMBER = [sys.executable, "-m", "ember.cli.main"]
 
 
 @pytest.fixture
@@ -41,10 +40,7 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def ember(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([*EMBER, *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy(), timeout=120)
-    if check and r.returncode != 0:
-        raise AssertionError(f"ember {' '.join(args)} failed ({r.returncode}): {r.stderr}")
-    return r
+    return run_ember(*args, cwd=cwd, check=check, timeout=120)
 
 
 # ---------------------------------------------------------------- names
@@ -454,7 +450,7 @@ def test_from_a_fifo_or_stdin_does_not_hang(models: Path, tmp_path: Path, source
         source = str(tmp_path / "fifo")
     r = os.pipe()  # stdin of the create: a pipe nobody writes to
     try:
-        p = subprocess.run([*EMBER, "create", "x", "--from", source], stdin=r[0], capture_output=True, text=True,
+        p = subprocess.run([EMBER, "create", "x", "--from", source], stdin=r[0], capture_output=True, text=True,
                            env=os.environ.copy(), timeout=60)
     finally:
         os.close(r[0])

@@ -7,9 +7,7 @@ the logits of the original file."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +16,13 @@ import pytest
 from ember.registry import resolve, show_model
 from ember.registry import store
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_modelfile import qwen_modelfile  # noqa: E402
+from registry_fixtures import qwen_modelfile
+from cli_fixtures import run_ember
 
-EMBER = [sys.executable, "-m", "ember.cli.main"]
 
 
 def ember(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([*EMBER, *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy(), timeout=300)
-    assert r.returncode == 0, f"ember {' '.join(args)}: {r.stderr}"
-    return r
+    return run_ember(*args, cwd=cwd, check=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

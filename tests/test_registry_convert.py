@@ -17,9 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("llama_cpp")
 
-sys.path.insert(0, str(Path(__file__).parent))
 from convert_fixtures import LLAMA3_RE, SPECIALS_LLAMA3, make_bpe_tokenizer, pad_vocab  # noqa: E402
-from test_registry_util import snapshot  # noqa: E402
+from registry_fixtures import snapshot
 
 
 @pytest.fixture(scope="module")

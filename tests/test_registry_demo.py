@@ -4,9 +4,7 @@ name is accepted, deletable, and back only when asked for by name."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,10 +13,9 @@ import pytest
 from ember.demo import DEMO_DIGEST, demo_model_path
 from ember.registry import copy_model, create_model, delete_model, list_models, pull_model, resolve, show_model, store
 
-sys.path.insert(0, str(Path(__file__).parent))
-from server_fixtures import Server  # noqa: E402
+from server_fixtures import Server
+from cli_fixtures import run_ember
 
-EMBER = [sys.executable, "-m", "ember.cli.main"]
 
 
 @pytest.fixture
@@ -30,7 +27,7 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def ember(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*EMBER, *args], capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    return run_ember(*args, timeout=120)
 
 
 def test_fresh_registry_lists_the_demo_with_a_digest(models: Path) -> None:

@@ -15,8 +15,7 @@ from pathlib import Path
 from ember.registry import create_model, resolve
 from ember.registry import store
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_registry_util import write_tiny_gguf  # noqa: E402
+from registry_fixtures import write_tiny_gguf
 
 RUNS = 20
 

@@ -27,9 +27,8 @@ from ember.demo import demo_model_path
 from ember.errors import DownloadError, InvalidNameError, RemoteModelNotFoundError
 from ember.registry import ggufmeta, pull_model, resolve, show_model, store
 
-sys.path.insert(0, str(Path(__file__).parent))
-from server_fixtures import Server  # noqa: E402
-from test_registry_util import without_demo, write_tiny_gguf  # noqa: E402
+from server_fixtures import Server
+from registry_fixtures import without_demo, write_tiny_gguf
 
 CHUNK = 1 << 20
 TEMPLATE = "{{ if .System }}<sys>{{ .System }}</sys>{{ end }}<user>{{ .Prompt }}</user>"

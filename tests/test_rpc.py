@@ -23,7 +23,8 @@ import httpx
 import ollama
 import pytest
 
-from engine_fixtures import EMBER, GREEDY, run_ember
+from engine_fixtures import GREEDY
+from cli_fixtures import EMBER, run_ember
 from server_fixtures import Server, free_port
 
 import ember

@@ -9,7 +9,8 @@ import time
 import pexpect
 import pytest
 
-from engine_fixtures import EMBER, GREEDY, copy_demo, reference_greedy, run_ember
+from engine_fixtures import GREEDY, copy_demo, reference_greedy
+from cli_fixtures import EMBER, run_ember
 
 from ember.demo import demo_model_path
 

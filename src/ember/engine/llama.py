@@ -1,5 +1,7 @@
-"""The one place that talks to llama.cpp through llama-cpp-python's low-level
-ctypes API: backend start-up, log routing, and small helpers that hide ctypes."""
+"""What every caller of llama.cpp shares (through llama-cpp-python's low-level
+ctypes API): backend start-up, log routing, device queries and small helpers
+that hide ctypes. The engine (models, contexts, samplers, vision, RPC) and the
+quantizer call llama.cpp themselves, after start-up here."""
 
 from __future__ import annotations
 

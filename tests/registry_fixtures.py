@@ -60,3 +60,8 @@ def without_demo(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / bundled.OFFERED_MARKER).touch()
     return root
+
+
+def qwen_modelfile() -> str:
+    """The Modelfile from the user's Qwen2.5 document (seed 003), verbatim."""
+    return (Path(__file__).parent / "data" / "modelfiles" / "qwen2.5.Modelfile").read_text(encoding="utf-8")
