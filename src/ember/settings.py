@@ -121,3 +121,8 @@ def max_body_size() -> int:
     if value <= 0:
         raise OptionError(f"EMBER_MAX_BODY_SIZE must be a size like 16M, got {raw!r}")
     return value
+
+
+def debug() -> bool:
+    """EMBER_DEBUG: pass llama.cpp's log lines to Ember's debug log."""
+    return bool(os.environ.get("EMBER_DEBUG"))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import llama_cpp as lc
 
+from ember import settings
+
 log = logging.getLogger("ember.llama")
 
 _init_lock = threading.Lock()
@@ -79,7 +81,7 @@ def _on_log_capturing(level: int, text: bytes | None, user_data: ctypes.c_void_p
     s = text.decode("utf-8", "replace")
     if lines is not None:
         lines.append(s)
-    if os.environ.get("EMBER_DEBUG"):
+    if settings.debug():
         log.debug(s.rstrip())
 
 
