@@ -385,9 +385,9 @@ def test_root_and_version(server: Server) -> None:
     else:
         assert "running" in r.text
     assert httpx.head(server.url + "/").status_code == 200
-    from ember.__about__ import __version__
+    from ember.__about__ import OLLAMA_API_VERSION, __version__
 
-    assert httpx.get(server.url + "/api/version").json() == {"version": __version__}
+    assert httpx.get(server.url + "/api/version").json() == {"version": OLLAMA_API_VERSION, "ember_version": __version__}
 
 
 def test_auth_and_cors(tmp_path: Path) -> None:
