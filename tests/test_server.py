@@ -337,10 +337,10 @@ def test_reload_with_other_load_options(oc: ollama.Client) -> None:
 
 # --- errors -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("path,body,status,text", [
-    ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "model 'nope' not found"),
-    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model 'nope' not found"),
+    ("/api/generate", {"model": "nope", "prompt": "x"}, 404, 'model "nope" not found, try pulling it first'),
+    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, 'model "nope" not found, try pulling it first'),
     ("/api/generate", {"model": "demo", "prompt": "x", "options": {"temperature": "hot"}}, 400, "temperature"),
-    ("/api/generate", {"model": "demo", "prompt": "x", "options": {"no_such": 1}}, 400, "unknown parameter"),
+    ("/api/generate", {"model": "demo", "prompt": "x", "options": {"stop": [1]}}, 400, "parameter 'stop' needs a string or a list of strings, got [1]"),
     ("/api/generate", {"model": "demo", "prompt": "x", "options": {"top_k": 10**30}}, 400, "top_k"),
     ("/api/generate", {"model": "demo", "prompt": "x", "options": {"num_thread": 10**6}}, 400, "num_thread"),
     ("/api/generate", {"model": "demo", "prompt": "x", "format": "yaml"}, 400, "format"),

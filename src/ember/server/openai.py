@@ -225,4 +225,4 @@ async def model(model: str, request: Request) -> Any:
         r = await manager(request).resolve(model)
     except (ModelNotFoundError, OptionError):
         raise ModelNotFoundError(f"model '{model}' not found") from None
-    return _model_obj(model if ":" in model or "/" in model else r.name, r.modified_at)
+    return _model_obj(model, r.modified_at)  # the name as asked for, as Ollama echoes it
