@@ -99,6 +99,20 @@ async def _use(http: Request, model: str, options: dict[str, Any], keep_alive: A
         raise ModelNotFoundError(f"model {json.dumps(model[:200], ensure_ascii=False)} not found, try pulling it first") from None
 
 
+def _check_capabilities(model: str, entry: Entry, request: GenerationRequest) -> None:
+    """Refuse what the model's template cannot take, in Ollama's words
+    (clients match them to fall back, e.g. to prompting without tools)."""
+    info = _runner(entry).info
+    caps = info.capabilities if info is not None else []
+    if request.tools and "tools" not in caps:
+        raise OptionError(f"{entry.name} does not support tools")
+    think = request.think
+    if think not in (None, False, "", "false") and "thinking" not in caps:
+        raise OptionError(f"{json.dumps(model, ensure_ascii=False)} does not support thinking")
+    if request.suffix and request.template is None and "insert" not in caps:
+        raise OptionError(f"{entry.name} does not support insert")
+
+
 async def start(http: Request, model: str, requests: list[GenerationRequest], keep_alive: Any = None) -> Generation:
     """Acquire ``model`` and submit ``requests`` to it. Bad input raises here,
     before a response starts, and releases the model."""
@@ -111,6 +125,8 @@ async def start(http: Request, model: str, requests: list[GenerationRequest], ke
     try:
         entry = await stack.enter_async_context(_use(http, model, requests[0].options, keep_alive))
         load_ns = int((time.perf_counter() - t0) * 1e9)
+        for r in requests:
+            _check_capabilities(model, entry, r)
         streams = []
         for r in requests:
             s = await _runner(entry).submit(r)
@@ -126,6 +142,7 @@ async def render(http: Request, model: str, request: GenerationRequest, keep_ali
     """The prompt text ``request`` produces on ``model`` (``_debug_render_only``)."""
     request.options = check_options(request.options)
     async with _use(http, model, request.options, keep_alive) as entry:
+        _check_capabilities(model, entry, request)
         return await _runner(entry).render(request)
 
 
