@@ -332,7 +332,14 @@ class Model:
         self, texts: str | Sequence[str | Sequence[int]], *, truncate: bool = True, normalize: bool = True
     ) -> list[list[float]]:
         """Mean-pooled (and L2-normalized, as Ollama's /api/embed) embeddings of
-        texts, or of token id lists taken as they are."""
+        texts, or of token id lists taken as they are. An input longer than
+        the context (num_ctx) is cut there with ``truncate``, else refused."""
+        return self.embed_counted(texts, truncate=truncate, normalize=normalize)[0]
+
+    def embed_counted(
+        self, texts: str | Sequence[str | Sequence[int]], *, truncate: bool = True, normalize: bool = True
+    ) -> tuple[list[list[float]], int]:
+        """:meth:`embed`, and the number of tokens embedded (after truncation)."""
         import numpy as np
 
         items = [texts] if isinstance(texts, str) else list(texts)
@@ -341,24 +348,30 @@ class Model:
             for x in items
         ]
         out: list[list[float]] = []
+        count = 0
         with self._embed_lock:
             if self._embed_ctx is None:
-                self._embed_ctx = self.engine.new_context(self.scheduler.num_ctx, embeddings=True)
+                n_ctx = self.scheduler.num_ctx
+                # A non-causal model needs the whole input in one micro-batch.
+                whole = None if self.engine.causal else n_ctx
+                self._embed_ctx = self.engine.new_context(n_ctx, n_batch=whole, n_ubatch=whole, embeddings=True, pooled=False)
             ctx = self._embed_ctx
             for tokens in inputs:
                 tokens = tokens or [self.engine.bos_id]
-                if len(tokens) > ctx.n_batch:
+                if len(tokens) > ctx.n_ctx:
                     if not truncate:
-                        raise ContextOverflowError(f"input has {len(tokens)} tokens, more than the {ctx.n_batch} an embedding batch holds")
-                    tokens = tokens[: ctx.n_batch]
+                        raise ContextOverflowError(
+                            f"input has {len(tokens)} tokens, more than the context length of {ctx.n_ctx} (num_ctx); "
+                            "set truncate to true to cut it")
+                    tokens = tokens[: ctx.n_ctx]
                 ctx.clear()
-                ctx.decode([(t, i, 0, True) for i, t in enumerate(tokens)])
-                vec = ctx.sequence_embedding(0)
+                vec = ctx.mean_embedding(tokens)
+                count += len(tokens)
                 if normalize:
                     n = float(np.linalg.norm(vec))
                     vec = vec / n if n > 0 else vec
                 out.append([float(x) for x in vec])
-        return out
+        return out, count
 
 
 class _Shaper:
