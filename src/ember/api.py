@@ -356,14 +356,15 @@ class Model:
                 whole = None if self.engine.causal else n_ctx
                 self._embed_ctx = self.engine.new_context(n_ctx, n_batch=whole, n_ubatch=whole, embeddings=True, pooled=False)
             ctx = self._embed_ctx
+            limit = self.scheduler.num_ctx  # as asked for (llama.cpp may round its context up)
             for tokens in inputs:
                 tokens = tokens or [self.engine.bos_id]
-                if len(tokens) > ctx.n_ctx:
+                if len(tokens) > limit:
                     if not truncate:
                         raise ContextOverflowError(
-                            f"input has {len(tokens)} tokens, more than the context length of {ctx.n_ctx} (num_ctx); "
+                            f"input has {len(tokens)} tokens, more than the context length of {limit} (num_ctx); "
                             "set truncate to true to cut it")
-                    tokens = tokens[: ctx.n_ctx]
+                    tokens = tokens[:limit]
                 ctx.clear()
                 vec = ctx.mean_embedding(tokens)
                 count += len(tokens)
