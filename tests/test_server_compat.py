@@ -25,7 +25,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
 
     srv = Server(tmp_path_factory.mktemp("compat-models"))
     demo = demo_model_path()
-    create(srv.url, "tooly", f'FROM {demo}\nTEMPLATE """{TOOL_TEMPLATE}"""\nPARAMETER num_ctx 512\n')
+    create(srv.url, "tooly", f'FROM {demo}\nTEMPLATE """{TOOL_TEMPLATE}"""\nPARAMETER num_ctx 512\nPARAMETER batch_invariant true\n')
     create(srv.url, "embedder", f"FROM {demo}\nPARAMETER num_ctx 640\n")
     yield srv
     srv.stop()
