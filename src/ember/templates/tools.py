@@ -262,10 +262,13 @@ class ToolCallStream:
         self.opened: str | None = None  # the tag of the call being read ("" for a reply opening with JSON)
         self.started = False  # text was given out, so the reply is no bare JSON call
         self.calls: list[dict[str, Any]] = []
+        self.incomplete = False  # the JSON at the front was scanned and is unfinished
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         """(text to pass on, calls completed) after ``text`` more of the reply."""
         self.buf += text
+        if "}" in text or "]" in text:  # only a closing bracket can finish a JSON value
+            self.incomplete = False
         out: list[str] = []
         found: list[dict[str, Any]] = []
         while self._step(out, found):
@@ -342,8 +345,9 @@ class ToolCallStream:
             return "wait", []  # perhaps "name[ARGS" so far
         if s[i] not in "{[":
             return "no", []
-        end = _json_end(s, i)
+        end = None if self.incomplete else _json_end(s, i)
         if end is None:
+            self.incomplete = True
             return "wait", []
         try:
             value = json.loads(s[i:end])
