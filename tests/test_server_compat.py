@@ -143,6 +143,16 @@ def test_requests_ollama_refuses_are_refused(server: Server, path: str, body: di
     assert message in (err["message"] if isinstance(err, dict) else err)
 
 
+def test_what_a_template_can_take() -> None:
+    from ember.templates import ChatTemplate
+
+    assert ChatTemplate.parse(TOOL_TEMPLATE).capabilities == ["tools"]
+    go = "{{ if .Think }}<think>{{ end }}{{ .Prompt }}{{ .Suffix }}"
+    assert ChatTemplate.parse(go).capabilities == ["insert", "thinking"]
+    jinja = "{% if enable_thinking %}<think>{% endif %}{{ messages[0]['content'] }}"
+    assert ChatTemplate.parse(jinja).capabilities == ["thinking"]
+
+
 def test_think_false_and_no_tools_are_fine(server: Server) -> None:
     r = _post(server, "/api/chat", {"model": "tooly", "messages": HI, "think": False, "tools": [],
                                     "options": {"num_predict": 1}, "stream": False})
