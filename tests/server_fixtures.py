@@ -81,3 +81,29 @@ class Server:
 def create(url: str, name: str, modelfile: str) -> None:
     r = httpx.post(url + "/api/create", json={"model": name, "modelfile": modelfile, "stream": False}, timeout=120)
     assert r.status_code == 200, r.text
+
+
+# A Qwen-style template: tools are listed in the system turn, calls come back as JSON.
+TOOL_TEMPLATE = (
+    "{{- if .Tools }}<|im_start|>system\nTools:{{ range .Tools }}\n{{ .Function.Name }}{{ end }}<|im_end|>\n{{ end }}"
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}"
+    "{{- range .ToolCalls }}<tool_call>{\"name\": \"{{ .Function.Name }}\", \"arguments\": {{ .Function.Arguments }}}</tool_call>{{ end }}"
+    "<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+# Forces the answer into a call of get_weather (the plumbing is under test, not the 270M model's judgement).
+CALL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "enum": ["get_weather"]},
+        "arguments": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris"]}}, "required": ["city"]},
+    },
+    "required": ["name", "arguments"],
+}

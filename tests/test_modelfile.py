@@ -92,7 +92,7 @@ def test_paths_relative_to_modelfile_and_home(tmp_path: Path) -> None:
     [
         ("FROM m.gguf\n\n\n\n\nPARAMETER top_k 1\nPARAMETER temprature 0.5\n",
          "Modelfile line 7: unknown parameter 'temprature' (did you mean 'temperature'?)"),
-        ("FROM m.gguf\nPARAMETER top_k lots\n", "Modelfile line 2: parameter 'top_k' needs a int value, got 'lots'"),
+        ("FROM m.gguf\nPARAMETER top_k lots\n", "Modelfile line 2: parameter 'top_k' needs an integer, got \"lots\""),
         ("FROM m.gguf\nPARAMETER top_p 3\n", "Modelfile line 2: parameter 'top_p' must be between 0 and 1, got 3.0"),
         ("FROM m.gguf\nSYSTM hi\n", "Modelfile line 2: unknown instruction 'SYSTM' (did you mean SYSTEM?)"),
         ("FROM m.gguf\nFOO bar\n", "Modelfile line 2: unknown instruction 'FOO'; use one of FROM, PARAMETER, TEMPLATE, SYSTEM, ADAPTER, LICENSE, MESSAGE"),

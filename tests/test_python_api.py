@@ -125,7 +125,7 @@ def test_submit_streams_and_collects_and_the_first_result_reports_the_load():
         assert m.scheduler.active == 0
 
 
-def test_chat_with_tools_holds_text_back_and_ends_with_the_calls():
+def test_chat_with_tools_streams_each_call_when_complete():
     from dataclasses import replace
 
     from ember.api import Model
@@ -141,9 +141,11 @@ def test_chat_with_tools_holds_text_back_and_ends_with_the_calls():
     with Model(replace(resolve_model("demo"), template=template), num_ctx=512) as m:
         chunks = list(m.chat([{"role": "user", "content": "Weather in Paris?"}], tools=[tool], format=schema,
                              stream=True, temperature=0, num_predict=40))
-    assert len(chunks) == 1 and chunks[0].done  # no text before the call is known
-    assert [c["function"]["name"] for c in chunks[0].tool_calls] == ["get_weather"]
-    assert chunks[0].result is not None and chunks[0].result.tool_calls == chunks[0].tool_calls
+    calls = [c for ch in chunks for c in ch.tool_calls]
+    assert not any(ch.text for ch in chunks)  # the reply is the call's JSON: nothing of it as text
+    assert [c["function"]["name"] for c in calls] == ["get_weather"] and calls[0]["function"]["index"] == 0
+    assert calls[0]["id"].startswith("call_")
+    assert chunks[-1].result is not None and chunks[-1].result.tool_calls == calls
 
 
 def test_kv_cache_beyond_the_memory_budget_is_refused(monkeypatch):

@@ -46,7 +46,7 @@ def test_stdin_is_prepended_to_the_prompt():
     [
         (["run", "/nonexistent/model.gguf", "hi"], "not found"),
         (["run", "demo", "hi", "--param", "temprature=0"], "unknown parameter 'temprature'"),
-        (["run", "demo", "hi", "--param", "top_k=many"], "needs a int value"),
+        (["run", "demo", "hi", "--param", "top_k=many"], "needs an integer"),
         (["run", "demo", "hi", "--param", "num_ctx=1000000", "--param", "kv_cache_type=f32"], "KV cache"),
         (["run", "demo", "hi", "--param", "num_ctx=100000000"], "must be between"),
         (["run", "demo", "hi", "--param", "temperature"], "NAME=VALUE"),

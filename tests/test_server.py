@@ -17,34 +17,10 @@ import ollama
 import openai
 import pytest
 
-from server_fixtures import Server, create
+from server_fixtures import CALL_SCHEMA, TOOL_TEMPLATE, WEATHER_TOOL, Server, create
 
 GREEDY = {"temperature": 0, "num_predict": 6}
 PROMPT = "The capital of France is"
-# A Qwen-style template: tools are listed in the system turn, calls come back as JSON.
-TOOL_TEMPLATE = (
-    "{{- if .Tools }}<|im_start|>system\nTools:{{ range .Tools }}\n{{ .Function.Name }}{{ end }}<|im_end|>\n{{ end }}"
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}"
-    "{{- range .ToolCalls }}<tool_call>{\"name\": \"{{ .Function.Name }}\", \"arguments\": {{ .Function.Arguments }}}</tool_call>{{ end }}"
-    "<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-)
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-# Forces the answer into a call of get_weather (the plumbing is under test, not the 270M model's judgement).
-CALL_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "enum": ["get_weather"]},
-        "arguments": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris"]}}, "required": ["city"]},
-    },
-    "required": ["name", "arguments"],
-}
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +213,7 @@ def test_openai_sse_wire_format(server: Server) -> None:
 def test_models_endpoints(ai: openai.OpenAI) -> None:
     ids = [m.id for m in ai.models.list()]
     assert "tooly:latest" in ids
-    assert ai.models.retrieve("tooly").id == "tooly:latest"
+    assert ai.models.retrieve("tooly").id == "tooly"  # the name asked for, as Ollama echoes it
     with pytest.raises(openai.NotFoundError):
         ai.models.retrieve("no-such-model")
 
@@ -337,10 +313,10 @@ def test_reload_with_other_load_options(oc: ollama.Client) -> None:
 
 # --- errors -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("path,body,status,text", [
-    ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "model 'nope' not found"),
-    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model 'nope' not found"),
+    ("/api/generate", {"model": "nope", "prompt": "x"}, 404, 'model "nope" not found, try pulling it first'),
+    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, 'model "nope" not found, try pulling it first'),
     ("/api/generate", {"model": "demo", "prompt": "x", "options": {"temperature": "hot"}}, 400, "temperature"),
-    ("/api/generate", {"model": "demo", "prompt": "x", "options": {"no_such": 1}}, 400, "unknown parameter"),
+    ("/api/generate", {"model": "demo", "prompt": "x", "options": {"stop": [1]}}, 400, "parameter 'stop' needs a string or a list of strings, got [1]"),
     ("/api/generate", {"model": "demo", "prompt": "x", "options": {"top_k": 10**30}}, 400, "top_k"),
     ("/api/generate", {"model": "demo", "prompt": "x", "options": {"num_thread": 10**6}}, 400, "num_thread"),
     ("/api/generate", {"model": "demo", "prompt": "x", "format": "yaml"}, 400, "format"),
@@ -385,9 +361,9 @@ def test_root_and_version(server: Server) -> None:
     else:
         assert "running" in r.text
     assert httpx.head(server.url + "/").status_code == 200
-    from ember.__about__ import __version__
+    from ember.__about__ import OLLAMA_API_VERSION, __version__
 
-    assert httpx.get(server.url + "/api/version").json() == {"version": __version__}
+    assert httpx.get(server.url + "/api/version").json() == {"version": OLLAMA_API_VERSION, "ember_version": __version__}
 
 
 def test_auth_and_cors(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ember.templates import ChatTemplate
-from ember.templates.tools import parse_tool_calls, split_tool_calls, tool_call_tag
+from ember.templates.tools import ToolCallStream, parse_tool_calls, split_tool_calls, tool_call_tag
 
 DATA = Path(__file__).parent / "data" / "templates"
 
@@ -148,3 +148,56 @@ def test_arguments_keep_types() -> None:
     args = {"n": 3, "f": 1.5, "b": True, "z": None, "l": [1, {"a": "b"}], "s": "日本"}
     out = "<tool_call>\n" + json.dumps({"name": "f", "arguments": args}, ensure_ascii=False) + "\n</tool_call>"
     assert parse_tool_calls(out, None) == [{"function": {"name": "f", "arguments": args}}]
+
+
+def stream(text: str, template: ChatTemplate | None, step: int) -> tuple[list[str], list[dict]]:
+    """Feed ``text`` ``step`` characters at a time: (text pieces given out, calls)."""
+    s = ToolCallStream(template)
+    pieces: list[str] = []
+    calls: list[dict] = []
+    for i in range(0, len(text), step):
+        piece, found = s.feed(text[i : i + step])
+        pieces.append(piece)
+        calls.extend(found)
+    pieces.append(s.finish())
+    return pieces, calls
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [
+        ("jinja/qwen2.5.jinja", 'Let me check. <tool_call>\n{"name": "get_current_weather", "arguments": {"location": "Paris, France", "format": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_current_weather", "arguments": {"location": "Rome, Italy", "format": "celsius"}}\n</tool_call>'),
+        ("go/mistral.gotmpl", '[TOOL_CALLS] [{"name": "get_current_weather", "arguments": {"location": "Paris, France", "format": "celsius"}}]'),
+        ("go/llama3.1.gotmpl", '{"name": "get_current_weather", "parameters": {"location": "Paris, France", "format": "celsius"}}'),
+        (None, '{"name": "get_current_weather", "arguments": {"location": "Paris, France", "format": "celsius"}}; {"name": "get_current_weather", "arguments": {"location": "Rome, Italy", "format": "celsius"}}'),
+    ],
+)
+def test_streamed_calls_match_the_whole_reply(path: str | None, text: str, step: int) -> None:
+    template = tmpl(path) if path else None
+    pieces, calls = stream(text, template, step)
+    content, whole = split_tool_calls(text, template)
+    assert [c["function"]["name"] for c in calls] == [c["function"]["name"] for c in whole or []]
+    assert [c["function"]["arguments"] for c in calls] == [c["function"]["arguments"] for c in whole or []]
+    assert [c["function"]["index"] for c in calls] == list(range(len(calls)))
+    assert len({c["id"] for c in calls}) == len(calls)
+    assert "".join(pieces).rstrip() == content
+
+
+@pytest.mark.parametrize("text", [
+    "Just some text, no calls at all.",
+    '{"answer": 42}',
+    "a <tool_ and <tool_call> with nothing after",
+    '<tool_call>\n{"name": "f", "arguments": {"x": 1\n',  # cut off mid-call
+    "[TOOL_CALLS] nothing",
+])
+def test_streamed_text_that_is_no_call_comes_out_whole(text: str) -> None:
+    for step in (1, 4):
+        pieces, calls = stream(text, tmpl("jinja/qwen2.5.jinja"), step)
+        assert calls == [] and "".join(pieces) == text
+
+
+def test_text_streams_before_the_call_is_complete() -> None:
+    pieces, calls = stream('Checking the weather now. <tool_call>{"name": "f", "arguments": {}}</tool_call>', None, 1)
+    assert "".join(pieces[:20]) == "Checking the weather"  # passed on as it came, one character at a time
+    assert "".join(pieces) == "Checking the weather now. " and [c["function"]["name"] for c in calls] == ["f"]

@@ -36,7 +36,7 @@ from ember.request import (
     StreamChunk,
 )
 from ember.templates import ChatTemplate
-from ember.templates.tools import split_tool_calls
+from ember.templates.tools import ToolCallStream, number_calls, split_tool_calls
 
 __all__ = ["FALLBACK_NOTE", "GenerationRequest", "Model", "ModelInfo", "Result", "StreamChunk"]
 
@@ -144,6 +144,7 @@ class Model:
             paths=[str(p) for p in e.paths],
             template=self.template.kind if self.template else None,
             has_chat_template=self.template is not None,
+            capabilities=self.template.capabilities if self.template else [],
         )
 
     @property
@@ -331,7 +332,14 @@ class Model:
         self, texts: str | Sequence[str | Sequence[int]], *, truncate: bool = True, normalize: bool = True
     ) -> list[list[float]]:
         """Mean-pooled (and L2-normalized, as Ollama's /api/embed) embeddings of
-        texts, or of token id lists taken as they are."""
+        texts, or of token id lists taken as they are. An input longer than
+        the context (num_ctx) is cut there with ``truncate``, else refused."""
+        return self.embed_counted(texts, truncate=truncate, normalize=normalize)[0]
+
+    def embed_counted(
+        self, texts: str | Sequence[str | Sequence[int]], *, truncate: bool = True, normalize: bool = True
+    ) -> tuple[list[list[float]], int]:
+        """:meth:`embed`, and the number of tokens embedded (after truncation)."""
         import numpy as np
 
         items = [texts] if isinstance(texts, str) else list(texts)
@@ -340,47 +348,63 @@ class Model:
             for x in items
         ]
         out: list[list[float]] = []
+        count = 0
         with self._embed_lock:
             if self._embed_ctx is None:
-                self._embed_ctx = self.engine.new_context(self.scheduler.num_ctx, embeddings=True)
+                n_ctx = self.scheduler.num_ctx
+                # A non-causal model needs the whole input in one micro-batch.
+                whole = None if self.engine.causal else n_ctx
+                self._embed_ctx = self.engine.new_context(n_ctx, n_batch=whole, n_ubatch=whole, embeddings=True, pooled=False)
             ctx = self._embed_ctx
+            limit = self.scheduler.num_ctx  # as asked for (llama.cpp may round its context up)
             for tokens in inputs:
                 tokens = tokens or [self.engine.bos_id]
-                if len(tokens) > ctx.n_batch:
+                if len(tokens) > limit:
                     if not truncate:
-                        raise ContextOverflowError(f"input has {len(tokens)} tokens, more than the {ctx.n_batch} an embedding batch holds")
-                    tokens = tokens[: ctx.n_batch]
+                        raise ContextOverflowError(
+                            f"input has {len(tokens)} tokens, more than the context length of {limit} (num_ctx); "
+                            "set truncate to true to cut it")
+                    tokens = tokens[:limit]
                 ctx.clear()
-                ctx.decode([(t, i, 0, True) for i, t in enumerate(tokens)])
-                vec = ctx.sequence_embedding(0)
+                vec = ctx.mean_embedding(tokens)
+                count += len(tokens)
                 if normalize:
                     n = float(np.linalg.norm(vec))
                     vec = vec / n if n > 0 else vec
                 out.append([float(x) for x in vec])
-        return out
+        return out, count
 
 
 class _Shaper:
     """The scheduler's chunks of one request as StreamChunks, the last one
-    carrying the Result (and, for a chat with tools, the parsed tool calls:
-    their text is held back, since a call is known only at the end)."""
+    carrying the Result. In a chat with tools, text streams as it comes and
+    each tool call as soon as it is complete (held back meanwhile: see
+    ToolCallStream)."""
 
     def __init__(self, model: Model, request: GenerationRequest, tokens: list[int], t0: float) -> None:
         self.model = model
         self.chat = request.is_chat
-        self.tools = bool(request.is_chat and request.tools)
+        self.calls = ToolCallStream(model.template) if request.is_chat and request.tools else None
         self.tokens = tokens
         self.t0 = t0
         self.parts: list[str] = []
+        self.given: list[str] = []  # the text streamed (with tools: all but the calls)
 
     def shape(self, c: Chunk) -> StreamChunk | None:
         self.parts.append(c.text)
+        if self.calls is None:
+            if not c.done:
+                return StreamChunk(c.text) if c.text else None
+            return StreamChunk(c.text, True, self._result(c, "".join(self.parts)))
+        text, calls = self.calls.feed(c.text)
+        if c.done:
+            text += self.calls.finish()
+        self.given.append(text)
         if not c.done:
-            return StreamChunk(c.text) if c.text and not self.tools else None
+            return StreamChunk(text, tool_calls=calls) if text or calls else None
         result = self._result(c, "".join(self.parts))
-        if self.tools:
-            return StreamChunk(str((result.message or {}).get("content") or ""), True, result, tool_calls=result.tool_calls)
-        return StreamChunk(c.text, True, result)
+        late = [] if self.calls.calls else result.tool_calls  # found only in the whole reply (e.g. a fenced JSON call)
+        return StreamChunk(text, True, result, tool_calls=calls + late)
 
     def chunks(self, handle: Handle) -> Iterator[StreamChunk]:
         for c in handle:
@@ -398,10 +422,12 @@ class _Shaper:
         message: dict[str, Any] | None = None
         if self.chat:
             message = {"role": "assistant", "content": text}
-            if self.tools:
+            if self.calls is not None:
                 content, calls = split_tool_calls(text, self.model.template)
-                if calls:
-                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                if self.calls.calls:  # the calls and text as streamed
+                    message = {"role": "assistant", "content": "".join(self.given).rstrip(), "tool_calls": self.calls.calls}
+                elif calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": number_calls(calls)}
         load = self.model._take_load_duration()
         return Result(
             model=self.model.name,

@@ -4,12 +4,16 @@ and the engine, so every entry point accepts exactly the same options."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from ember import ggml_types
 from ember.errors import OptionError
+
+log = logging.getLogger("ember.options")
 
 
 @dataclass(frozen=True)
@@ -91,12 +95,24 @@ def parse_value(name: str, text: str) -> Any:
         if s.type is float:
             return _check(name, float(text))
     except ValueError:
-        raise OptionError(f"parameter {name!r} needs a {s.type.__name__} value, got {text!r}") from None
+        raise OptionError(f"parameter {name!r} needs {_TYPE_WORDS[s.type]}, got {shown(text)}") from None
     if s.type is list:
         if len(text) >= 2 and text[0] == text[-1] == '"':
             text = text[1:-1]
         return text
     return _check(name, text)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a string"}
+
+
+def shown(value: Any) -> str:
+    """A value as the client wrote it (JSON, shortened), for error messages."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -109,29 +125,29 @@ def coerce(name: str, value: Any) -> Any:
             return [value]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
-        raise OptionError(f"parameter 'stop' needs a string or a list of strings, got {value!r}")
+        raise OptionError(f"parameter 'stop' needs a string or a list of strings, got {shown(value)}")
     if s.type is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str):
             return parse_value(name, value)
-        raise OptionError(f"parameter {name!r} needs true or false, got {value!r}")
+        raise OptionError(f"parameter {name!r} needs true or false, got {shown(value)}")
     if s.type is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
             if isinstance(value, str):
                 return parse_value(name, value)
-            raise OptionError(f"parameter {name!r} needs an integer, got {value!r}")
+            raise OptionError(f"parameter {name!r} needs an integer, got {shown(value)}")
         return _check(name, int(value))
     if s.type is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
                 return parse_value(name, value)
-            raise OptionError(f"parameter {name!r} needs a number, got {value!r}")
+            raise OptionError(f"parameter {name!r} needs a number, got {shown(value)}")
         return _check(name, float(value))
     if name == "rpc" and isinstance(value, list) and all(isinstance(v, str) for v in value):
         value = ",".join(value)
     if not isinstance(value, str):
-        raise OptionError(f"parameter {name!r} needs a string, got {value!r}")
+        raise OptionError(f"parameter {name!r} needs a string, got {shown(value)}")
     return _check(name, value)
 
 
@@ -156,7 +172,7 @@ def _check(name: str, value: Any) -> Any:
         if not lo <= value <= hi:
             raise OptionError(f"parameter {name!r} must be between {lo} and {hi}, got {value}")
     if name == "kv_cache_type" and value not in KV_CACHE_TYPES:
-        raise OptionError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}")
+        raise OptionError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {shown(value)}")
     if name in ("num_ctx", "num_batch") and value < 0:
         raise OptionError(f"parameter {name!r} must not be negative, got {value}")
     if name == "rpc":
@@ -212,8 +228,32 @@ def parse_tensor_split(text: str) -> list[float]:
 
 
 def coerce_all(options: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate a whole options mapping (unknown names are errors)."""
+    """Validate a whole options mapping. Unknown names are errors: the Python
+    API, the CLI and Modelfiles are strict, so a typo is caught where it is
+    written (the HTTP APIs use :func:`coerce_request`)."""
     return {k: coerce(k, v) for k, v in (options or {}).items()}
+
+
+_logged_unknown: set[str] = set()
+
+
+def coerce_request(options: dict[str, Any]) -> dict[str, Any]:
+    """Validate the ``options`` of an HTTP request as Ollama does: ``null``
+    means unset (clients send every field they know, most as null), an
+    unknown name is logged once and ignored (clients send names of other
+    Ollama versions), and a known name with a wrong type or range is still
+    an error."""
+    out = {}
+    for k, v in options.items():
+        if v is None:
+            continue
+        if k not in SPECS:
+            if k not in _logged_unknown and len(_logged_unknown) < 1000:
+                _logged_unknown.add(k)
+                log.warning("ignoring unknown option %s", shown(k))
+            continue
+        out[k] = coerce(k, v)
+    return out
 
 
 def merged(*layers: dict[str, Any] | None) -> dict[str, Any]:

@@ -95,8 +95,9 @@ class Result:
 class StreamChunk:
     """One streamed piece of output; the last has ``done=True`` and ``result``.
 
-    With ``tools`` the text is held back until the end, where the last chunk
-    carries the content and the parsed ``tool_calls``.
+    With ``tools`` each call comes in ``tool_calls`` as soon as it is complete
+    (with ``id`` and ``function.index``); text that may start a call is held
+    back until it is known to be text.
     """
 
     text: str = ""
@@ -229,6 +230,8 @@ class ModelInfo:
     paths: list[str]
     template: Literal["go", "jinja"] | None
     has_chat_template: bool
+    # What the template can take, in Ollama's words: "tools", "insert", "thinking".
+    capabilities: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -255,10 +255,18 @@ class LoadedModel:
         *,
         n_seq_max: int = 1,
         n_batch: int | None = None,
+        n_ubatch: int | None = None,
         embeddings: bool = False,
+        pooled: bool = True,
         options: dict[str, Any] | None = None,
     ) -> Context:
-        return Context(self, n_ctx, n_seq_max=n_seq_max, n_batch=n_batch, embeddings=embeddings, options=options)
+        return Context(self, n_ctx, n_seq_max=n_seq_max, n_batch=n_batch, n_ubatch=n_ubatch, embeddings=embeddings,
+                       pooled=pooled, options=options)
+
+    @property
+    def causal(self) -> bool:
+        """Whether tokens attend only to earlier ones (False for BERT-style encoders)."""
+        return (self.meta(f"{self.architecture}.attention.causal") or "true").lower() != "false"
 
     def logits(self, tokens: list[int], n_ctx: int | None = None) -> np.ndarray:
         """Logits for every position of ``tokens`` (float32, shape (n, n_vocab)),
@@ -284,7 +292,9 @@ class Context:
         *,
         n_seq_max: int = 1,
         n_batch: int | None = None,
+        n_ubatch: int | None = None,
         embeddings: bool = False,
+        pooled: bool = True,
         options: dict[str, Any] | None = None,
     ) -> None:
         o = model.options if options is None else opts.merged(model.options, opts.coerce_all(options))
@@ -293,7 +303,7 @@ class Context:
         params.n_ctx = n_ctx
         self.n_batch = n_batch or o["num_batch"] or 512
         params.n_batch = self.n_batch
-        params.n_ubatch = min(self.n_batch, 512)
+        params.n_ubatch = min(self.n_batch, n_ubatch or 512)
         params.n_seq_max = n_seq_max
         threads = o["num_thread"] or llama.physical_cores()
         params.n_threads = threads
@@ -306,7 +316,7 @@ class Context:
         params.kv_unified = False
         params.swa_full = True
         if embeddings:
-            params.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
+            params.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN if pooled else lc.LLAMA_POOLING_TYPE_NONE
         kv_type = KV_CACHE_TYPES.get(o["kv_cache_type"])
         if kv_type is None:
             raise OptionError(f"kv_cache_type {o['kv_cache_type']!r} is not supported")
@@ -383,6 +393,21 @@ class Context:
         if not ptr:
             raise EngineError("this model gives no pooled embeddings")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).astype(np.float32)
+
+    def mean_embedding(self, tokens: list[int], seq: int = 0) -> np.ndarray:
+        """The mean of the final hidden states of ``tokens`` (mean pooling,
+        contexts made with embeddings=True, pooled=False), decoded ``n_batch``
+        at a time: llama.cpp's own pooling sees one micro-batch only, so inputs
+        longer than that would be pooled over their last part."""
+        total = np.zeros(self.model.n_embd, dtype=np.float64)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            self.decode([(t, start + j, seq, True) for j, t in enumerate(chunk)])
+            ptr = lc.llama_get_embeddings(self.ptr)
+            if not ptr:
+                raise EngineError("this model gives no embeddings")
+            total += np.ctypeslib.as_array(ptr, shape=(len(chunk), self.model.n_embd)).sum(axis=0, dtype=np.float64)
+        return (total / max(len(tokens), 1)).astype(np.float32)
 
     def seq_rm(self, seq: int, p0: int = 0, p1: int = -1) -> bool:
         return bool(lc.llama_memory_seq_rm(self.memory, seq, p0, p1))

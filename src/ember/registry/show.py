@@ -152,20 +152,17 @@ def _json_value(v: Any) -> Any:
 
 def capabilities(r: ResolvedModel, header: GGUFHeader) -> list[str]:
     """Ollama's capabilities: ``completion`` (or ``embedding`` for a model with a
-    pooling type), ``tools`` and ``insert`` from the parsed template (the
-    Modelfile's, else the GGUF's chat template), ``vision`` with a projector."""
+    pooling type), what the parsed template can take (``tools``, ``insert``,
+    ``thinking``: the Modelfile's template, else the GGUF's chat template),
+    ``vision`` with a projector."""
     arch = header.get("general.architecture") or ""
     caps = ["embedding" if header.get(f"{arch}.pooling_type") is not None else "completion"]
     text = r.template if r.template is not None else header.get("tokenizer.chat_template")
     if isinstance(text, str) and text:
         try:
-            template = ChatTemplate.parse(text)
+            caps += ChatTemplate.parse(text).capabilities
         except TemplateError:
-            template = None
-        if template is not None and template.supports_tools:
-            caps.append("tools")
-        if template is not None and template.supports_insert:
-            caps.append("insert")
+            pass
     if r.projector_paths or header.get(f"{arch}.vision.block_count") is not None:
         caps.append("vision")
     return caps

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 from fastapi import Request
 
-from ember.errors import CancelledError, OptionError
+from ember.errors import CancelledError, ModelNotFoundError, OptionError
 from ember.request import AsyncChunkStream, GenerationRequest, Result, StreamChunk
 from ember.server.common import manager
 from ember.server.manager import Entry, check_options, parse_keep_alive
@@ -83,6 +84,35 @@ class Generation:
         return r.with_load_duration(self.load_duration)
 
 
+@contextlib.asynccontextmanager
+async def _use(http: Request, model: str, options: dict[str, Any], keep_alive: Any) -> AsyncIterator[Entry]:
+    """The manager's ``use``, with Ollama's not-found text for generation
+    (clients match it to offer a pull; /api/show and friends keep theirs)."""
+    entered = False
+    try:
+        async with manager(http).use(model, options, keep_alive) as entry:
+            entered = True
+            yield entry
+    except ModelNotFoundError:
+        if entered:
+            raise
+        raise ModelNotFoundError(f"model {json.dumps(model[:200], ensure_ascii=False)} not found, try pulling it first") from None
+
+
+def _check_capabilities(model: str, entry: Entry, request: GenerationRequest) -> None:
+    """Refuse what the model's template cannot take, in Ollama's words
+    (clients match them to fall back, e.g. to prompting without tools)."""
+    info = _runner(entry).info
+    caps = info.capabilities if info is not None else []
+    if request.tools and "tools" not in caps:
+        raise OptionError(f"{entry.name} does not support tools")
+    think = request.think
+    if think not in (None, False, "", "false") and "thinking" not in caps:
+        raise OptionError(f"{json.dumps(model, ensure_ascii=False)} does not support thinking")
+    if request.suffix and request.template is None and "insert" not in caps:
+        raise OptionError(f"{entry.name} does not support insert")
+
+
 async def start(http: Request, model: str, requests: list[GenerationRequest], keep_alive: Any = None) -> Generation:
     """Acquire ``model`` and submit ``requests`` to it. Bad input raises here,
     before a response starts, and releases the model."""
@@ -93,8 +123,10 @@ async def start(http: Request, model: str, requests: list[GenerationRequest], ke
     stack = contextlib.AsyncExitStack()
     t0 = time.perf_counter()
     try:
-        entry = await stack.enter_async_context(manager(http).use(model, requests[0].options, keep_alive))
+        entry = await stack.enter_async_context(_use(http, model, requests[0].options, keep_alive))
         load_ns = int((time.perf_counter() - t0) * 1e9)
+        for r in requests:
+            _check_capabilities(model, entry, r)
         streams = []
         for r in requests:
             s = await _runner(entry).submit(r)
@@ -109,7 +141,8 @@ async def start(http: Request, model: str, requests: list[GenerationRequest], ke
 async def render(http: Request, model: str, request: GenerationRequest, keep_alive: Any = None) -> str:
     """The prompt text ``request`` produces on ``model`` (``_debug_render_only``)."""
     request.options = check_options(request.options)
-    async with manager(http).use(model, request.options, keep_alive) as entry:
+    async with _use(http, model, request.options, keep_alive) as entry:
+        _check_capabilities(model, entry, request)
         return await _runner(entry).render(request)
 
 
@@ -119,7 +152,7 @@ async def embed(
 ) -> tuple[list[list[float]], int, int, int]:
     """(vectors, tokens read, load ns, total ns) for texts or token id lists."""
     t0 = time.perf_counter()
-    async with manager(http).use(model, check_options(options), keep_alive) as entry:
+    async with _use(http, model, check_options(options), keep_alive) as entry:
         load_ns = int((time.perf_counter() - t0) * 1e9)
         vecs, n = await _runner(entry).embed(inputs, truncate=truncate, normalize=normalize)
     return vecs, n, load_ns, int((time.perf_counter() - t0) * 1e9)
@@ -133,7 +166,7 @@ async def load_or_unload(http: Request, model: str, options: Any, keep_alive: An
     if parse_keep_alive(keep_alive) == 0:
         await mgr.unload(model)
         return "unload"
-    async with mgr.use(model, checked, keep_alive):
+    async with _use(http, model, checked, keep_alive):
         return "load"
 
 

@@ -105,10 +105,10 @@ def check_options(options: Any) -> dict[str, Any]:
         return {}
     if not isinstance(options, dict):
         raise OptionError("options must be an object of option names to values")
-    if "rpc" in options:  # a client must not make the server connect to addresses it picks
+    if options.get("rpc") is not None:  # a client must not make the server connect to addresses it picks
         raise OptionError("options.rpc: RPC workers are the server's to choose (ember serve --rpc, EMBER_RPC, "
                           "or PARAMETER rpc in a Modelfile), not a request's")
-    return opts.coerce_all(options)
+    return opts.coerce_request(options)
 
 
 @dataclass

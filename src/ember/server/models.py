@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ember import options as opts
-from ember.__about__ import __version__
+from ember.__about__ import OLLAMA_API_VERSION, __version__
 from ember.errors import EmberError, InvalidFileError, InvalidNameError, ModelNotFoundError, OptionError
 from ember.registry import (
     Modelfile,
@@ -47,7 +47,7 @@ def _digest_hex(d: str | None) -> str:
     return (d or "").removeprefix("sha256:")
 
 
-@router.get("/api/tags")
+@router.api_route("/api/tags", methods=["GET", "HEAD"])
 async def tags() -> Any:
     """Models in the registry."""
     entries = await asyncio.to_thread(list_models)
@@ -261,6 +261,7 @@ async def ps(request: Request) -> Any:
     return {"models": out}
 
 
-@router.get("/api/version")
+@router.api_route("/api/version", methods=["GET", "HEAD"])
 async def version() -> Any:
-    return {"version": __version__}
+    """The Ollama API version served (clients compare it), and Ember's own."""
+    return {"version": OLLAMA_API_VERSION, "ember_version": __version__}

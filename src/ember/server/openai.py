@@ -63,6 +63,7 @@ def _openai_messages(msgs: list[s.Message]) -> list[dict[str, Any]]:
     out = messages_of(msgs)
     names: dict[str, str] = {}
     for m in out:
+        _take_images(m)
         for call in m.get("tool_calls") or []:
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict):
@@ -80,12 +81,30 @@ def _openai_messages(msgs: list[s.Message]) -> list[dict[str, Any]]:
     return out
 
 
+def _take_images(m: dict[str, Any]) -> None:
+    """OpenAI's ``image_url`` content parts -> Ollama's ``images`` (base64), so
+    a model without vision refuses them as on /api/chat instead of dropping them."""
+    content = m.get("content")
+    if not isinstance(content, list):
+        return
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "image_url":
+            continue
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+            raise OptionError("invalid image input: image_url must be a base64 data URL (data:image/...;base64,...)")
+        m.setdefault("images", []).append(url.split(";base64,", 1)[1])
+
+
 def _tool_calls(calls: list[dict[str, Any]], *, indexed: bool) -> list[dict[str, Any]]:
+    """Ollama's calls (id, function.index) in OpenAI's shape: arguments as a JSON string."""
     out = []
     for i, call in enumerate(calls):
         fn = call.get("function", {})
         args = fn.get("arguments", {})
-        out.append({"id": f"call_{uuid.uuid4().hex[:24]}", **({"index": i} if indexed else {}), "type": "function",
+        out.append({"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                    **({"index": fn.get("index", i)} if indexed else {}), "type": "function",
                     "function": {"name": fn.get("name", ""),
                                  "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}})
     return out
@@ -126,7 +145,9 @@ async def _complete(http: Request, body: s._Sampling, requests: list[GenerationR
         if not chat:
             return {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
         if delta:
-            part: dict[str, Any] = {"tool_calls": _tool_calls(calls, indexed=True)} if calls else {"content": text} if text else {}
+            part: dict[str, Any] = {"content": text} if text else {}
+            if calls:
+                part["tool_calls"] = _tool_calls(calls, indexed=True)
             return {"index": i, "delta": part, "logprobs": None, "finish_reason": finish}
         message = {"role": "assistant", "content": None, "tool_calls": _tool_calls(calls, indexed=False)} if calls \
             else {"role": "assistant", "content": text}
@@ -225,4 +246,4 @@ async def model(model: str, request: Request) -> Any:
         r = await manager(request).resolve(model)
     except (ModelNotFoundError, OptionError):
         raise ModelNotFoundError(f"model '{model}' not found") from None
-    return _model_obj(model if ":" in model or "/" in model else r.name, r.modified_at)
+    return _model_obj(model, r.modified_at)  # the name as asked for, as Ollama echoes it

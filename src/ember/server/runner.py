@@ -156,12 +156,9 @@ class LocalRunner(Runner):
         return str(await asyncio.to_thread(self.model.render, request))
 
     async def embed(self, inputs: list[Any], *, truncate: bool, normalize: bool) -> tuple[list[list[float]], int]:
-        def run() -> tuple[list[list[float]], int]:
-            vecs = self.model.embed(inputs, truncate=truncate, normalize=normalize) if inputs else []
-            n = sum(len(self.model.tokenize(x)) if isinstance(x, str) else len(x) for x in inputs)
-            return vecs, n
-
-        return await asyncio.to_thread(run)
+        if not inputs:
+            return [], 0
+        return await asyncio.to_thread(self.model.embed_counted, inputs, truncate=truncate, normalize=normalize)
 
     async def running(self) -> int:
         return int(self.model.scheduler.active)

@@ -65,6 +65,21 @@ class ChatTemplate:
         """Whether the template handles a suffix (fill-in-the-middle)."""
         return self.kind == "go" and bool(self._impl.supports_insert)
 
+    @property
+    def supports_thinking(self) -> bool:
+        """Whether the template can ask for and show reasoning (a Go template
+        reading ``.Think``/``.Thinking``; a Jinja one reading
+        ``enable_thinking`` or reasoning content, or writing ``<think>``)."""
+        if self.kind == "go":
+            return bool({"think", "thinking", "isthinkset", "thinklevel"} & set(self._impl.vars))
+        return any(k in self.text for k in ("enable_thinking", "reasoning_content", "<think>"))
+
+    @property
+    def capabilities(self) -> list[str]:
+        """Ollama's names for what this template can take."""
+        return [name for name, ok in (("tools", self.supports_tools), ("insert", self.supports_insert),
+                                      ("thinking", self.supports_thinking)) if ok]
+
     def render_messages(
         self,
         messages: list[dict[str, Any]],

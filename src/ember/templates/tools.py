@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from ember.errors import TemplateError
@@ -22,7 +23,7 @@ from ember.errors import TemplateError
 if TYPE_CHECKING:
     from . import ChatTemplate
 
-__all__ = ["parse_tool_calls", "split_tool_calls", "tool_call_tag"]
+__all__ = ["ToolCallStream", "number_calls", "parse_tool_calls", "split_tool_calls", "tool_call_tag"]
 
 KNOWN_TAGS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<function_call>", "<|tool_call_begin|>")
 _PROBE_NAME = "ember_probe_fn"
@@ -208,3 +209,156 @@ def _call(obj: dict[str, Any], *, strict: bool) -> dict[str, Any] | None:
     if strict and set(obj) - {"name", key, "type", "id"}:
         return None
     return {"function": {"name": name.strip(), "arguments": args}}
+
+
+def _json_end(s: str, i: int) -> int | None:
+    """The end of the JSON object or array starting at ``s[i]``, found by
+    bracket depth (strings skipped), or None while it is incomplete."""
+    depth = 0
+    in_str = esc = False
+    for j in range(i, len(s)):
+        ch = s[j]
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    return None
+
+
+def number_calls(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
+    """Calls with Ollama's ``id`` and ``function.index`` (their order in the reply)."""
+    out = []
+    for n, call in enumerate(calls, start):
+        fn = dict(call.get("function") or {})
+        fn["index"] = n
+        out.append({"id": call.get("id") or f"call_{uuid.uuid4().hex[:8]}", "function": fn})
+    return out
+
+
+
+class ToolCallStream:
+    """Tool calls found while a reply streams, as current Ollama does: text is
+    passed on as it comes, except what may start a call (a tag, or a reply
+    that opens with JSON), which is held until it is a complete call (given
+    out then, numbered) or turns out to be text. After the first call only
+    further calls are given out, as :func:`split_tool_calls` keeps only the
+    text before the first call."""
+
+    def __init__(self, template: "ChatTemplate | None") -> None:
+        tag = tool_call_tag(template)
+        self.tags = list(dict.fromkeys(t for t in (tag, *KNOWN_TAGS) if t))
+        self.buf = ""
+        self.opened: str | None = None  # the tag of the call being read ("" for a reply opening with JSON)
+        self.started = False  # text was given out, so the reply is no bare JSON call
+        self.calls: list[dict[str, Any]] = []
+        self.incomplete = False  # the JSON at the front was scanned and is unfinished
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """(text to pass on, calls completed) after ``text`` more of the reply."""
+        self.buf += text
+        if "}" in text or "]" in text:  # only a closing bracket can finish a JSON value
+            self.incomplete = False
+        out: list[str] = []
+        found: list[dict[str, Any]] = []
+        while self._step(out, found):
+            pass
+        numbered = number_calls(found, len(self.calls))
+        self.calls.extend(numbered)
+        return "".join(out), numbered
+
+    def finish(self) -> str:
+        """The text still held at the end (an unfinished call is text)."""
+        held = "" if self.calls else (self.opened or "") + self.buf
+        self.buf, self.opened = "", None
+        return held
+
+    def _step(self, out: list[str], found: list[dict[str, Any]]) -> bool:
+        """One step over the buffer; False when it needs more text."""
+        had_calls = bool(self.calls or found)
+        if self.opened is not None:
+            state, calls = self._read_call()
+            if state == "wait":
+                return False
+            if state == "call":
+                found.extend(calls)
+                return True
+            if not had_calls:  # no call after all: the tag is text
+                out.append(self.opened)
+                self.started = True
+            self.opened = None
+            return True
+        if not had_calls and not self.started:
+            stripped = self.buf.lstrip()
+            if not stripped:
+                return False
+            if stripped[0] in "{[":
+                self.opened, self.buf = "", stripped
+                return True
+        hits = [(self.buf.find(t), t) for t in self.tags if t in self.buf]
+        if hits:
+            at, tag = min(hits)
+            if not had_calls:
+                out.append(self.buf[:at])
+                self.started = self.started or bool(self.buf[:at].strip())
+            self.opened, self.buf = tag, self.buf[at + len(tag):]
+            return True
+        cut = len(self.buf) - self._partial_tag()
+        if not had_calls:
+            out.append(self.buf[:cut])
+            self.started = self.started or bool(self.buf[:cut].strip())
+        self.buf = self.buf[cut:]
+        return False
+
+    def _partial_tag(self) -> int:
+        """How many trailing characters may begin a tag (held back)."""
+        for n in range(min(max(map(len, self.tags)) - 1, len(self.buf)), 0, -1):
+            if any(t.startswith(self.buf[-n:]) for t in self.tags):
+                return n
+        return 0
+
+    def _read_call(self) -> tuple[str, list[dict[str, Any]]]:
+        """("call", calls) for a complete call at the front of the buffer,
+        ("wait", []) while it is incomplete, ("no", []) when it is no call."""
+        s = self.buf
+        i = len(s) - len(s.lstrip(" \t\r\n;,"))
+        if i == len(s):
+            return "wait", []
+        name = None
+        m = _MISTRAL_ARGS.match(s, i) if self.opened else None
+        if m:  # [TOOL_CALLS]name[ARGS]{...}
+            name, i = m.group(1), m.end()
+            i += len(s[i:]) - len(s[i:].lstrip())
+            if i == len(s):
+                return "wait", []
+        elif self.opened and re.fullmatch(r"[A-Za-z_][\w.\-]*\s*(\[(A(R(G(S)?)?)?)?)?", s[i:]):
+            return "wait", []  # perhaps "name[ARGS" so far
+        if s[i] not in "{[":
+            return "no", []
+        end = None if self.incomplete else _json_end(s, i)
+        if end is None:
+            self.incomplete = True
+            return "wait", []
+        try:
+            value = json.loads(s[i:end])
+        except ValueError:
+            return "no", []
+        if name is not None:
+            call = _call({"name": name, "arguments": value}, strict=False)
+            calls = [call] if call else None
+        else:
+            calls = _calls_from(value, strict=not self.opened)
+        if not calls:
+            return "no", []
+        self.buf = s[end:]
+        return "call", calls
