@@ -76,7 +76,13 @@ def load_image(item: ImageInput, index: int = 0, *, max_pixels: int | None = Non
     if isinstance(item, pil.Image):
         return _from_pil(item, label, max_pixels)
     if isinstance(item, str) and not _is_path(item):
-        return _decode(decode_base64(item, label), label, max_pixels)
+        try:
+            data = decode_base64(item, label)
+        except ImageError:
+            if item.startswith("data:"):
+                raise
+            raise ImageError(f"{label}: no such file, and not base64 image data") from None
+        return _decode(data, label, max_pixels)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item).expanduser()
         label = f"{label} ({item})"
@@ -129,8 +135,19 @@ def decode_base64(text: str, label: str = "image", *, max_bytes: int = MAX_BASE6
     try:
         data = base64.b64decode(compact + "=" * (-len(compact) % 4), altchars=b"-_" if ("-" in compact or "_" in compact) else None, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError(f"{label}: not a file and not base64 image data") from None
+        raise ImageError(f"{label}: not valid base64 image data") from None
     return data
+
+
+def base64_only(item: Any, label: str = "image") -> str:
+    """An image a server received (base64 text, or a base64 ``data:`` URL)
+    as a ``data:`` URL, which :func:`load_image` reads as base64 only: never
+    as a path on the server's machine."""
+    if not isinstance(item, str):
+        raise ImageError(f"{label}: must be base64 text, got {type(item).__name__}")
+    if len(item) // 4 * 3 > MAX_BASE64_BYTES + 64:
+        raise ImageError(f"{label}: {len(item)} characters of base64 decode to more than {MAX_BASE64_BYTES} bytes, the most an image may have")
+    return item if item.startswith("data:") else "data:;base64," + item
 
 
 def load_images(items: Sequence[ImageInput] | None, *, max_pixels: int | None = None) -> list[Image]:
@@ -212,4 +229,4 @@ def _short(e: BaseException) -> str:
     return text[:200]
 
 
-__all__ = ["FORMATS", "MAX_BASE64_BYTES", "Image", "ImageInput", "decode_base64", "load_image", "load_images", "sniff_format"]
+__all__ = ["FORMATS", "MAX_BASE64_BYTES", "Image", "ImageInput", "base64_only", "decode_base64", "load_image", "load_images", "sniff_format"]

@@ -63,6 +63,7 @@ def _openai_messages(msgs: list[s.Message]) -> list[dict[str, Any]]:
     out = messages_of(msgs)
     names: dict[str, str] = {}
     for m in out:
+        _image_parts(m)
         for call in m.get("tool_calls") or []:
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict):
@@ -78,6 +79,30 @@ def _openai_messages(msgs: list[s.Message]) -> list[dict[str, Any]]:
         if m.get("role") == "tool" and m.get("tool_call_id") in names and "tool_name" not in m:
             m["tool_name"] = names[m["tool_call_id"]]
     return out
+
+
+def _image_parts(message: dict[str, Any]) -> None:
+    """A message's ``image_url`` content parts -> its ``images`` (before its
+    text, as Ollama's OpenAI API puts them). Only ``data:`` URLs: the server
+    fetches nothing."""
+    parts = message.get("content")
+    if not isinstance(parts, list):
+        return
+    images = list(message.get("images") or [])
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "image_url":
+            continue
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str) or not url:
+            raise OptionError("image_url needs a 'url'")
+        if not url.startswith("data:"):
+            scheme = url.split(":", 1)[0] if ":" in url else "that"
+            raise OptionError(f"image_url: the server does not fetch {scheme} URLs; send the image inline as a data: URL (data:image/png;base64,...)")
+        images.append(url)
+    if images:
+        message["images"] = images
+        message["content"] = [p for p in parts if not (isinstance(p, dict) and p.get("type") == "image_url")]
 
 
 def _tool_calls(calls: list[dict[str, Any]], *, indexed: bool) -> list[dict[str, Any]]:
