@@ -15,11 +15,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from cli_fixtures import EMBER, run_ember  # noqa: E402
-from vision_fixtures import BUILDERS, sample_image  # noqa: E402
+from cli_fixtures import EMBER, run_ember
+from vision_fixtures import BUILDERS, sample_image
 
-import ember  # noqa: E402
-from ember.convert import plan, write  # noqa: E402
+import ember
+from ember.convert import plan, write
 
 PARAMS = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 6, "num_ctx": 512}
 ARGS = [f"--param={k}={v}" for k, v in PARAMS.items()]

@@ -21,11 +21,11 @@ pytest.importorskip("transformers")
 ollama = pytest.importorskip("ollama")
 openai = pytest.importorskip("openai")
 
-from server_fixtures import Server, create  # noqa: E402
-from vision_fixtures import BUILDERS, sample_image  # noqa: E402
+from server_fixtures import Server, create
+from vision_fixtures import BUILDERS, sample_image
 
-import ember  # noqa: E402
-from ember.convert import plan, write  # noqa: E402
+import ember
+from ember.convert import plan, write
 
 QUESTION = "What is in the picture?"
 PARAMS = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 6, "num_ctx": 512}
@@ -90,7 +90,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def test_bad_images_are_400s_and_the_model_keeps_serving(served: Any, demo_model: Path) -> None:
     server, image, chat, _ = served
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    b64 = lambda data: base64.b64encode(data).decode()
     cases = {
         b64(b"\x89PNG\r\n\x1a\nnot really"): "corrupt PNG",
         b64(png_header_only(50_000, 50_000)): "its header claims more pixels",

@@ -200,7 +200,7 @@ class Model:
         """The exact prompt text of a request (what llama.cpp sees); each image
         is the projector's marker in it (see :meth:`images`)."""
         if request.is_chat:
-            text = self.render_chat(_with_images(request.messages, request.images), tools=request.tools)
+            text = self.render_chat(_with_images(request.messages, request.images) or [], tools=request.tools)
         else:
             prompt = request.prompt or ""
             if request.images:

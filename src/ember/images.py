@@ -14,8 +14,8 @@ import base64
 import binascii
 import hashlib
 import io
-import re
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass

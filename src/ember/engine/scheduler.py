@@ -31,7 +31,7 @@ from typing import Any
 
 from ember.engine.model import Context, LoadedModel, MemoryReport
 from ember.engine.sampling import Sampler
-from ember.engine.vision import ImageChunk, Piece, VisionPrompt, VisionProjector, decode_image
+from ember.engine.vision import ImageChunk, Piece, VisionProjector, VisionPrompt, decode_image
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
 
 # batch_invariant prompts are evaluated in chunks aligned to this many tokens.
@@ -211,7 +211,7 @@ class Scheduler:
     # --- public ----------------------------------------------------------
     def submit(
         self,
-        tokens: list[int],
+        tokens: list[int] | VisionPrompt,
         options: dict[str, Any],
         *,
         grammar: str | None = None,
@@ -428,7 +428,8 @@ class Scheduler:
         while s.req is not None and not s.pending and s.later and s.next_token is None:
             piece = s.later[0]
             if isinstance(piece, list):
-                s.pending = s.later.pop(0)
+                s.pending = piece
+                s.later.pop(0)
                 continue
             fut = s.encoded[id(piece)]
             if not fut.done():
