@@ -32,11 +32,12 @@ from ember.engine.vision import ImageChunk
 from ember.errors import ContextOverflowError, ImageError
 from ember.request import GenerationRequest
 
-#: InternVL (several tiles: several image chunks per image) and Qwen2.5-VL
-#: (M-RoPE: an image takes fewer positions than KV cells)
-ARCHS = ["internvl", "qwen25vl"]
-#: sizes both Ember and transformers preprocess the same way (test_vision.py)
-SIZE = {"internvl": (112, 56), "qwen25vl": (112, 56)}
+#: InternVL (several tiles: several image chunks per image), Gemma 3 (image
+#: tokens attend to each other) and Qwen2.5-VL (M-RoPE: an image takes fewer
+#: positions than KV cells)
+ARCHS = ["internvl", "gemma3", "qwen25vl"]
+#: sizes llama-mtmd-cli preprocesses as transformers does (test_vision.py)
+SIZE = {"internvl": (112, 56), "gemma3": (56, 56), "qwen25vl": (112, 56)}
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 6, "num_thread": 2}
 QUESTION = "What is in the picture?"
 

@@ -66,6 +66,9 @@ def test_ollama_client_images_in_chat_and_generate(served: Any) -> None:
     assert "".join(p.message.content or "" for p in parts) == chat
     g = client.generate(model="tinyvl", prompt=QUESTION, images=[image.read_bytes()])
     assert g.response == gen
+    # an image alone is a prompt, not a request to load the model
+    alone = client.generate(model="tinyvl", prompt="", images=[image.read_bytes()])
+    assert alone.done_reason in ("stop", "length") and alone.eval_count
 
 
 def test_openai_client_image_url_data(served: Any) -> None:
