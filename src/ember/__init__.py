@@ -98,6 +98,7 @@ def load(
     num_parallel: int = 1,
     lora: list[tuple[PathLike, float]] | None = None,
     rpc: str | list[str] | None = None,
+    projector: PathLike | None = None,
     progress: ProgressCallback | None = None,
     **options: Any,
 ) -> Model:
@@ -118,6 +119,8 @@ def load(
             ``EMBER_RPC``. A worker lost during generation ends the process
             with one line on stderr: llama.cpp's RPC client cannot recover
             (see docs/multi-machine.md).
+        projector: a vision projector GGUF (``mmproj-*.gguf``) for the model's
+            images; a registry model with a projector layer loads its own.
         progress: ``callback(description, completed, total)`` for conversion.
         **options: Ollama's options. Load options: ``num_ctx`` (context per
             sequence; default the smaller of 4096 and the training context),
@@ -142,7 +145,7 @@ def load(
     adapters = [(str(p), float(s)) for p, s in lora or []]
     if rpc is not None:
         options["rpc"] = rpc if isinstance(rpc, str) else ",".join(rpc)
-    return Model(str(model), num_parallel=num_parallel, lora=adapters, progress=progress, **options)
+    return Model(str(model), num_parallel=num_parallel, lora=adapters, projector=projector, progress=progress, **options)
 
 
 def convert(

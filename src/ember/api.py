@@ -22,7 +22,9 @@ from typing import Any, overload
 from ember import options as opts
 from ember.engine import Context, LoadedModel, MemoryReport
 from ember.engine.scheduler import Chunk, Handle, Scheduler
+from ember.engine.vision import VisionPrompt, VisionProjector, require_projector
 from ember.errors import ContextOverflowError, OptionError, TemplateError
+from ember.images import Image, ImageInput, load_image
 from ember.models import resolve_model
 from ember.progress import ProgressCallback
 from ember.registry import ResolvedModel
@@ -84,6 +86,7 @@ class Model:
         num_parallel: int = 1,
         max_queue: int = 512,
         lora: Sequence[tuple[str | os.PathLike[str], float]] | None = None,
+        projector: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None,
         **options: Any,
     ) -> None:
@@ -94,14 +97,21 @@ class Model:
         load_opts = {k: v for k, v in self.defaults.items() if k in opts.LOAD_OPTIONS}
         adapters: list[tuple[str | os.PathLike[str], float]] = [(p, 1.0) for p in self.resolved.adapter_paths]
         self.engine = LoadedModel(self.resolved.model_paths, load_opts, lora=adapters + list(lora or []))
+        self.projector: VisionProjector | None = None
         try:
+            proj_path = projector or (self.resolved.projector_paths[0] if self.resolved.projector_paths else None)
+            if proj_path is not None:
+                self.projector = VisionProjector(self.engine, proj_path)
             num_ctx = self.defaults["num_ctx"] or self.engine.default_num_ctx()
             self.defaults["num_ctx"] = num_ctx
             self.scheduler = Scheduler(
-                self.engine, num_ctx=num_ctx, num_parallel=max(1, num_parallel), max_queue=max_queue, options=load_opts
+                self.engine, num_ctx=num_ctx, num_parallel=max(1, num_parallel), max_queue=max_queue, options=load_opts,
+                projector=self.projector,
             )
             self.template = self._load_template()
         except BaseException:
+            if self.projector is not None:
+                self.projector.close()
             self.engine.close()
             raise
         self.load_duration = int((time.perf_counter() - t0) * 1e9)
@@ -120,6 +130,8 @@ class Model:
         self.scheduler.close()
         if self._embed_ctx is not None:
             self._embed_ctx.close()
+        if self.projector is not None:
+            self.projector.close()
         self.engine.close()
 
     def __enter__(self) -> Model:
@@ -180,24 +192,48 @@ class Model:
         return list(tokens)
 
     # --- prompts ---------------------------------------------------------
+    @property
+    def vision(self) -> bool:
+        """Whether the model sees images (a vision projector is loaded)."""
+        return self.projector is not None
+
     def render(self, request: GenerationRequest) -> str:
-        """The exact prompt text of a request (what llama.cpp sees)."""
-        if request.images:
-            raise OptionError("images are not supported by this model (no vision projector loaded)")
+        """The exact prompt text of a request (what llama.cpp sees); each image
+        is the projector's marker in it (see :meth:`images`)."""
         if request.is_chat:
-            text = self.render_chat(request.messages or [], tools=request.tools)
+            text = self.render_chat(_with_images(request.messages, request.images) or [], tools=request.tools)
         else:
+            prompt = request.prompt or ""
+            if request.images:
+                prompt = _place_images(prompt, len(request.images), self._marker())
             text = self.render_generate(
-                request.prompt or "", system=request.system, template=request.template, suffix=request.suffix,
-                raw=request.raw,
+                prompt, system=request.system, template=request.template, suffix=request.suffix, raw=request.raw
             )
         if request.context:
             text = self.detokenize(self._checked_ids(request.context, "context")) + text
         return text
 
+    def images(self, request: GenerationRequest) -> list[Image]:
+        """The request's images in prompt order, validated and decoded (a
+        one-line ImageError for a corrupt, oversized or unreadable one)."""
+        items: list[ImageInput] = []
+        if request.is_chat:
+            for m in _with_images(request.messages, request.images) or []:
+                if isinstance(m, dict):
+                    items.extend(_image_list(m.get("images")))
+        else:
+            items.extend(_image_list(request.images))
+        if items:
+            require_projector(self.projector, self.name)
+        return [load_image(x, i) for i, x in enumerate(items)]
+
+    def _marker(self) -> str:
+        return require_projector(self.projector, self.name).marker
+
     def render_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> str:
-        """The prompt text of a conversation."""
-        msgs = _normalize_messages(messages)
+        """The prompt text of a conversation; a message's ``images`` go before
+        its text (or at its ``[img]`` placeholders), as Ollama puts them."""
+        msgs = _normalize_messages(messages, self._marker if any(isinstance(m, dict) and m.get("images") for m in messages or []) else None)
         msgs = list(self.resolved.messages) + msgs
         if self.resolved.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": self.resolved.system})
@@ -241,6 +277,21 @@ class Model:
             tokens = tokens[:keep] + tokens[len(tokens) - (limit - keep) :]
         return tokens
 
+    def _vision_prompt(self, text: str, images: list[Image]) -> VisionPrompt:
+        """Text tokens and image chunks (libmtmd adds the model's image
+        delimiters); a prompt with images is never truncated."""
+        projector = require_projector(self.projector, self.name)
+        bos = self.engine.token_text(self.engine.bos_id) if self.engine.bos_id >= 0 else ""
+        vp = projector.tokenize(text, images, add_special=not (bos and text.startswith(bos)))
+        num_ctx = self.scheduler.num_ctx
+        if vp.n_tokens > num_ctx - 1:
+            vp.close()
+            raise ContextOverflowError(
+                f"the prompt with its images takes {vp.n_tokens} tokens but the context holds {num_ctx} (num_ctx); "
+                "send fewer or smaller images, shorten the prompt, or raise num_ctx"
+            )
+        return vp
+
     def _longest_token_bytes(self) -> int:
         """An upper bound of any token's length in bytes (its vocabulary text)."""
         if not self._max_token_bytes:
@@ -283,8 +334,15 @@ class Model:
         a worker thread)."""
         t0 = time.perf_counter()
         options = self._request_options(request.options)
-        tokens = self._tokens_for(self.render(request), request.truncate, options["num_keep"])
-        handle = self.scheduler.submit(tokens, options, grammar=_grammar_for(request.format), loop=loop)
+        images = self.images(request)  # validated before anything else is done
+        text = self.render(request)
+        prompt: list[int] | VisionPrompt
+        if images:
+            prompt = self._vision_prompt(text, images)
+            tokens = [t for p in prompt.pieces if isinstance(p, list) for t in p]
+        else:
+            prompt = tokens = self._tokens_for(text, request.truncate, options["num_keep"])
+        handle = self.scheduler.submit(prompt, options, grammar=_grammar_for(request.format), loop=loop)
         shaper = _Shaper(self, request, tokens, t0)
         if loop is None:
             return ChunkStream(shaper.chunks(handle), handle.cancel)
@@ -294,7 +352,7 @@ class Model:
         """Complete ``prompt`` (rendered with the model's template unless ``raw=True``).
 
         Keywords are :class:`GenerationRequest` fields (``system``, ``template``,
-        ``suffix``, ``raw``, ``context``, ``format``, ``truncate``, ``options``)
+        ``suffix``, ``raw``, ``context``, ``format``, ``truncate``, ``images``, ``options``)
         or Ollama's options, e.g. ``model.generate("Hi", temperature=0,
         num_predict=50)``. With ``stream=True`` a :class:`ChunkStream`.
         """
@@ -303,7 +361,9 @@ class Model:
 
     def chat(self, messages: list[dict[str, Any]], *, stream: bool = False, **kwargs: Any) -> Result | ChunkStream:
         """Answer a conversation (``[{"role": "user", "content": "..."}]``);
-        keywords as for :meth:`generate`, plus ``tools``.
+        keywords as for :meth:`generate`, plus ``tools``. A message's
+        ``images`` (and ``images=[...]``, which go with the last user message)
+        are file paths, bytes, base64 text or PIL images.
 
         The result's ``message`` is ``{"role": "assistant", "content": ...}``
         with ``tool_calls`` when the model called one of ``tools``.
@@ -445,7 +505,43 @@ class _Shaper:
         )
 
 
-def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _image_list(images: Any) -> list[ImageInput]:
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        raise OptionError("images must be a list of images (file paths, bytes, base64 text or PIL images)")
+    return list(images)
+
+
+def _with_images(messages: list[dict[str, Any]] | None, images: Any) -> list[dict[str, Any]] | None:
+    """The conversation with ``images`` added to its last user message."""
+    extra = _image_list(images)
+    if not extra or not isinstance(messages, list):
+        return messages
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if isinstance(m, dict) and m.get("role") == "user":
+            out = list(messages)
+            out[i] = {**m, "images": _image_list(m.get("images")) + extra}
+            return out
+    raise OptionError("images need a user message to go with")
+
+
+def _place_images(text: str, n: int, marker: str) -> str:
+    """``text`` with ``n`` image markers: at its ``[img]`` placeholders, the
+    rest in front (as Ollama places images); markers already there count."""
+    n -= text.count(marker)
+    for _ in range(max(n, 0)):
+        if "[img]" not in text:
+            break
+        text = text.replace("[img]", marker, 1)
+        n -= 1
+    return marker * max(n, 0) + text
+
+
+def _normalize_messages(messages: list[dict[str, Any]], marker: Any = None) -> list[dict[str, Any]]:
+    """Messages with text content; ``marker()`` gives the image marker when
+    some message has images."""
     out = []
     if not isinstance(messages, list):
         raise OptionError("messages must be a list of {role, content} objects")
@@ -459,9 +555,13 @@ def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if not isinstance(content, str):
             raise OptionError(f"messages[{i}].content must be text")
-        if m.get("images"):
-            raise OptionError(f"messages[{i}].images: images are not supported by this model (no vision projector loaded)")
         msg = dict(m)
+        images = m.get("images")
+        if images:
+            if not isinstance(images, (list, tuple)):
+                raise OptionError(f"messages[{i}].images must be a list of images")
+            content = _place_images(content, len(images), marker())
+            msg.pop("images")
         msg["content"] = content
         out.append(msg)
     return out

@@ -10,9 +10,12 @@ its pixels), then Pillow decodes the first frame to RGB. Every failure is an
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +31,14 @@ from ember.errors import ImageError
 #: llama.cpp's tools work here
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
-#: one image as callers give it: raw file bytes, a path, or a PIL image
+#: one image as callers give it: raw file bytes, a path, base64 text (as
+#: Ollama's API sends it, or a ``data:`` URL), or a PIL image
 ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", Any]
 
 _MAX_FILE_BYTES = 256 * 1024 * 1024
+#: the most an image sent as base64 may decode to (the text is checked before decoding)
+MAX_BASE64_BYTES = 32 * 1024 * 1024
+_DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?((?:;[^;,]*)*),", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -68,9 +75,17 @@ def load_image(item: ImageInput, index: int = 0, *, max_pixels: int | None = Non
     pil = _pil_module()
     if isinstance(item, pil.Image):
         return _from_pil(item, label, max_pixels)
+    if isinstance(item, str) and not _is_path(item):
+        try:
+            data = decode_base64(item, label)
+        except ImageError:
+            if item.startswith("data:"):
+                raise
+            raise ImageError(f"{label}: no such file, and not base64 image data") from None
+        return _decode(data, label, max_pixels)
     if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        label = f"{label} ({path})"
+        path = Path(item).expanduser()
+        label = f"{label} ({item})"
         try:
             size = path.stat().st_size
             if size > _MAX_FILE_BYTES:
@@ -87,6 +102,52 @@ def load_image(item: ImageInput, index: int = 0, *, max_pixels: int | None = Non
     else:
         raise ImageError(f"{label}: expected image bytes, a file path or a PIL image, got {type(item).__name__}")
     return _decode(data, label, max_pixels)
+
+
+def _is_path(text: str) -> bool:
+    """A string names a file when one exists there, or when it cannot be
+    base64; otherwise it is base64 data, as Ollama's clients take it."""
+    if text.startswith("data:"):
+        return False
+    if len(text) < 4096:
+        try:
+            if Path(text).expanduser().exists():
+                return True
+        except (OSError, ValueError):
+            pass
+    return not _B64_CHARS.fullmatch(text)
+
+
+_B64_CHARS = re.compile(r"[A-Za-z0-9+/=\s_-]*")
+
+
+def decode_base64(text: str, label: str = "image", *, max_bytes: int = MAX_BASE64_BYTES) -> bytes:
+    """The bytes of an image sent as base64 text or a ``data:`` URL (base64
+    only); sizes are checked before decoding."""
+    if text.startswith("data:"):
+        m = _DATA_URL.match(text)
+        if m is None or ";base64" not in m.group(2).lower():
+            raise ImageError(f"{label}: only base64 data: URLs are accepted (data:image/png;base64,...)")
+        text = text[m.end() :]
+    if len(text) // 4 * 3 > max_bytes + 3:
+        raise ImageError(f"{label}: {len(text)} characters of base64 decode to more than {max_bytes} bytes, the most an image may have")
+    compact = "".join(text.split())
+    try:
+        data = base64.b64decode(compact + "=" * (-len(compact) % 4), altchars=b"-_" if ("-" in compact or "_" in compact) else None, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"{label}: not valid base64 image data") from None
+    return data
+
+
+def base64_only(item: Any, label: str = "image") -> str:
+    """An image a server received (base64 text, or a base64 ``data:`` URL)
+    as a ``data:`` URL, which :func:`load_image` reads as base64 only: never
+    as a path on the server's machine."""
+    if not isinstance(item, str):
+        raise ImageError(f"{label}: must be base64 text, got {type(item).__name__}")
+    if len(item) // 4 * 3 > MAX_BASE64_BYTES + 64:
+        raise ImageError(f"{label}: {len(item)} characters of base64 decode to more than {MAX_BASE64_BYTES} bytes, the most an image may have")
+    return item if item.startswith("data:") else "data:;base64," + item
 
 
 def load_images(items: Sequence[ImageInput] | None, *, max_pixels: int | None = None) -> list[Image]:
@@ -168,4 +229,4 @@ def _short(e: BaseException) -> str:
     return text[:200]
 
 
-__all__ = ["FORMATS", "Image", "ImageInput", "load_image", "load_images", "sniff_format"]
+__all__ = ["FORMATS", "MAX_BASE64_BYTES", "Image", "ImageInput", "base64_only", "decode_base64", "load_image", "load_images", "sniff_format"]

@@ -42,7 +42,10 @@ def resolve_model(
             return _registry_only(text)
         path = Path(text).expanduser()
         if convert and path.is_dir() and (path / "config.json").is_file():
-            text = str(converted_gguf(path, progress=progress))
+            gguf = converted_gguf(path, progress=progress)
+            r = registry.resolve(str(gguf))
+            projector = gguf.with_name("mmproj-" + gguf.name)  # a vision model's companion file
+            return replace(r, projector_paths=[projector]) if projector.is_file() else r
         return registry.resolve(text)
     except (OSError, ValueError):  # names no file system accepts: too long, NUL bytes
         raise ModelNotFoundError(f"model '{text[:200]}' not found") from None

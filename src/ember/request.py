@@ -38,7 +38,7 @@ class GenerationRequest:
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema
     think: bool | str | None = None  # accepted; reasoning output lands with the models that have it
     truncate: bool = False  # cut a prompt that does not fit num_ctx instead of refusing it
-    images: list[str] | None = None  # base64; refused until vision models land
+    images: list[Any] | None = None  # base64 (a server's clients); the library also takes paths, bytes, PIL images
     options: dict[str, Any] = field(default_factory=dict)  # Ollama's option names
     logprobs: bool = False  # reserved: log probabilities of the chosen tokens
     top_logprobs: int = 0

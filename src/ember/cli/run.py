@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,30 @@ HELP_TEXT = """Available Commands:
   /?, /help                   Help for a command
 
 Use \"\"\" to begin and end a multi-line message.
+With a vision model, image paths in a message (./photo.jpg, /tmp/a.png) are sent as images.
 Ctrl+C stops a reply; Ctrl+D or /bye exits."""
+
+# An image path in a prompt, as Ollama finds them: it starts with ./, ../, ~/
+# or /, ends in an image extension, and may be quoted or have escaped spaces.
+_IMAGE_PATH = re.compile(r"""(?:'((?:\.{1,2}/|~/|/)[^']+?\.(?i:jpe?g|png|webp|gif|bmp))'|"((?:\.{1,2}/|~/|/)[^"]+?\.(?i:jpe?g|png|webp|gif|bmp))"|((?:\.{1,2}/|~/|/)(?:\\ |\S)+?\.(?i:jpe?g|png|webp|gif|bmp))(?=[\s,;:!?)]|\.?$|\.\s))""")
+
+
+def extract_images(text: str) -> tuple[str, list[Path]]:
+    """(the prompt without them, the image files) for the paths of existing
+    files in ``text``; a path to no file stays text."""
+    images: list[Path] = []
+
+    def take(m: re.Match[str]) -> str:
+        raw = next(g for g in m.groups() if g)
+        path = Path(raw.replace("\\ ", " ")).expanduser()
+        if not path.is_file():
+            return m.group(0)
+        images.append(path)
+        err_console.print(f"Added image '{path}'")
+        return ""
+
+    out = _IMAGE_PATH.sub(take, text)
+    return (re.sub(r"[ \t]{2,}", " ", out).strip() if images else text), images
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
@@ -72,8 +96,10 @@ def run(
     format: str = typer.Option(None, "--format", help="Response format: json."),
     verbose: bool = typer.Option(False, "--verbose", help="Print timings and memory after each reply."),
     rpc: str = typer.Option(None, "--rpc", help="Split the model across RPC workers (ember worker): HOST:PORT,HOST:PORT."),
+    image: list[Path] = typer.Option([], "--image", help="Send this image with the first message (repeatable); image paths in the prompt are sent too."),
 ) -> None:
-    """Run a model: answer PROMPT, or chat interactively."""
+    """Run a model: answer PROMPT, or chat interactively. With a vision model,
+    paths of image files in the prompt (./photo.jpg) are sent as images."""
     params = parse_params(param + ([f"rpc={rpc}"] if rpc is not None else []))
     load_params = {k: v for k, v in params.items() if k in opts.LOAD_OPTIONS}
     request_params = {k: v for k, v in params.items() if k not in opts.LOAD_OPTIONS}
@@ -82,6 +108,7 @@ def run(
         piped = sys.stdin.read()
         text = f"{piped.rstrip()} {text}".strip() if text else piped
     session = _Session(model, load_params, request_params, parse_lora(lora), system, raw, reverse_prompt, format, verbose)
+    session.images = list(image)
     try:
         if text or not sys.stdin.isatty():
             if session.model.template is None and not raw and not reverse_prompt:
@@ -118,6 +145,7 @@ class _Session:
         self.system = system if system is not None else self.model.system
         self.messages: list[dict[str, Any]] = []
         self.transcript = ""
+        self.images: list[Path] = []  # go with the next message (--image)
 
     def _load(self) -> Model:
         # The engine (llama.cpp) is imported with the first model, not by every
@@ -132,6 +160,12 @@ class _Session:
     # --- one reply -------------------------------------------------------
     def _stream(self, user_text: str) -> Result | None:
         params = dict(self.params)
+        images, self.images = self.images, []
+        if self.model.vision:
+            user_text, found = extract_images(user_text)
+            images += found
+        if images:
+            params["images"] = images
         if self.reverse_prompt:
             params["stop"] = list(params.get("stop", [])) + [self.reverse_prompt]
             if not self.transcript and self.system:
@@ -144,7 +178,7 @@ class _Session:
             msgs = list(self.messages)
             if self.system:
                 msgs.insert(0, {"role": "system", "content": self.system})
-            msgs.append({"role": "user", "content": user_text})
+            msgs.append({"role": "user", "content": user_text, **({"images": params.pop("images")} if images else {})})
             chunks = self.model.chat(msgs, stream=True, format=self.format, **params)
         result = None
         try:
@@ -166,7 +200,7 @@ class _Session:
             if not self.transcript.endswith("\n"):
                 self.transcript += "\n"
         elif not self.raw:
-            self.messages.append({"role": "user", "content": user_text})
+            self.messages.append({"role": "user", "content": user_text, **({"images": images} if images else {})})
             self.messages.append(result.message or {"role": "assistant", "content": result.text})
         if self.verbose:
             self._report(result)

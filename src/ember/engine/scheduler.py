@@ -6,6 +6,14 @@ that is generating plus chunks of prompt for sequences that are starting
 batch). Every request has its own sampler chain. When a request starts, the
 slot whose cached tokens share the longest prefix with its prompt is reused
 (or that prefix is copied from a busy slot), so only the rest is evaluated.
+
+A prompt with images (a :class:`~ember.engine.vision.VisionPrompt`) is runs of
+text tokens and image chunks. Image chunks are encoded by the vision tower on
+a worker thread while the other sequences keep decoding; when its encoding is
+ready, a chunk's embeddings are decoded for its sequence alone, in a step of
+their own (``vision.decode_image``), and the text after it joins the shared
+batch again. The prefix cache compares one key per KV cell: token ids, and
+the image's hash for its cells, so only the same image is reused.
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ember.engine.model import Context, LoadedModel, MemoryReport
 from ember.engine.sampling import Sampler
+from ember.engine.vision import ImageChunk, Piece, VisionProjector, VisionPrompt, decode_image
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
 
 # batch_invariant prompts are evaluated in chunks aligned to this many tokens.
@@ -97,24 +107,58 @@ class Handle:
 
 @dataclass
 class _Request:
-    tokens: list[int]
+    tokens: list[int]  # the prompt's text tokens
     options: dict[str, Any]
     grammar: str | None
     handle: Handle
+    keys: list[int | str]  # one per KV cell: token ids, image cell keys (prefix matching)
+    pieces: list[Piece]  # text token runs and image chunks, in order
     submitted: float = field(default_factory=time.perf_counter)
+
+
+def _image_start(pieces: list[Piece], n: int) -> int:
+    """``n`` cells, moved back to the start of the image it falls inside: an
+    image's KV is reused whole or not at all."""
+    cells = 0
+    for p in pieces:
+        size = len(p) if isinstance(p, list) else p.n_tokens
+        if cells + size > n:
+            return n if isinstance(p, list) else cells
+        cells += size
+    return n
+
+
+def _split(pieces: list[Piece], n: int) -> tuple[int, list[Piece]]:
+    """(the position of cell ``n``, the pieces from cell ``n`` on); ``n`` is
+    never inside an image. Positions and cells differ after an M-RoPE image."""
+    cells = pos = 0
+    for i, p in enumerate(pieces):
+        if isinstance(p, list):
+            if cells + len(p) > n:
+                return pos + n - cells, [p[n - cells :], *pieces[i + 1 :]]
+            cells, pos = cells + len(p), pos + len(p)
+        else:
+            if cells + p.n_tokens > n:
+                return pos, pieces[i:]
+            cells, pos = cells + p.n_tokens, pos + p.n_pos
+    return pos, []
 
 
 class _Slot:
     def __init__(self, seq: int) -> None:
         self.seq = seq
-        self.cached: list[int] = []  # tokens whose KV is in the cache for this sequence
+        self.cached: list[int | str] = []  # keys of the KV cells in the cache for this sequence
         self.last_used = 0.0
         self.req: _Request | None = None
+        self.pending: list[int] = []
+        self.later: list[Piece] = []
+        self.encoded: dict[int, Future[Any]] = {}
 
-    def start(self, req: _Request, n_keep: int, sampler: Sampler, stops: list[str]) -> None:
+    def start(self, req: _Request, n_keep: int, sampler: Sampler, stops: list[str], encoded: dict[int, Future[Any]]) -> None:
         self.req = req
-        self.pending = req.tokens[n_keep:]
-        self.n_past = n_keep
+        self.n_past, self.later = _split(req.pieces, n_keep)  # n_past: the next position
+        self.pending = []  # the text run being evaluated; later: what follows it
+        self.encoded = encoded  # id(image chunk) -> its embeddings, being encoded
         self.sampler = sampler
         self.stops = stops
         self.max_stop = max((len(s) for s in stops), default=0)
@@ -126,7 +170,7 @@ class _Slot:
         self.batch_row = -1
         self.t_start = time.perf_counter()
         self.t_first: float | None = None
-        self.n_evaluated = len(self.pending)
+        self.n_evaluated = len(req.keys) - n_keep
         self.taken = 0
 
 
@@ -145,8 +189,12 @@ class Scheduler:
         num_parallel: int = 1,
         max_queue: int = 512,
         options: dict[str, Any] | None = None,
+        projector: VisionProjector | None = None,
     ) -> None:
         self.model = model
+        self.projector = projector
+        # The vision tower runs here, beside the decoding loop (one encode at a time per projector).
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="ember-vision") if projector else None
         self.num_ctx = num_ctx
         self.num_parallel = num_parallel
         self.max_queue = max_queue
@@ -163,18 +211,27 @@ class Scheduler:
     # --- public ----------------------------------------------------------
     def submit(
         self,
-        tokens: list[int],
+        tokens: list[int] | VisionPrompt,
         options: dict[str, Any],
         *,
         grammar: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Handle:
-        """Queue a prompt; ``options`` is a complete options dict (see ember.options.merged)."""
-        if not tokens:
+        """Queue a prompt (token ids, or a VisionPrompt of text and images);
+        ``options`` is a complete options dict (see ember.options.merged)."""
+        if isinstance(tokens, VisionPrompt):
+            if tokens.chunks and self.projector is None:
+                raise EmberError("this model has no vision projector for the prompt's images")
+            pieces = [p for p in tokens.pieces if not isinstance(p, list) or p]
+            keys = tokens.cache_keys()
+            tokens = [t for p in pieces if isinstance(p, list) for t in p]
+        else:
+            pieces, keys = [list(tokens)], list(tokens)
+        if not keys:
             raise EmberError("the prompt is empty after tokenization")
-        if len(tokens) >= self.num_ctx:
+        if len(keys) >= self.num_ctx:
             raise ContextOverflowError(
-                f"the prompt has {len(tokens)} tokens but the context holds {self.num_ctx} (num_ctx); "
+                f"the prompt has {len(keys)} tokens but the context holds {self.num_ctx} (num_ctx); "
                 "shorten it or raise num_ctx"
             )
         handle = Handle(self, loop)
@@ -183,7 +240,7 @@ class Scheduler:
                 raise CancelledError("the model is being unloaded")
             if len(self._queue) >= self.max_queue:
                 raise QueueFullError("the server is busy (request queue full); retry later")
-            self._queue.append(_Request(list(tokens), options, grammar, handle))
+            self._queue.append(_Request(list(tokens), options, grammar, handle, keys, pieces))
             self._cond.notify()
         return handle
 
@@ -202,6 +259,8 @@ class Scheduler:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=True, cancel_futures=True)
         self.ctx.close()
 
     def _wake(self) -> None:
@@ -250,7 +309,7 @@ class Scheduler:
         return self.batch_invariant or bool(req.options.get("batch_invariant"))
 
     def _start(self, req: _Request, free: list[_Slot]) -> None:
-        tokens = req.tokens
+        tokens = req.keys
         limit = len(tokens) - 1  # the last prompt token is always evaluated (it gives the logits)
         invariant = self._invariant(req)
 
@@ -264,7 +323,7 @@ class Scheduler:
             # multiples of INVARIANT_CHUNK, so only whole chunks are reused:
             # every token is then computed in the same batch shape, whatever
             # the cache held before.
-            return n - n % INVARIANT_CHUNK if invariant else n
+            return _image_start(req.pieces, n - n % INVARIANT_CHUNK if invariant else n)
 
         best_free = max(free, key=lambda s: (common(s), -s.last_used if common(s) == 0 else 0))
         n_free = common(best_free)
@@ -277,19 +336,25 @@ class Scheduler:
             slot = min(free, key=lambda s: s.last_used)
             self.ctx.seq_rm(slot.seq)
             self.ctx.seq_cp(best_busy.seq, slot.seq)
-            self.ctx.seq_rm(slot.seq, n_busy, -1)
+            self.ctx.seq_rm(slot.seq, _split(req.pieces, n_busy)[0], -1)
             slot.cached = tokens[:n_busy]
             n_keep = n_busy
         else:
             slot, n_keep = best_free, n_free
-            if not self.ctx.seq_rm(slot.seq, n_keep, -1):
+            if not self.ctx.seq_rm(slot.seq, _split(req.pieces, n_keep)[0], -1):
                 self.ctx.seq_rm(slot.seq)
                 n_keep = 0
             slot.cached = slot.cached[:n_keep]
         sampler = Sampler(self.model, req.options, req.grammar)
-        sampler.accept_prompt(tokens)
+        sampler.accept_prompt(req.tokens)
         stops = [s for s in req.options.get("stop") or [] if s]
-        slot.start(req, n_keep, sampler, stops)
+        slot.start(req, n_keep, sampler, stops, {})
+        for piece in slot.later:
+            if isinstance(piece, ImageChunk):
+                assert self._encoder is not None and self.projector is not None
+                fut = self._encoder.submit(self.projector.encode, piece)
+                fut.add_done_callback(lambda _: self._wake())
+                slot.encoded[id(piece)] = fut
 
     def _step(self) -> None:
         active = [s for s in self.slots if s.req is not None]
@@ -297,6 +362,13 @@ class Scheduler:
             if s.req.handle.cancelled:  # type: ignore[union-attr]
                 self._finish(s, "cancel", notify=False)
         active = [s for s in active if s.req is not None]
+        waiting = [s for s in active if not self._advance(s)]
+        active = [s for s in active if s.req is not None and s not in waiting]
+        if waiting and not active:  # only image encodings are running: wait for one
+            with self._cond:
+                if not self._queue and not self._closed and not any(s.encoded[id(s.later[0])].done() for s in waiting):
+                    self._cond.wait(1.0)
+            return
         # llama.cpp's kernels pick different summation orders for different
         # batch shapes; decoding a batch_invariant sequence on its own keeps its
         # numbers exactly those of a lone request. It is the request's option
@@ -323,8 +395,8 @@ class Scheduler:
                 break
             take = s.pending[:budget]
             if self._invariant(s.req):  # type: ignore[arg-type]
-                take = take[: INVARIANT_CHUNK - s.n_past % INVARIANT_CHUNK]
-            finishes = len(take) == len(s.pending)
+                take = take[: INVARIANT_CHUNK - len(s.cached) % INVARIANT_CHUNK]
+            finishes = len(take) == len(s.pending) and not s.later  # the prompt's end: its logits
             for j, tok in enumerate(take):
                 entries.append((tok, s.n_past + j, s.seq, finishes and j == len(take) - 1))
             if finishes:
@@ -349,6 +421,39 @@ class Scheduler:
             if s.batch_row >= 0 and not s.pending:
                 self._sample(s)
 
+    def _advance(self, s: _Slot) -> bool:
+        """Bring the slot's next text run into ``pending``, decoding the image
+        chunks before it whose embeddings are ready (each for this sequence
+        alone); False while an image it needs next is still being encoded."""
+        while s.req is not None and not s.pending and s.later and s.next_token is None:
+            piece = s.later[0]
+            if isinstance(piece, list):
+                s.pending = piece
+                s.later.pop(0)
+                continue
+            fut = s.encoded[id(piece)]
+            if not fut.done():
+                return False
+            s.later.pop(0)
+            del s.encoded[id(piece)]
+            last = not s.later
+            assert self.projector is not None
+            try:
+                s.n_past = decode_image(self.ctx, self.projector, piece, fut.result(), s.seq, s.n_past, logits_last=last)
+            except Exception as e:  # noqa: BLE001 - the request fails, not the loop
+                err = e if isinstance(e, EmberError) else EngineError(f"the image could not be evaluated: {e}")
+                s.req.handle._put(err)
+                self._free(s)
+                self.ctx.seq_rm(s.seq)
+                s.cached = []
+                return True
+            n = len(s.cached)
+            s.cached.extend(s.req.keys[n : n + piece.n_tokens])
+            if last:  # a prompt that ends with an image: its last embedding gives the logits
+                s.batch_row = -1
+                self._sample(s)
+        return True
+
     def _sample(self, s: _Slot) -> None:
         req = s.req
         assert req is not None
@@ -367,7 +472,7 @@ class Scheduler:
         s.text += s.decoder.decode(self.model.token_bytes(tok))
         if self._emit(s):
             return
-        if (n_predict is not None and 0 <= n_predict <= len(s.generated)) or s.n_past + 1 >= self.num_ctx:
+        if (n_predict is not None and 0 <= n_predict <= len(s.generated)) or len(s.cached) + 1 >= self.num_ctx:
             self._finish(s, "length")
             return
         s.next_token = tok
@@ -413,7 +518,7 @@ class Scheduler:
                     tail,
                     done=True,
                     done_reason=reason,
-                    prompt_tokens=len(req.tokens),
+                    prompt_tokens=len(req.keys),
                     prompt_eval_count=s.n_evaluated,
                     prompt_eval_duration=int((first - s.t_start) * 1e9),
                     eval_count=len(s.generated),
@@ -427,6 +532,10 @@ class Scheduler:
         s.sampler.close()
         s.req = None
         s.pending = []
+        s.later = []
+        for fut in s.encoded.values():
+            fut.cancel()
+        s.encoded = {}
         s.next_token = None
         s.last_used = time.monotonic()
 

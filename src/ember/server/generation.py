@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import Request
 
 from ember.errors import CancelledError, ModelNotFoundError, OptionError
+from ember.images import base64_only
 from ember.request import AsyncChunkStream, GenerationRequest, Result, StreamChunk
 from ember.server.common import manager
 from ember.server.manager import Entry, check_options, parse_keep_alive
@@ -120,6 +121,7 @@ async def start(http: Request, model: str, requests: list[GenerationRequest], ke
         raise OptionError(f"this request asks for {len(requests)} generations; at most {MAX_SEQUENCES} are allowed")
     for r in requests:
         r.options = check_options(r.options)
+        _wire_images(r)
     stack = contextlib.AsyncExitStack()
     t0 = time.perf_counter()
     try:
@@ -141,9 +143,22 @@ async def start(http: Request, model: str, requests: list[GenerationRequest], ke
 async def render(http: Request, model: str, request: GenerationRequest, keep_alive: Any = None) -> str:
     """The prompt text ``request`` produces on ``model`` (``_debug_render_only``)."""
     request.options = check_options(request.options)
+    _wire_images(request)
     async with _use(http, model, request.options, keep_alive) as entry:
         _check_capabilities(model, entry, request)
         return await _runner(entry).render(request)
+
+
+def _wire_images(request: GenerationRequest) -> None:
+    """A client's images are base64 (or base64 ``data:`` URLs), never paths:
+    each becomes a ``data:`` URL, which the runner reads as base64 only."""
+    if request.images:
+        request.images = [base64_only(x, f"images[{i}]") for i, x in enumerate(request.images)]
+    for j, m in enumerate(request.messages or []):
+        if isinstance(m, dict) and m.get("images"):
+            if not isinstance(m["images"], list):
+                raise OptionError(f"messages[{j}].images must be a list of base64 images")
+            m["images"] = [base64_only(x, f"messages[{j}].images[{i}]") for i, x in enumerate(m["images"])]
 
 
 async def embed(

@@ -51,7 +51,7 @@ async def generate(body: s.GenerateRequest, request: Request) -> Any:
     empty = {"response": ""}
     if body.debug_render_only:
         return _debug(body.model, await generation.render(request, body.model, req, body.keep_alive), empty)
-    if not req.prompt and not req.suffix:
+    if not req.prompt and not req.suffix and not req.images:
         return await _loaded(request, body.model, body.options, body.keep_alive, empty)
     gen = await generation.start(request, body.model, [req], body.keep_alive)
     if not body.stream:

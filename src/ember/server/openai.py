@@ -63,7 +63,7 @@ def _openai_messages(msgs: list[s.Message]) -> list[dict[str, Any]]:
     out = messages_of(msgs)
     names: dict[str, str] = {}
     for m in out:
-        _take_images(m)
+        _image_parts(m)
         for call in m.get("tool_calls") or []:
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict):
@@ -81,20 +81,28 @@ def _openai_messages(msgs: list[s.Message]) -> list[dict[str, Any]]:
     return out
 
 
-def _take_images(m: dict[str, Any]) -> None:
-    """OpenAI's ``image_url`` content parts -> Ollama's ``images`` (base64), so
-    a model without vision refuses them as on /api/chat instead of dropping them."""
-    content = m.get("content")
-    if not isinstance(content, list):
+def _image_parts(message: dict[str, Any]) -> None:
+    """A message's ``image_url`` content parts -> its ``images`` (before its
+    text, as Ollama's OpenAI API puts them). Only ``data:`` URLs: the server
+    fetches nothing."""
+    parts = message.get("content")
+    if not isinstance(parts, list):
         return
-    for part in content:
+    images = list(message.get("images") or [])
+    for part in parts:
         if not isinstance(part, dict) or part.get("type") != "image_url":
             continue
-        url = part.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
-            raise OptionError("invalid image input: image_url must be a base64 data URL (data:image/...;base64,...)")
-        m.setdefault("images", []).append(url.split(";base64,", 1)[1])
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str) or not url:
+            raise OptionError("image_url needs a 'url'")
+        if not url.startswith("data:"):
+            scheme = url.split(":", 1)[0] if ":" in url else "that"
+            raise OptionError(f"image_url: the server does not fetch {scheme} URLs; send the image inline as a data: URL (data:image/png;base64,...)")
+        images.append(url)
+    if images:
+        message["images"] = images
+        message["content"] = [p for p in parts if not (isinstance(p, dict) and p.get("type") == "image_url")]
 
 
 def _tool_calls(calls: list[dict[str, Any]], *, indexed: bool) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 /* Ember web chat: a plain client of the public Ollama API (/api/tags, /api/ps,
- * /api/chat, /api/version). No framework, no build step, no network access
+ * /api/chat with images as base64, /api/version). No framework, no build step, no network access
  * beyond the server that served this page. Model text is never inserted as
  * HTML: renderMarkdown() escapes everything first and only then adds a small
  * whitelist of tags. */
@@ -209,7 +209,14 @@ const state = {
   loaded: [],
   serverUp: null,
   running: null, // {controller, chat, reply}
+  attachments: [], // data: URLs of the images going with the next message
 };
+
+// Images the models read (what the server accepts), as data: URLs: the only
+// form kept, shown (as <img src>, never as markup) and sent (their base64).
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp"];
+const MAX_IMAGE_BYTES = 20 * 1024 * 1024;
+const IMAGE_URL = /^data:image\/(png|jpeg|webp|gif|bmp);base64,[A-Za-z0-9+/]+=*$/;
 
 const $ = (id) => document.getElementById(id);
 
@@ -241,6 +248,8 @@ function sanitizeChat(c) {
     .map((m) => ({
       role: m.role,
       content: str(m.content),
+      images: m.role === "user" && Array.isArray(m.images) && m.images.some((u) => typeof u === "string" && IMAGE_URL.test(u))
+        ? m.images.filter((u) => typeof u === "string" && IMAGE_URL.test(u)) : undefined,
       model: str(m.model) || undefined,
       error: str(m.error) || undefined,
       // A reply still streaming when the page went away was cut off.
@@ -566,7 +575,9 @@ function messageElement(msg, index, chat) {
   }
   else if (running) body.classList.add("streaming");
 
-  const bubble = h("div", { class: "bubble" + (!msg.content && !running ? " no-text" : "") }, body);
+  const bubble = h("div", { class: "bubble" + (!msg.content && !running ? " no-text" : "") },
+    msg.images && msg.images.length ? h("div", { class: "msg-images" }, ...msg.images.map((url, i) => thumbnail(url, "Image " + (i + 1)))) : null,
+    body);
   if (msg.error) {
     bubble.append(h("div", { class: "msg-error", role: "alert" },
       h("strong", { text: "Error: " }), document.createTextNode(msg.error)));
@@ -658,7 +669,60 @@ function updateComposer() {
   const busy = !!state.running;
   $("send").hidden = busy;
   $("stop").hidden = !busy;
-  $("send").disabled = !$("prompt").value.trim() || !selectedModel();
+  $("send").disabled = (!$("prompt").value.trim() && !state.attachments.length) || !selectedModel();
+}
+
+// ---------------------------------------------------------------- Images --
+
+function thumbnail(url, alt) {
+  const img = h("img", { class: "thumb", alt, loading: "lazy" });
+  img.src = url; // a checked data: URL (IMAGE_URL), set as a property
+  return img;
+}
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result));
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// Attach image files (from the file picker, a paste or a drop).
+async function attachImages(files) {
+  for (const file of Array.from(files || [])) {
+    if (!file || !String(file.type).startsWith("image/")) continue;
+    const name = file.name || "the image";
+    if (!IMAGE_TYPES.includes(file.type)) {
+      showBanner("\"" + name + "\" is not an image the models read (PNG, JPEG, WebP, GIF or BMP).", false, "image");
+      continue;
+    }
+    if (file.size > MAX_IMAGE_BYTES) {
+      showBanner("\"" + name + "\" is larger than " + MAX_IMAGE_BYTES / 1048576 + " MB; scale it down first.", false, "image");
+      continue;
+    }
+    try {
+      const url = await readAsDataURL(file);
+      if (IMAGE_URL.test(url)) state.attachments.push(url);
+    } catch (e) {
+      showBanner("Could not read \"" + name + "\" (" + (e && e.name || e) + ").", false, "image");
+    }
+  }
+  renderAttachments();
+}
+
+function renderAttachments() {
+  const box = $("attachments");
+  box.textContent = "";
+  box.hidden = !state.attachments.length;
+  state.attachments.forEach((url, i) => box.append(h("span", { class: "attachment" },
+    thumbnail(url, "Attached image " + (i + 1)),
+    h("button", {
+      class: "attachment-remove", type: "button", title: "Remove", "aria-label": "Remove image " + (i + 1), text: "×",
+      onclick: () => { state.attachments.splice(i, 1); renderAttachments(); },
+    }))));
+  updateComposer();
 }
 
 // ------------------------------------------------------------------ Chat --
@@ -681,12 +745,12 @@ function titleFrom(text) {
   return t.length > 48 ? t.slice(0, 47) + "…" : t;
 }
 
-async function send(text) {
+async function send(text, images) {
   if (state.running) return;
   let chat = currentChat();
   if (!chat) chat = newChat();
-  chat.messages.push({ role: "user", content: text });
-  if (!chat.title) chat.title = titleFrom(text);
+  chat.messages.push({ role: "user", content: text, images: images && images.length ? images : undefined });
+  if (!chat.title) chat.title = titleFrom(text) || "Image";
   await generate(chat);
 }
 
@@ -700,7 +764,9 @@ async function generate(chat) {
   chat.updated = Date.now();
   const history = chat.messages
     .filter((m) => !(m.role === "assistant" && m.error && !m.content))
-    .map((m) => ({ role: m.role, content: m.content }));
+    .map((m) => (m.images && m.images.length
+      ? { role: m.role, content: m.content, images: m.images.map((url) => url.slice(url.indexOf(",") + 1)) }
+      : { role: m.role, content: m.content }));
   const system = state.settings.system.trim();
   const messages = system ? [{ role: "system", content: system }, ...history] : history;
   const reply = { role: "assistant", content: "", model, pending: true };
@@ -832,14 +898,14 @@ function startEdit(index) {
   area.value = msg.content;
   const save = () => {
     const text = area.value.trim();
-    if (!text) return;
+    if (!text && !(msg.images && msg.images.length)) return;
     // A reply still streaming is stopped first, and its bookkeeping done.
     const previous = state.running ? state.running.finished : Promise.resolve();
     stop();
     previous.then(() => {
       chat.messages = chat.messages.slice(0, index);
-      chat.messages.push({ role: "user", content: text });
-      if (index === 0) chat.title = titleFrom(text);
+      chat.messages.push({ role: "user", content: text, images: msg.images });
+      if (index === 0) chat.title = titleFrom(text) || "Image";
       generate(chat);
     });
   };
@@ -957,10 +1023,36 @@ function boot() {
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = $("prompt").value.trim();
-    if (!text || state.running || !selectedModel()) return;
+    if ((!text && !state.attachments.length) || state.running || !selectedModel()) return;
+    const images = state.attachments;
+    state.attachments = [];
+    renderAttachments();
     $("prompt").value = "";
     autoGrow();
-    send(text);
+    send(text, images);
+  });
+  $("attach").addEventListener("click", () => $("file").click());
+  $("file").addEventListener("change", () => {
+    attachImages($("file").files).then(() => { $("file").value = ""; });
+  });
+  $("prompt").addEventListener("paste", (e) => {
+    const files = Array.from((e.clipboardData && e.clipboardData.files) || []).filter((f) => String(f.type).startsWith("image/"));
+    if (files.length) { e.preventDefault(); attachImages(files); }
+  });
+  // Drop images anywhere on the chat.
+  const main = document.querySelector(".main");
+  const dragging = (e) => e.dataTransfer && Array.from(e.dataTransfer.types || []).includes("Files");
+  main.addEventListener("dragover", (e) => {
+    if (!dragging(e)) return;
+    e.preventDefault();
+    $("composer").classList.add("dropping");
+  });
+  main.addEventListener("dragleave", (e) => { if (!main.contains(e.relatedTarget)) $("composer").classList.remove("dropping"); });
+  main.addEventListener("drop", (e) => {
+    $("composer").classList.remove("dropping");
+    if (!dragging(e)) return;
+    e.preventDefault();
+    attachImages(e.dataTransfer.files);
   });
   // On touch screens Enter is a new line (the send button sends), as in messaging apps.
   const touch = window.matchMedia("(pointer: coarse)");
