@@ -258,7 +258,7 @@ def test_blob_upload_create_list_show_copy_delete(server: Server, oc: ollama.Cli
                                             parameters={"temperature": 0.2, "stop": ["\n\n"]}, stream=True)]
     assert statuses[-1] == "success"
     # the older form: Modelfile text
-    oc_resp = httpx.post(server.url + "/api/create", json={"model": "viamf", "modelfile": f"FROM {path}\nPARAMETER top_k 7\n",
+    oc_resp = httpx.post(server.url + "/api/create", json={"model": "viamf", "modelfile": f"FROM @{digest}\nPARAMETER top_k 7\n",
                                                            "stream": False}, timeout=120)
     assert oc_resp.json() == {"status": "success"}
     names = [m.model for m in oc.list().models]

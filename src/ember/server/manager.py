@@ -30,11 +30,13 @@ from ember import options as opts
 from ember.errors import EmberError, EngineError, ModelNotFoundError, OptionError
 from ember.models import model_key, resolve_model
 from ember.registry import ResolvedModel
+from ember.registry.core import shown
 from ember.server.runner import ProcessRunner, Runner, RunnerSpec
 
 log = logging.getLogger("ember.server")
 
 DEFAULT_KEEP_ALIVE = 300.0
+FOREVER_ISO = "2318-01-01T00:00:00Z"  # Ollama shows this far-future time for "forever"
 
 # Options a request may give that never reload (or key) a loaded model: with
 # batch_invariant one client would otherwise make the model run one sequence
@@ -60,6 +62,8 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
 
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Go's time.Duration is an int64 of nanoseconds: about 292 years at most.
+MAX_DURATION = (2**63 - 1) / 1e9
 
 
 def parse_keep_alive(value: Any, where: str = "keep_alive") -> float:
@@ -70,7 +74,10 @@ def parse_keep_alive(value: Any, where: str = "keep_alive") -> float:
     if isinstance(value, bool):
         raise OptionError(f"{where} must be a duration like \"5m\" or a number of seconds, got {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            seconds = math.inf if value > 0 else -math.inf
     elif isinstance(value, str):
         text = value.strip()
         try:
@@ -80,15 +87,19 @@ def parse_keep_alive(value: Any, where: str = "keep_alive") -> float:
             body = text.lstrip("+-")
             parts = _DURATION.findall(body)
             if not body or "".join(n + u for n, u in parts) != body:
-                raise OptionError(f"{where}: invalid duration {value!r}; use e.g. \"5m\", \"1h\", \"30s\", 0 or -1") from None
+                raise OptionError(f"{where}: invalid duration {shown(value)}; use e.g. \"5m\", \"1h\", \"30s\", 0 or -1") from None
             seconds = sum(float(n) * _UNIT[u] for n, u in parts)
             if neg:
                 seconds = -seconds
+        if abs(seconds) > MAX_DURATION:  # what Go's ParseDuration refuses, Ollama refuses
+            raise OptionError(f"{where}: invalid duration {shown(value)}: longer than Go's limit of about 292 years")
     else:
         raise OptionError(f"{where} must be a duration like \"5m\" or a number of seconds, got {value!r}")
     if math.isnan(seconds):
         raise OptionError(f"{where} must be a number, got NaN")
-    return math.inf if seconds < 0 else seconds
+    # A number beyond Go's range: the longest duration there is, never an
+    # expiry time past what a date can hold.
+    return math.inf if seconds < 0 else min(seconds, MAX_DURATION)
 
 
 def keep_alive_default() -> float:
@@ -132,10 +143,10 @@ class Entry:
         return self.resolved.name
 
     def expires_iso(self) -> str:
-        if math.isinf(self.expires_at):
-            # Ollama shows a far-future time for "forever".
-            return "2318-01-01T00:00:00Z"
-        return datetime.fromtimestamp(self.expires_at, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+        try:
+            return datetime.fromtimestamp(self.expires_at, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+        except (OverflowError, ValueError, OSError):  # forever (or past what a date holds)
+            return FOREVER_ISO
 
 
 class ModelManager:
