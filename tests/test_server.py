@@ -353,7 +353,7 @@ def test_reload_with_other_load_options(oc: ollama.Client) -> None:
     ("/api/generate", {"model": "demo", "prompt": "x", "context": [-5]}, 400, "context"),
     ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "x"}], "n": 1000}, 400, "n"),
     ("/v1/chat/completions", {"model": "demo", "messages": [], "max_tokens": -3}, 400, "max_tokens"),
-    ("/api/create", {"model": "x", "from": "/nonexistent/file.gguf", "stream": False}, 400, "not found"),
+    ("/api/create", {"model": "x", "from": "/nonexistent/file.gguf", "stream": False}, 400, "not a model name"),
     ("/api/create", {"model": "bad name!", "from": "demo"}, 400, "name"),
     ("/api/blobs/sha256:zz", None, 400, "digest"),
 ])
