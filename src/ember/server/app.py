@@ -140,7 +140,7 @@ def create_app(manager: ModelManager | None = None, *, host: str | None = None) 
     ``host`` is the address it is served on (default: EMBER_HOST's): on a
     loopback address only loopback host names are answered (server/guards.py).
     Remote clients name models, never paths on this machine."""
-    mgr = manager or ModelManager(allow_paths=False)
+    mgr = manager or ModelManager()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

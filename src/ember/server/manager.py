@@ -153,7 +153,8 @@ class ModelManager:
     """The server's loaded models (see the module doc).
 
     ``runner`` makes the runner of a model (default: a process each);
-    ``allow_paths=False`` accepts registry names only, never server paths.
+    Remote clients name registry models only, never paths on the server;
+    ``allow_paths=True`` is for a manager serving a trusted caller.
     """
 
     def __init__(
@@ -163,7 +164,7 @@ class ModelManager:
         max_queue: int | None = None,
         max_loaded: int | None = None,
         runner: Callable[[RunnerSpec], Runner] = ProcessRunner,
-        allow_paths: bool = True,
+        allow_paths: bool = False,
     ) -> None:
         self.num_parallel = num_parallel or _env_int("EMBER_NUM_PARALLEL", 4)
         self.max_queue = max_queue or _env_int("EMBER_MAX_QUEUE", 512)
