@@ -240,6 +240,34 @@ def test_slowloris_connection_is_closed(server: Server, start: bytes) -> None:
             s.close()
 
 
+@pytest.mark.parametrize("path,ctype", [("/api/show", "application/json"), ("/api/blobs/sha256:" + "3" * 64, "application/octet-stream")])
+def test_stalled_request_body_connection_is_closed(server: Server, path: str, ctype: str) -> None:
+    """A slow POST: headers, a little of the body, then nothing, forever."""
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\nContent-Length: 1000\r\n\r\n".encode()
+                  + b'{"model"')
+        assert httpx.get(server.url + "/api/version", timeout=10).status_code == 200
+        assert _closed_within(s, 10.0)
+    assert "Traceback" not in server.log.read_text(errors="replace")
+
+
+def test_slow_but_steady_body_is_served(server: Server) -> None:
+    """The body deadline is a pause, not a total: a body sent a byte at a
+    time, each well within EMBER_HEADER_TIMEOUT, is answered."""
+    body = json.dumps({"model": "small"}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(f"POST /api/show HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        for i in range(len(body)):  # 18 bytes, 0.2 s apart: longer in all than the 1 s deadline
+            s.sendall(body[i:i + 1])
+            time.sleep(0.2)
+        s.settimeout(30)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
 def test_kept_alive_connection_still_serves_requests(server: Server) -> None:
     """The head deadline counts from a request's first byte: a kept-alive
     connection that sends whole requests is served request after request."""

@@ -144,8 +144,8 @@ DEFAULT_HEADER_TIMEOUT = 30.0
 
 def header_timeout() -> float:
     """EMBER_HEADER_TIMEOUT: seconds a client has to send a request's line and
-    headers before its connection is closed (slow clients cannot hold
-    connections open forever)."""
+    headers, and the longest pause inside a body, before its connection is
+    closed (slow clients cannot hold connections open forever)."""
     raw = os.environ.get("EMBER_HEADER_TIMEOUT", "").strip()
     if not raw:
         return DEFAULT_HEADER_TIMEOUT

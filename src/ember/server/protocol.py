@@ -1,11 +1,16 @@
-"""uvicorn's HTTP/1.1 protocol with a deadline for each request's head.
+"""uvicorn's HTTP/1.1 protocol with deadlines for slow clients.
 
 uvicorn closes idle kept-alive connections, but not a client that connects
-and sends nothing, or sends its request line and headers a byte at a time
-(slowloris): each would hold a connection open forever. Here a request whose
-line and headers are not complete ``EMBER_HEADER_TIMEOUT`` seconds after its
-first byte (or after the connection opened) loses its connection. Bodies and
-responses are not limited: uploads and long generations take what they take.
+and sends nothing, sends its request line and headers a byte at a time
+(slowloris), or stops in the middle of a body: each would hold a connection
+open forever. Here, with ``EMBER_HEADER_TIMEOUT`` seconds:
+
+* a request's line and headers must be complete that long after its first
+  byte (or after the connection opened);
+* a body may come slowly, but not stop: that long without a byte of it (while
+  the server is not the one holding reading back) closes the connection.
+
+Responses are not limited: long generations take what they take.
 """
 
 from __future__ import annotations
@@ -17,15 +22,15 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
-class HeadDeadlineProtocol(H11Protocol):
-    """:class:`H11Protocol` closing connections whose request head is late
-    (make one with :func:`protocol_with_deadline`)."""
+class DeadlineProtocol(H11Protocol):
+    """:class:`H11Protocol` closing connections of stalled clients (make one
+    with :func:`protocol_with_deadline`)."""
 
-    head_timeout = 30.0
+    timeout = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -34,7 +39,10 @@ class HeadDeadlineProtocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._waiting_for_head():
-            self._arm()  # a deadline from the request's first byte, never pushed back
+            self._arm()  # from the request's first byte, never pushed back
+        elif self._receiving_body():
+            self._disarm()  # slow is fine, stopped is not: from the last byte
+            self._arm()
         else:
             self._disarm()
 
@@ -45,21 +53,28 @@ class HeadDeadlineProtocol(H11Protocol):
     def _waiting_for_head(self) -> bool:
         return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
 
+    def _receiving_body(self) -> bool:
+        return self.conn.their_state is h11.SEND_BODY
+
     def _arm(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.head_timeout, self._head_late)
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.timeout, self._late)
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _head_late(self) -> None:
-        self._head_timer = None
-        if self._waiting_for_head() and not self.transport.is_closing():
+    def _late(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self._receiving_body() and self.flow.read_paused:
+            self._arm()  # the app has not caught up with the body yet: not the client's stall
+        elif self._waiting_for_head() or self._receiving_body():
             self.transport.close()
 
 
-def protocol_with_deadline(seconds: float) -> type[HeadDeadlineProtocol]:
-    """The protocol class for uvicorn's ``http=`` with a ``seconds`` deadline."""
-    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout": seconds})
+def protocol_with_deadline(seconds: float) -> type[DeadlineProtocol]:
+    """The protocol class for uvicorn's ``http=``, with ``seconds`` as the deadline."""
+    return type("DeadlineProtocol", (DeadlineProtocol,), {"timeout": seconds})
