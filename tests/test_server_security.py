@@ -342,5 +342,11 @@ def test_leftovers_of_a_killed_create_are_removed_at_server_start(tmp_path: Path
         while any(x.exists() for x in left) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(x.exists() for x in left)
+        # killed while this server runs: a successful create cleans up after it
+        p = subprocess.run([sys.executable, "-c", KILLED_CREATE], env=env, capture_output=True, text=True, timeout=60)
+        left = [Path(x) for x in p.stdout.split()]
+        assert left and all(x.exists() for x in left)
+        create(srv.url, "again", f"FROM {demo_model_path()}\n")
+        assert not any(x.exists() for x in left)
     finally:
         srv.stop()
