@@ -3,6 +3,7 @@ own EMBER_MODELS folder, for the server tests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -78,8 +79,40 @@ class Server:
                 self.proc.wait()
 
 
-def create(url: str, name: str, modelfile: str) -> None:
-    r = httpx.post(url + "/api/create", json={"model": name, "modelfile": modelfile, "stream": False}, timeout=120)
+def upload(url: str, path: Path, headers: dict[str, str] | None = None) -> str:
+    """POST a file to /api/blobs as Ollama's clients do; returns its digest."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    digest = "sha256:" + h.hexdigest()
+    if httpx.head(f"{url}/api/blobs/{digest}", headers=headers).status_code != 200:
+        with open(path, "rb") as f:
+            r = httpx.post(f"{url}/api/blobs/{digest}", content=f, headers=headers, timeout=120)
+        assert r.status_code in (200, 201), r.text
+    return digest
+
+
+def remote_modelfile(url: str, modelfile: str, headers: dict[str, str] | None = None) -> str:
+    """A Modelfile naming this machine's files, as a client sends it to a server
+    that reads no paths: the demo by its name, other files uploaded and named
+    ``@sha256:...`` (what Ollama's CLI did)."""
+    from ember.demo import demo_model_path
+
+    lines = []
+    for line in modelfile.split("\n"):
+        cmd, _, value = line.partition(" ")
+        if cmd.upper() in ("FROM", "ADAPTER") and Path(value.strip()).is_file():
+            path = Path(value.strip())
+            value = "demo" if path.resolve() == demo_model_path().resolve() else "@" + upload(url, path, headers)
+            line = f"{cmd} {value}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def create(url: str, name: str, modelfile: str, headers: dict[str, str] | None = None) -> None:
+    r = httpx.post(url + "/api/create", json={"model": name, "modelfile": remote_modelfile(url, modelfile, headers), "stream": False},
+                   headers=headers, timeout=120)
     assert r.status_code == 200, r.text
 
 

@@ -234,7 +234,7 @@ def test_blob_upload_create_list_show_copy_delete(server: Server, oc: ollama.Cli
                                             parameters={"temperature": 0.2, "stop": ["\n\n"]}, stream=True)]
     assert statuses[-1] == "success"
     # the older form: Modelfile text
-    oc_resp = httpx.post(server.url + "/api/create", json={"model": "viamf", "modelfile": f"FROM {path}\nPARAMETER top_k 7\n",
+    oc_resp = httpx.post(server.url + "/api/create", json={"model": "viamf", "modelfile": f"FROM @{digest}\nPARAMETER top_k 7\n",
                                                            "stream": False}, timeout=120)
     assert oc_resp.json() == {"status": "success"}
     names = [m.model for m in oc.list().models]
@@ -329,7 +329,7 @@ def test_reload_with_other_load_options(oc: ollama.Client) -> None:
     ("/api/generate", {"model": "demo", "prompt": "x", "context": [-5]}, 400, "context"),
     ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "x"}], "n": 1000}, 400, "n"),
     ("/v1/chat/completions", {"model": "demo", "messages": [], "max_tokens": -3}, 400, "max_tokens"),
-    ("/api/create", {"model": "x", "from": "/nonexistent/file.gguf", "stream": False}, 400, "not found"),
+    ("/api/create", {"model": "x", "from": "/nonexistent/file.gguf", "stream": False}, 400, "not a model name"),
     ("/api/create", {"model": "bad name!", "from": "demo"}, 400, "name"),
     ("/api/blobs/sha256:zz", None, 400, "digest"),
 ])

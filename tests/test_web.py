@@ -320,9 +320,7 @@ def test_api_key_then_server_down(tabs: Any, tmp_path: Path) -> None:
     srv = Server(tmp_path, EMBER_NUM_PARALLEL="1", EMBER_API_KEY="s3cret")
     try:
         write_tiny_gguf(tmp_path / "tiny.gguf")
-        r = httpx.post(srv.url + "/api/create", headers={"Authorization": "Bearer s3cret"}, timeout=60,
-                       json={"model": "tiny", "modelfile": f"FROM {tmp_path / 'tiny.gguf'}\n", "stream": False})
-        assert r.status_code == 200, r.text
+        create(srv.url, "tiny", f"FROM {tmp_path / 'tiny.gguf'}\n", headers={"Authorization": "Bearer s3cret"})
         tab = tabs(url=srv.url)
         page = tab.open()
         page.wait_for_selector("#banner:not([hidden])")

@@ -126,3 +126,38 @@ def max_body_size() -> int:
 def debug() -> bool:
     """EMBER_DEBUG: pass llama.cpp's log lines to Ember's debug log."""
     return bool(os.environ.get("EMBER_DEBUG"))
+
+
+def _list(name: str) -> list[str]:
+    return [x.strip() for x in os.environ.get(name, "").split(",") if x.strip()]
+
+
+def origins() -> list[str]:
+    """EMBER_ORIGINS: web origins (``https://app.example.com``, or ``*``) allowed
+    to call the server from a browser, besides pages on this machine."""
+    return [o.rstrip("/") for o in _list("EMBER_ORIGINS")]
+
+
+def allowed_hosts() -> list[str]:
+    """EMBER_ALLOWED_HOSTS: host names a loopback-bound server answers besides
+    localhost and loopback addresses (a reverse proxy's name; ``*`` for any)."""
+    return [h.lower().rstrip(".") for h in _list("EMBER_ALLOWED_HOSTS")]
+
+
+DEFAULT_HEADER_TIMEOUT = 30.0
+
+
+def header_timeout() -> float:
+    """EMBER_HEADER_TIMEOUT: seconds a client has to send a request's line and
+    headers, and the longest pause inside a body, before its connection is
+    closed (slow clients cannot hold connections open forever)."""
+    raw = os.environ.get("EMBER_HEADER_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_HEADER_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1e6:
+        raise OptionError(f"EMBER_HEADER_TIMEOUT must be a number of seconds above 0, got {raw!r}")
+    return value

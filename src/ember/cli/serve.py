@@ -59,12 +59,14 @@ def serve(
 
     from ember.server import create_app
     from ember.server.app import split_host
+    from ember.server.protocol import protocol_with_deadline
 
     h, port = split_host(host or settings.host())
-    application = create_app()
+    application = create_app(host=h)
     console.print(f"Ember is listening on http://{h if ':' not in h else f'[{h}]'}:{port} (Ctrl+C to stop)")
     try:
-        uvicorn.run(application, host=h, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(application, host=h, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                    http=protocol_with_deadline(settings.header_timeout()), timeout_keep_alive=5)
     except OSError as e:
         raise EmberError(f"cannot listen on {h}:{port}: {e.strerror or e}") from None
 

@@ -80,7 +80,8 @@ def check_template(mf: Modelfile) -> None:
         raise ModelfileError(f"{where}: TEMPLATE does not parse: {msg}") from None
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
+    """A FROM value meant as a file, not a model name."""
     return (
         value.startswith((".", "/", "~", "\\"))
         or value.lower().endswith(_MODEL_SUFFIXES)
@@ -100,15 +101,26 @@ def _pullable(value: str) -> bool:
     return True
 
 
-def plan(mf: Modelfile) -> _Plan:
-    """Check every FROM and ADAPTER without writing anything."""
+def _outside(path: Path, files_under: Path | None) -> bool:
+    """Whether ``path`` (its target, links followed) lies outside ``files_under``."""
+    if files_under is None:
+        return False
+    try:
+        return not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(files_under))
+    except (OSError, ValueError):
+        return True
+
+
+def plan(mf: Modelfile, files_under: Path | None = None) -> _Plan:
+    """Check every FROM and ADAPTER without writing anything. With
+    ``files_under``, only files there are read; any other FROM is a model name."""
     pl = _Plan()
     gguf_sources: list[tuple[Path, int]] = []
     for idx, value in enumerate(mf.from_):
         where = mf.where("from", idx)
         line = mf.line_of("from", idx) or 0
         path = mf.resolve_path(value)
-        kind = path_kind(path)
+        kind = "missing" if _outside(path, files_under) else path_kind(path)
         if kind == "other":
             raise ModelfileError(f"{where}: {shown(str(path), 200)} is not a regular file (a pipe, device or socket); give a .gguf file")
         if kind == "dir":
@@ -128,7 +140,7 @@ def plan(mf: Modelfile) -> _Plan:
             gguf_sources.extend((s, line) for s in shards)
             continue
         base = None
-        if not _looks_like_path(value):
+        if not looks_like_path(value):
             try:
                 base = find_model(value)
             except EmberError:
@@ -140,7 +152,7 @@ def plan(mf: Modelfile) -> _Plan:
                 pl.pull = value  # like Ollama: a hub model that is not here yet is pulled first
             pl.base = base
             continue
-        if _looks_like_path(value) or "/" in value or len(value) > 255:
+        if looks_like_path(value) or "/" in value or len(value) > 255:
             raise ModelfileError(f"{where}: FROM file not found: {shown(str(path), 200)}")
         raise ModelfileError(f"{where}: FROM {shown(value)} is neither a file nor a model in the registry; see 'ember list', or 'ember pull' it first")
 
@@ -202,7 +214,7 @@ def plan(mf: Modelfile) -> _Plan:
     for idx, value in enumerate(mf.adapters):
         where = mf.where("adapter", idx)
         path = mf.resolve_path(value)
-        kind = path_kind(path)
+        kind = "missing" if _outside(path, files_under) else path_kind(path)
         if kind == "missing":
             raise ModelfileError(f"{where}: ADAPTER file not found: {shown(str(path), 200)}")
         if kind == "other":
@@ -226,14 +238,17 @@ def create_model(
     *,
     quantize: str | None = None,
     progress: ProgressCallback | None = None,
+    files_under: Path | None = None,
 ) -> ResolvedModel:
-    """Create (or replace) model ``name`` from a Modelfile; see the module doc."""
+    """Create (or replace) model ``name`` from a Modelfile; see the module doc.
+    ``files_under``: read files only from there (the server passes the model
+    store, where uploaded blobs live); any other FROM is a model name."""
     mname = parse_name(name)
     mf = load_modelfile(modelfile)
     check_template(mf)
     if quantize is not None:
         quantize = parse_quant_type(quantize)
-    pl = plan(mf)
+    pl = plan(mf, files_under)
     if pl.pull is not None:  # like Ollama: FROM a hub model that is not here yet pulls it first
         pl.base = find_model(pull_model(pl.pull, progress=progress).name)
     base = from_manifest(pl.base) if pl.base is not None else None

@@ -112,7 +112,7 @@ def manifests_dir() -> Path:
 
 def blob_path(digest: str) -> Path:
     if not _DIGEST.fullmatch(digest):
-        raise InvalidFileError(f"invalid digest {digest!r}: expected sha256:<64 hex digits>")
+        raise InvalidFileError(f"invalid digest {digest[:80]!r}: expected sha256:<64 hex digits>")
     return blobs_dir() / digest.replace(":", "-")
 
 

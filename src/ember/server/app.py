@@ -4,6 +4,7 @@ auth. ``create_app()`` builds one; ``ember serve`` runs it with uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -22,15 +23,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ember import settings
 from ember.__about__ import __version__
 from ember.errors import BodyTooLargeError, EmberError
+from ember.registry import store
 from ember.server import models, ollama, openai
 from ember.server.common import error_body
+from ember.server.guards import LOCAL_ORIGINS, RequestGuard
 from ember.server.manager import ModelManager
 
 log = logging.getLogger("ember.server")
 
 WEB_DIR = Path(__file__).parent / "web"
-# Origins always allowed: pages served from this machine.
-LOCAL_ORIGINS = r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:\d+)?)|(app|tauri|file|vscode-webview)://.*"
 OPEN_PATHS = ("/", "/api/version")
 
 
@@ -82,23 +83,6 @@ class _AuthMiddleware:
         await response(scope, receive, send)
 
 
-class _JsonBodyMiddleware:
-    """Ollama reads every body as JSON whatever its Content-Type (curl -d sends
-    form encoding): do the same for the JSON routes."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("method") in ("POST", "DELETE", "PUT"):
-            path = scope.get("path", "")
-            if path.startswith(("/api/", "/v1/")) and not path.startswith("/api/blobs/"):
-                headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
-                headers.append((b"content-type", b"application/json"))
-                scope = dict(scope, headers=headers)
-        await self.app(scope, receive, send)
-
-
 class _BodyLimitMiddleware:
     """Read a request body up to ``limit`` bytes before the app sees it, and
     answer 413 beyond that, so no route parses (or a runner tokenizes) more.
@@ -141,17 +125,32 @@ class _BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def create_app(manager: ModelManager | None = None) -> FastAPI:
-    """A fresh application with its own model manager (settings from EMBER_*)."""
+async def _prune_leftovers() -> None:
+    """What killed creates and pulls left in the registry (temporary blobs,
+    work and upload folders of processes that are gone) goes when a server
+    starts, in the background; a registry that cannot be written is left alone."""
+    try:
+        await asyncio.to_thread(store.prune)
+    except (OSError, EmberError) as e:
+        log.warning("could not clean up the model registry: %s", e)
+
+
+def create_app(manager: ModelManager | None = None, *, host: str | None = None) -> FastAPI:
+    """A fresh application with its own model manager (settings from EMBER_*).
+    ``host`` is the address it is served on (default: EMBER_HOST's): on a
+    loopback address only loopback host names are answered (server/guards.py).
+    Remote clients name models, never paths on this machine."""
     mgr = manager or ModelManager()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         mgr.start()
+        pruning = asyncio.ensure_future(_prune_leftovers())
         try:
             yield
         finally:
             await mgr.close()
+            await pruning
 
     app = FastAPI(
         title="Ember",
@@ -201,16 +200,15 @@ def create_app(manager: ModelManager | None = None) -> FastAPI:
 
         app.mount("/web", StaticFiles(directory=WEB_DIR, check_dir=False), name="web")
 
-    app.add_middleware(_JsonBodyMiddleware)
     app.add_middleware(_BodyLimitMiddleware, limit=settings.max_body_size())
     key = os.environ.get("EMBER_API_KEY", "").strip()
     if key:
         app.add_middleware(_AuthMiddleware, key=key)
-    # Added last, so outermost: even a 401 carries the CORS headers.
-    origins = [o.strip().rstrip("/") for o in os.environ.get("EMBER_ORIGINS", "").split(",") if o.strip()]
+    app.add_middleware(RequestGuard, bind_host=host if host is not None else split_host(settings.host())[0])
+    # Added last, so outermost: even a 401 or 415 carries the CORS headers.
     app.add_middleware(
         CORSMiddleware,
-        allow_origins=origins,
+        allow_origins=settings.origins(),
         allow_origin_regex=LOCAL_ORIGINS,
         allow_methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"],
         allow_headers=["*"],

@@ -30,11 +30,13 @@ from ember import options as opts
 from ember.errors import EmberError, EngineError, ModelNotFoundError, OptionError
 from ember.models import model_key, resolve_model
 from ember.registry import ResolvedModel
+from ember.registry.core import shown
 from ember.server.runner import ProcessRunner, Runner, RunnerSpec
 
 log = logging.getLogger("ember.server")
 
 DEFAULT_KEEP_ALIVE = 300.0
+FOREVER_ISO = "2318-01-01T00:00:00Z"  # Ollama shows this far-future time for "forever"
 
 # Options a request may give that never reload (or key) a loaded model: with
 # batch_invariant one client would otherwise make the model run one sequence
@@ -60,6 +62,8 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
 
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Go's time.Duration is an int64 of nanoseconds: about 292 years at most.
+MAX_DURATION = (2**63 - 1) / 1e9
 
 
 def parse_keep_alive(value: Any, where: str = "keep_alive") -> float:
@@ -70,7 +74,10 @@ def parse_keep_alive(value: Any, where: str = "keep_alive") -> float:
     if isinstance(value, bool):
         raise OptionError(f"{where} must be a duration like \"5m\" or a number of seconds, got {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            seconds = math.inf if value > 0 else -math.inf
     elif isinstance(value, str):
         text = value.strip()
         try:
@@ -80,15 +87,19 @@ def parse_keep_alive(value: Any, where: str = "keep_alive") -> float:
             body = text.lstrip("+-")
             parts = _DURATION.findall(body)
             if not body or "".join(n + u for n, u in parts) != body:
-                raise OptionError(f"{where}: invalid duration {value!r}; use e.g. \"5m\", \"1h\", \"30s\", 0 or -1") from None
+                raise OptionError(f"{where}: invalid duration {shown(value)}; use e.g. \"5m\", \"1h\", \"30s\", 0 or -1") from None
             seconds = sum(float(n) * _UNIT[u] for n, u in parts)
             if neg:
                 seconds = -seconds
+        if abs(seconds) > MAX_DURATION:  # what Go's ParseDuration refuses, Ollama refuses
+            raise OptionError(f"{where}: invalid duration {shown(value)}: longer than Go's limit of about 292 years")
     else:
         raise OptionError(f"{where} must be a duration like \"5m\" or a number of seconds, got {value!r}")
     if math.isnan(seconds):
         raise OptionError(f"{where} must be a number, got NaN")
-    return math.inf if seconds < 0 else seconds
+    # A number beyond Go's range: the longest duration there is, never an
+    # expiry time past what a date can hold.
+    return math.inf if seconds < 0 else min(seconds, MAX_DURATION)
 
 
 def keep_alive_default() -> float:
@@ -132,17 +143,18 @@ class Entry:
         return self.resolved.name
 
     def expires_iso(self) -> str:
-        if math.isinf(self.expires_at):
-            # Ollama shows a far-future time for "forever".
-            return "2318-01-01T00:00:00Z"
-        return datetime.fromtimestamp(self.expires_at, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+        try:
+            return datetime.fromtimestamp(self.expires_at, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+        except (OverflowError, ValueError, OSError):  # forever (or past what a date holds)
+            return FOREVER_ISO
 
 
 class ModelManager:
     """The server's loaded models (see the module doc).
 
     ``runner`` makes the runner of a model (default: a process each);
-    ``allow_paths=False`` accepts registry names only, never server paths.
+    Remote clients name registry models only, never paths on the server;
+    ``allow_paths=True`` is for a manager serving a trusted caller.
     """
 
     def __init__(
@@ -152,7 +164,7 @@ class ModelManager:
         max_queue: int | None = None,
         max_loaded: int | None = None,
         runner: Callable[[RunnerSpec], Runner] = ProcessRunner,
-        allow_paths: bool = True,
+        allow_paths: bool = False,
     ) -> None:
         self.num_parallel = num_parallel or _env_int("EMBER_NUM_PARALLEL", 4)
         self.max_queue = max_queue or _env_int("EMBER_MAX_QUEUE", 512)

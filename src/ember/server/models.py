@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from ember import options as opts
 from ember.__about__ import OLLAMA_API_VERSION, __version__
@@ -32,6 +33,8 @@ from ember.registry import (
     show_model,
     store,
 )
+from ember.registry.core import shown
+from ember.registry.create import looks_like_path
 from ember.server import schemas as s
 from ember.server.common import manager, ndjson, with_progress
 from ember.server.manager import Entry
@@ -129,7 +132,7 @@ async def create(body: s.CreateRequest) -> Any:
 
     def job(progress: Any) -> None:
         try:
-            create_model(name, mf, quantize=body.quantize or None, progress=progress)
+            create_model(name, mf, quantize=body.quantize or None, progress=progress, files_under=store.root())
         finally:
             for d in upload_dirs:
                 shutil.rmtree(d, ignore_errors=True)
@@ -149,17 +152,36 @@ def _link_blobs(files: dict[str, str], where: str) -> Path:
             raise OptionError(f"{where}: blob {digest} for {fname} not found; upload it with POST /api/blobs/{digest}")
     root = store.root() / "tmp"
     root.mkdir(parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+    d = Path(tempfile.mkdtemp(prefix=store.temp_prefix(), dir=root))  # pruned once this process is gone
     for fname, digest in files.items():
         digest = digest.replace("-", ":", 1) if digest.startswith("sha256-") else digest
         os.symlink(store.blob_path(digest), d / fname)
     return d
 
 
+def _remote_source(value: str, where: str, what: str) -> str:
+    """A FROM or ADAPTER value from a client: an uploaded blob (``@sha256:...``,
+    as Ollama's clients write it) becomes the blob's file; anything else must
+    be a model name. Paths on this machine get the same answer whether they
+    exist or not: over HTTP, nothing outside the model store is read."""
+    if value.startswith("@"):
+        digest = _blob_digest(value[1:])
+        if not store.has_blob(digest):
+            raise OptionError(f"{where}: blob {digest} not found; upload it with POST /api/blobs/{digest}")
+        return str(store.blob_path(digest))
+    if what == "ADAPTER" or looks_like_path(value) or len(value) > 255:
+        kind = "an uploaded blob (@sha256:<digest>)" if what == "ADAPTER" else "a model name or an uploaded blob (@sha256:<digest>)"
+        raise OptionError(f"{where}: {what} {shown(value)} is not {kind}; the server reads no paths of its own, "
+                          "upload files with POST /api/blobs/<digest>")
+    return value
+
+
 def _modelfile_of(body: s.CreateRequest) -> tuple[Any, list[Path]]:
     if body.modelfile is not None and not (body.from_ or body.files):
-        base = Path(body.path).expanduser().parent if body.path else None
-        return parse_modelfile(body.modelfile, base_dir=base, filename="modelfile"), []
+        mf = parse_modelfile(body.modelfile, filename="modelfile")
+        mf.from_ = [_remote_source(v, mf.where("from", i), "FROM") for i, v in enumerate(mf.from_)]
+        mf.adapters = [_remote_source(v, mf.where("adapter", i), "ADAPTER") for i, v in enumerate(mf.adapters)]
+        return mf, []
     mf = Modelfile(filename="create request")
     dirs: list[Path] = []
     try:
@@ -170,9 +192,9 @@ def _modelfile_of(body: s.CreateRequest) -> tuple[Any, list[Path]]:
             ggufs = [n for n in names if n.lower().endswith(".gguf")]
             mf.from_ = [str(upload / n) for n in ggufs] if ggufs else [str(upload)]
         elif body.from_:
-            mf.from_ = [body.from_]
+            mf.from_ = [_remote_source(body.from_, "from", "FROM")]
         else:
-            raise OptionError("give 'from' (a model name or path) or 'files' (uploaded blobs)")
+            raise OptionError("give 'from' (a model name) or 'files' (uploaded blobs)")
         if body.adapters:
             adir = _link_blobs(body.adapters, "adapters")
             dirs.append(adir)
@@ -219,9 +241,12 @@ async def blob_upload(digest: str, request: Request) -> Response:
     try:
         h = hashlib.sha256()
         with open(tmp, "wb") as f:
-            async for chunk in request.stream():
-                h.update(chunk)
-                await asyncio.to_thread(f.write, chunk)
+            try:
+                async for chunk in request.stream():
+                    h.update(chunk)
+                    await asyncio.to_thread(f.write, chunk)
+            except ClientDisconnect:  # the client gave up: nothing to store, nobody to answer
+                return Response(status_code=499)
         if "sha256:" + h.hexdigest() != d:
             raise OptionError(f"digest mismatch: the body's sha256 is {h.hexdigest()[:12]}..., not {d[7:19]}...")
         await asyncio.to_thread(store.install, tmp, d)

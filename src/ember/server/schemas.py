@@ -113,7 +113,7 @@ class CreateRequest(_Body):
     quantize: str | None = None
     # The older Modelfile form
     modelfile: str | None = None
-    path: str | None = None
+    path: str | None = None  # where the client read its Modelfile: ignored, the server reads no paths
     stream: bool = True
 
     def target(self) -> str:
