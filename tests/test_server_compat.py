@@ -134,7 +134,7 @@ def test_streamed_tool_calls_carry_id_and_index(server: Server, oc: ollama.Clien
     ("/v1/chat/completions", {"model": "demo", "messages": HI, "tools": [WEATHER_TOOL]}, "demo:latest does not support tools"),
     ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, "images are not supported"),
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, "cannot see images"),
 ])
 def test_requests_ollama_refuses_are_refused(server: Server, path: str, body: dict, message: str) -> None:
     r = _post(server, path, {**body, "stream": False})
