@@ -36,6 +36,7 @@ from ember.request import (
     StreamChunk,
 )
 from ember.templates import ChatTemplate
+from ember.templates.thinking import ThinkingParser, check_think
 from ember.templates.tools import split_tool_calls
 
 __all__ = ["FALLBACK_NOTE", "GenerationRequest", "Model", "ModelInfo", "Result", "StreamChunk"]
@@ -183,18 +184,33 @@ class Model:
         """The exact prompt text of a request (what llama.cpp sees)."""
         if request.images:
             raise OptionError("images are not supported by this model (no vision projector loaded)")
+        think = self.think_of(request)
         if request.is_chat:
-            text = self.render_chat(request.messages or [], tools=request.tools)
+            text = self.render_chat(request.messages or [], tools=request.tools, think=think)
         else:
             text = self.render_generate(
                 request.prompt or "", system=request.system, template=request.template, suffix=request.suffix,
-                raw=request.raw,
+                raw=request.raw, think=think,
             )
         if request.context:
             text = self.detokenize(self._checked_ids(request.context, "context")) + text
         return text
 
-    def render_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> str:
+    def think_of(self, request: GenerationRequest) -> bool | str | None:
+        """The request's ``think`` as Ollama settles it: on unless asked
+        otherwise for a model that can think; refused for one that cannot."""
+        think = check_think(request.think)
+        tmpl = ChatTemplate.parse(request.template) if request.template else self.template
+        if tmpl is not None and tmpl.thinking_tags is not None:
+            return True if think is None else think
+        if think:
+            raise OptionError(f'"{self.name}" does not support thinking')
+        return think
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+        think: bool | str | None = None,
+    ) -> str:
         """The prompt text of a conversation."""
         msgs = _normalize_messages(messages)
         msgs = list(self.resolved.messages) + msgs
@@ -204,10 +220,11 @@ class Model:
             return "\n\n".join(str(m.get("content") or "") for m in msgs if m.get("content"))
         bos = self.engine.token_text(self.engine.bos_id) if self.engine.bos_id >= 0 else ""
         eos = self.engine.token_text(self.engine.eos_id) if self.engine.eos_id >= 0 else ""
-        return str(self.template.render_messages(msgs, tools=tools or None, bos_token=bos, eos_token=eos))
+        return str(self.template.render_messages(msgs, tools=tools or None, bos_token=bos, eos_token=eos, think=think))
 
     def render_generate(
-        self, prompt: str, *, system: str | None = None, template: str | None = None, suffix: str = "", raw: bool = False
+        self, prompt: str, *, system: str | None = None, template: str | None = None, suffix: str = "", raw: bool = False,
+        think: bool | str | None = None,
     ) -> str:
         """The prompt text of an Ollama-style generate request."""
         if raw:
@@ -216,7 +233,7 @@ class Model:
         sys_text = self.resolved.system if system is None else system
         if tmpl is None:
             return f"{sys_text}\n\n{prompt}" if sys_text else prompt
-        return str(tmpl.render_prompt(prompt, system=sys_text or "", suffix=suffix))
+        return str(tmpl.render_prompt(prompt, system=sys_text or "", suffix=suffix, think=think))
 
     def _tokens_for(self, text: str, truncate: bool, num_keep: int) -> list[int]:
         num_ctx = self.scheduler.num_ctx
@@ -282,9 +299,10 @@ class Model:
         a worker thread)."""
         t0 = time.perf_counter()
         options = self._request_options(request.options)
-        tokens = self._tokens_for(self.render(request), request.truncate, options["num_keep"])
+        prompt = self.render(request)
+        tokens = self._tokens_for(prompt, request.truncate, options["num_keep"])
         handle = self.scheduler.submit(tokens, options, grammar=_grammar_for(request.format), loop=loop)
-        shaper = _Shaper(self, request, tokens, t0)
+        shaper = _Shaper(self, request, tokens, t0, self._thinking_parser(request, prompt))
         if loop is None:
             return ChunkStream(shaper.chunks(handle), handle.cancel)
         return AsyncChunkStream(shaper.achunks(handle), handle.cancel)
@@ -319,6 +337,17 @@ class Model:
         """Async :meth:`chat`: a Result, or an :class:`AsyncChunkStream` when ``stream``."""
         chunks = self.submit(_request(kwargs, messages=messages), loop=asyncio.get_running_loop())
         return chunks if stream else await chunks.result()
+
+    def _thinking_parser(self, request: GenerationRequest, prompt: str) -> ThinkingParser | None:
+        """A parser of the reply's reasoning when the request thinks; already
+        inside the reasoning when the prompt opened it."""
+        if not self.think_of(request):
+            return None
+        tmpl = ChatTemplate.parse(request.template) if request.template else self.template
+        tags = tmpl.thinking_tags if tmpl is not None else None
+        if tags is None:
+            return None
+        return ThinkingParser(*tags, started=prompt.rstrip().endswith(tags[0]))
 
     def _take_load_duration(self) -> int:
         if not self._load_unreported:
@@ -365,22 +394,37 @@ class _Shaper:
     carrying the Result (and, for a chat with tools, the parsed tool calls:
     their text is held back, since a call is known only at the end)."""
 
-    def __init__(self, model: Model, request: GenerationRequest, tokens: list[int], t0: float) -> None:
+    def __init__(
+        self, model: Model, request: GenerationRequest, tokens: list[int], t0: float,
+        thinking: ThinkingParser | None = None,
+    ) -> None:
         self.model = model
         self.chat = request.is_chat
         self.tools = bool(request.is_chat and request.tools)
         self.tokens = tokens
         self.t0 = t0
         self.parts: list[str] = []
+        self.thinking = thinking
+        self.thought: list[str] = []
 
     def shape(self, c: Chunk) -> StreamChunk | None:
-        self.parts.append(c.text)
+        text, thought = c.text, ""
+        if self.thinking is not None:
+            thought, text = self.thinking.add(c.text)
+            if c.done:
+                more_thought, more_text = self.thinking.finish()
+                thought, text = thought + more_thought, text + more_text
+            self.thought.append(thought)
+        self.parts.append(text)
         if not c.done:
-            return StreamChunk(c.text) if c.text and not self.tools else None
+            if self.tools:
+                return StreamChunk(thinking=thought) if thought else None
+            return StreamChunk(text, thinking=thought) if text or thought else None
         result = self._result(c, "".join(self.parts))
         if self.tools:
-            return StreamChunk(str((result.message or {}).get("content") or ""), True, result, tool_calls=result.tool_calls)
-        return StreamChunk(c.text, True, result)
+            return StreamChunk(str((result.message or {}).get("content") or ""), True, result, thinking=thought,
+                               tool_calls=result.tool_calls)
+        return StreamChunk(text, True, result, thinking=thought)
 
     def chunks(self, handle: Handle) -> Iterator[StreamChunk]:
         for c in handle:
@@ -396,12 +440,15 @@ class _Shaper:
 
     def _result(self, last: Chunk, text: str) -> Result:
         message: dict[str, Any] | None = None
+        thinking = "".join(self.thought)
         if self.chat:
             message = {"role": "assistant", "content": text}
             if self.tools:
                 content, calls = split_tool_calls(text, self.model.template)
                 if calls:
                     message = {"role": "assistant", "content": content, "tool_calls": calls}
+            if thinking:
+                message["thinking"] = thinking
         load = self.model._take_load_duration()
         return Result(
             model=self.model.name,
@@ -415,6 +462,7 @@ class _Shaper:
             load_duration=load,
             total_duration=int((time.perf_counter() - self.t0) * 1e9) + load,
             message=message,
+            thinking=thinking,
             context=self.tokens + last.tokens,
         )
 
