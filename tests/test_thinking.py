@@ -139,6 +139,8 @@ def test_openai_reasoning(server: Server) -> None:
 
 
 def test_think_on_a_model_that_cannot_think_is_refused(server: Server) -> None:
+    oc = ollama.Client(host=server.url, timeout=120)
+    assert "thinking" in oc.show("thinker").capabilities and "thinking" not in oc.show("tooly").capabilities
     for path, body in [("/api/chat", {"messages": QUESTION}), ("/api/generate", {"prompt": "Hi"})]:
         r = httpx.post(server.url + path, json={"model": "tooly", "think": True, **body}, timeout=60)
         assert r.status_code == 400 and "does not support thinking" in r.json()["error"], r.text

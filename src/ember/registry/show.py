@@ -152,7 +152,7 @@ def _json_value(v: Any) -> Any:
 
 def capabilities(r: ResolvedModel, header: GGUFHeader) -> list[str]:
     """Ollama's capabilities: ``completion`` (or ``embedding`` for a model with a
-    pooling type), ``tools`` and ``insert`` from the parsed template (the
+    pooling type), ``tools``, ``insert`` and ``thinking`` from the parsed template (the
     Modelfile's, else the GGUF's chat template), ``vision`` with a projector."""
     arch = header.get("general.architecture") or ""
     caps = ["embedding" if header.get(f"{arch}.pooling_type") is not None else "completion"]
@@ -166,6 +166,8 @@ def capabilities(r: ResolvedModel, header: GGUFHeader) -> list[str]:
             caps.append("tools")
         if template is not None and template.supports_insert:
             caps.append("insert")
+        if template is not None and template.thinking_tags is not None:
+            caps.append("thinking")
     if r.projector_paths or header.get(f"{arch}.vision.block_count") is not None:
         caps.append("vision")
     return caps
