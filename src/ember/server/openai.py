@@ -49,7 +49,7 @@ def think_of_effort(effort: Any) -> bool | str | None:
     off, "minimal" is "low", "xhigh" and above "high"; unset leaves the model's default."""
     if effort is None or effort == "":
         return None
-    table = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+    table: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
              "xhigh": "high", "ultra": "high", "max": "high"}
     if not isinstance(effort, str) or effort not in table:
         raise OptionError(f'invalid reasoning value: {effort!r} (must be "minimal", "low", "medium", "high", '
