@@ -57,6 +57,15 @@ def test_create_matches_ollama_chat(ac: anthropic.Anthropic, oc: ollama.Client) 
     assert m.usage.input_tokens > 0 and 0 < m.usage.output_tokens <= 8
 
 
+def test_count_tokens(ac: anthropic.Anthropic) -> None:
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    n = ac.messages.count_tokens(model="tooly", messages=msgs, system="Be brief.").input_tokens
+    m = ac.messages.create(model="tooly", max_tokens=1, messages=msgs, system="Be brief.")
+    assert n == m.usage.input_tokens > 5
+    plain = ac.messages.count_tokens(model="tooly", messages=msgs).input_tokens
+    assert ac.messages.count_tokens(model="tooly", messages=msgs, tools=[TOOL]).input_tokens > plain  # tools listed
+
+
 def test_system_blocks_and_content_blocks(ac: anthropic.Anthropic, oc: ollama.Client) -> None:
     m = ac.messages.create(
         model="tooly", max_tokens=8, extra_body=T0,

@@ -235,6 +235,16 @@ class Model:
             return f"{sys_text}\n\n{prompt}" if sys_text else prompt
         return str(tmpl.render_prompt(prompt, system=sys_text or "", suffix=suffix, think=think))
 
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """How many tokens ``request``'s prompt has, as :meth:`submit` would
+        send it (before any truncation)."""
+        return len(self._tokenize_prompt(self.render(request)))
+
+    def _tokenize_prompt(self, text: str) -> list[int]:
+        # Templates that start with the BOS text already carry it; don't add a second one.
+        bos = self.engine.token_text(self.engine.bos_id) if self.engine.bos_id >= 0 else ""
+        return self.engine.tokenize(text, not (bos and text.startswith(bos)), True)
+
     def _tokens_for(self, text: str, truncate: bool, num_keep: int) -> list[int]:
         num_ctx = self.scheduler.num_ctx
         limit = num_ctx - 1
@@ -246,10 +256,7 @@ class Model:
         # more bytes than the context can hold is refused without tokenizing it.
         if not truncate and n_bytes > limit and n_bytes > (limit + 2) * self._longest_token_bytes():
             raise ContextOverflowError(f"the prompt has {n_bytes} bytes, more than {num_ctx} tokens can hold; {overflow}")
-        # Templates that start with the BOS text already carry it; don't add a second one.
-        bos = self.engine.token_text(self.engine.bos_id) if self.engine.bos_id >= 0 else ""
-        add_special = not (bos and text.startswith(bos))
-        tokens = self.engine.tokenize(text, add_special, True)
+        tokens = self._tokenize_prompt(text)
         if len(tokens) > limit:
             if not truncate:
                 raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but {overflow}")

@@ -5,7 +5,8 @@ A translator over server/generation.py: content blocks (text, tool_use,
 tool_result, thinking) become Ollama-style messages, and the chunks become
 Anthropic's message object or its named SSE events (message_start,
 content_block_start/delta/stop, message_delta, message_stop). Errors have
-Anthropic's shape (server/common.error_body).
+Anthropic's shape (server/common.error_body). ``count_tokens`` counts the
+rendered prompt with the model's tokenizer (Ollama estimates it).
 """
 
 from __future__ import annotations
@@ -136,12 +137,12 @@ def _format(body: s.MessagesRequest) -> dict[str, Any] | None:
     return fmt["schema"]
 
 
-def request_of(body: s.MessagesRequest) -> GenerationRequest:
-    if body.max_tokens < 1:
+def request_of(body: s.MessagesRequest, *, counting: bool = False) -> GenerationRequest:
+    if not counting and (body.max_tokens is None or body.max_tokens < 1):
         raise OptionError("max_tokens is required and must be positive")
     if not body.messages:
         raise OptionError("messages is required")
-    options: dict[str, Any] = {"num_predict": body.max_tokens}
+    options: dict[str, Any] = {} if counting else {"num_predict": body.max_tokens}
     for name in ("temperature", "top_p", "top_k"):
         if getattr(body, name) is not None:
             options[name] = getattr(body, name)
@@ -213,6 +214,12 @@ class _Blocks:
         delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
         return [*events, {"type": "content_block_delta", "index": self.index, "delta": delta},
                 {"type": "content_block_stop", "index": self.index}]
+
+
+@router.post("/messages/count_tokens")
+async def count_tokens(body: s.MessagesRequest, request: Request) -> Any:
+    """The prompt's tokens, exactly as the model's template and tokenizer make them."""
+    return {"input_tokens": await generation.count_tokens(request, body.model, request_of(body, counting=True))}
 
 
 @router.post("/messages")

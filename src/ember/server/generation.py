@@ -113,6 +113,13 @@ async def render(http: Request, model: str, request: GenerationRequest, keep_ali
         return await _runner(entry).render(request)
 
 
+async def count_tokens(http: Request, model: str, request: GenerationRequest) -> int:
+    """How many tokens ``request``'s prompt has on ``model`` (nothing is generated)."""
+    request.options = check_options(request.options)
+    async with manager(http).use(model, request.options) as entry:
+        return await _runner(entry).count_tokens(request)
+
+
 async def embed(
     http: Request, model: str, inputs: list[Any], *, truncate: bool, normalize: bool = True,
     options: Any = None, keep_alive: Any = None,

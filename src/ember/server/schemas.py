@@ -184,7 +184,7 @@ class AnthropicMessage(_Body):
 
 class MessagesRequest(_Body):
     model: str = ""
-    max_tokens: int
+    max_tokens: int | None = None  # required by /v1/messages, not by count_tokens
     messages: list[AnthropicMessage]
     system: str | list[dict[str, Any]] | None = None
     stream: bool = False
