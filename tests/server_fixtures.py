@@ -116,22 +116,25 @@ def create(url: str, name: str, modelfile: str, headers: dict[str, str] | None =
     assert r.status_code == 200, r.text
 
 
-# A Qwen-style template: tools are listed in the system turn, calls come back as JSON.
-TOOL_TEMPLATE = (
+# Chat templates over the demo model for the API translator tests. TOOLS_TEMPLATE
+# lists tools in the system turn and writes calls as Qwen does; THINK_TEMPLATE
+# keeps reasoning in <think> tags and opens one in the prompt when thinking is
+# on, as Qwen3's and DeepSeek-R1's templates do.
+TOOLS_TEMPLATE = (
     "{{- if .Tools }}<|im_start|>system\nTools:{{ range .Tools }}\n{{ .Function.Name }}{{ end }}<|im_end|>\n{{ end }}"
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}"
     "{{- range .ToolCalls }}<tool_call>{\"name\": \"{{ .Function.Name }}\", \"arguments\": {{ .Function.Arguments }}}</tool_call>{{ end }}"
     "<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-# Forces the answer into a call of get_weather (the plumbing is under test, not the 270M model's judgement).
+THINK_TEMPLATE = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
+    "{{ if .Thinking }}<think>{{ .Thinking }}</think>\n{{ end }}{{ .Content }}<|im_end|>\n{{ end }}"
+    "<|im_start|>assistant\n{{ if .Think }}<think>\n{{ end }}"
+)
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+                                                 "parameters": WEATHER_SCHEMA}}
+# Forces a reply into a call of get_weather (the plumbing is under test, not the 270M model's judgement).
 CALL_SCHEMA = {
     "type": "object",
     "properties": {
@@ -140,3 +143,12 @@ CALL_SCHEMA = {
     },
     "required": ["name", "arguments"],
 }
+# Forces a thinking model's reply: reasoning, the closing tag, the answer (quoted: it is a JSON string).
+THOUGHT_SCHEMA = {"type": "string", "enum": ["France's capital</think>Paris"]}
+
+
+def create_chat_models(url: str, demo_path: str) -> None:
+    """``tooly`` (takes tools) and ``thinker`` (thinks) over the demo model."""
+    common = "PARAMETER num_ctx 512\nPARAMETER batch_invariant true\n"
+    create(url, "tooly", f'FROM {demo_path}\nTEMPLATE """{TOOLS_TEMPLATE}"""\n{common}')
+    create(url, "thinker", f'FROM {demo_path}\nTEMPLATE """{THINK_TEMPLATE}"""\n{common}')

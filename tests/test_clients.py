@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel
 
-from server_fixtures import CALL_SCHEMA, TOOL_TEMPLATE, Server, create
+from server_fixtures import CALL_SCHEMA, TOOLS_TEMPLATE, Server, create
 
 QUESTION = "Say hello to Ada."
 
@@ -20,7 +20,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     from ember.demo import demo_model_path
 
     srv = Server(tmp_path_factory.mktemp("client-models"))
-    create(srv.url, "tooly", f'FROM {demo_model_path()}\nTEMPLATE """{TOOL_TEMPLATE}"""\nPARAMETER num_ctx 512\nPARAMETER batch_invariant true\n')
+    create(srv.url, "tooly", f'FROM {demo_model_path()}\nTEMPLATE """{TOOLS_TEMPLATE}"""\nPARAMETER num_ctx 512\nPARAMETER batch_invariant true\n')
     yield srv
     srv.stop()
 

@@ -17,7 +17,7 @@ import ollama
 import openai
 import pytest
 
-from server_fixtures import CALL_SCHEMA, TOOL_TEMPLATE, WEATHER_TOOL, Server, create
+from server_fixtures import CALL_SCHEMA, TOOLS_TEMPLATE, WEATHER_TOOL, Server, create
 
 GREEDY = {"temperature": 0, "num_predict": 6}
 PROMPT = "The capital of France is"
@@ -30,7 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     d = tmp_path_factory.mktemp("server-models")
     srv = Server(d, EMBER_NUM_PARALLEL="4")
     srv.demo_path = str(demo_model_path())  # type: ignore[attr-defined]
-    create(srv.url, "tooly", f'FROM {srv.demo_path}\nTEMPLATE """{TOOL_TEMPLATE}"""\nPARAMETER num_ctx 512\nPARAMETER batch_invariant true\nSYSTEM "Be brief."\n')
+    create(srv.url, "tooly", f'FROM {srv.demo_path}\nTEMPLATE """{TOOLS_TEMPLATE}"""\nPARAMETER num_ctx 512\nPARAMETER batch_invariant true\nSYSTEM "Be brief."\n')
     yield srv
     srv.stop()
 

@@ -12,7 +12,7 @@ import ollama
 import openai
 import pytest
 
-from server_fixtures import CALL_SCHEMA, TOOL_TEMPLATE, WEATHER_TOOL, Server, create
+from server_fixtures import CALL_SCHEMA, TOOLS_TEMPLATE, WEATHER_TOOL, Server, create
 
 GREEDY = {"temperature": 0, "num_predict": 8}
 HI = [{"role": "user", "content": "Hi! How are you?"}]
@@ -25,7 +25,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
 
     srv = Server(tmp_path_factory.mktemp("compat-models"))
     demo = demo_model_path()
-    create(srv.url, "tooly", f'FROM {demo}\nTEMPLATE """{TOOL_TEMPLATE}"""\nPARAMETER num_ctx 512\nPARAMETER batch_invariant true\n')
+    create(srv.url, "tooly", f'FROM {demo}\nTEMPLATE """{TOOLS_TEMPLATE}"""\nPARAMETER num_ctx 512\nPARAMETER batch_invariant true\n')
     create(srv.url, "embedder", f"FROM {demo}\nPARAMETER num_ctx 640\n")
     yield srv
     srv.stop()
@@ -146,7 +146,7 @@ def test_requests_ollama_refuses_are_refused(server: Server, path: str, body: di
 def test_what_a_template_can_take() -> None:
     from ember.templates import ChatTemplate
 
-    assert ChatTemplate.parse(TOOL_TEMPLATE).capabilities == ["tools"]
+    assert ChatTemplate.parse(TOOLS_TEMPLATE).capabilities == ["tools"]
     go = "{{ if .Think }}<think>{{ end }}{{ .Prompt }}{{ .Suffix }}"
     assert ChatTemplate.parse(go).capabilities == ["insert", "thinking"]
     jinja = "{% if enable_thinking %}<think>{% endif %}{{ messages[0]['content'] }}"

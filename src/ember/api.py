@@ -38,6 +38,7 @@ from ember.request import (
     StreamChunk,
 )
 from ember.templates import ChatTemplate
+from ember.templates.thinking import ThinkingParser, check_think
 from ember.templates.tools import ToolCallStream, number_calls, split_tool_calls
 
 __all__ = ["FALLBACK_NOTE", "GenerationRequest", "Model", "ModelInfo", "Result", "StreamChunk"]
@@ -200,14 +201,16 @@ class Model:
     def render(self, request: GenerationRequest) -> str:
         """The exact prompt text of a request (what llama.cpp sees); each image
         is the projector's marker in it (see :meth:`images`)."""
+        think = self.think_of(request)
         if request.is_chat:
-            text = self.render_chat(_with_images(request.messages, request.images) or [], tools=request.tools)
+            text = self.render_chat(_with_images(request.messages, request.images) or [], tools=request.tools, think=think)
         else:
             prompt = request.prompt or ""
             if request.images:
                 prompt = _place_images(prompt, len(request.images), self._marker())
             text = self.render_generate(
-                prompt, system=request.system, template=request.template, suffix=request.suffix, raw=request.raw
+                prompt, system=request.system, template=request.template, suffix=request.suffix, raw=request.raw,
+                think=think,
             )
         if request.context:
             text = self.detokenize(self._checked_ids(request.context, "context")) + text
@@ -230,7 +233,21 @@ class Model:
     def _marker(self) -> str:
         return require_projector(self.projector, self.name).marker
 
-    def render_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> str:
+    def think_of(self, request: GenerationRequest) -> bool | str | None:
+        """The request's ``think`` as Ollama settles it: on unless asked
+        otherwise for a model that can think; refused for one that cannot."""
+        think = check_think(request.think)
+        tmpl = ChatTemplate.parse(request.template) if request.template else self.template
+        if tmpl is not None and tmpl.thinking_tags is not None:
+            return True if think is None else think
+        if think:
+            raise OptionError(f'"{self.name}" does not support thinking')
+        return think
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+        think: bool | str | None = None,
+    ) -> str:
         """The prompt text of a conversation; a message's ``images`` go before
         its text (or at its ``[img]`` placeholders), as Ollama puts them."""
         msgs = _normalize_messages(messages, self._marker if any(isinstance(m, dict) and m.get("images") for m in messages or []) else None)
@@ -241,10 +258,11 @@ class Model:
             return "\n\n".join(str(m.get("content") or "") for m in msgs if m.get("content"))
         bos = self.engine.token_text(self.engine.bos_id) if self.engine.bos_id >= 0 else ""
         eos = self.engine.token_text(self.engine.eos_id) if self.engine.eos_id >= 0 else ""
-        return str(self.template.render_messages(msgs, tools=tools or None, bos_token=bos, eos_token=eos))
+        return str(self.template.render_messages(msgs, tools=tools or None, bos_token=bos, eos_token=eos, think=think))
 
     def render_generate(
-        self, prompt: str, *, system: str | None = None, template: str | None = None, suffix: str = "", raw: bool = False
+        self, prompt: str, *, system: str | None = None, template: str | None = None, suffix: str = "", raw: bool = False,
+        think: bool | str | None = None,
     ) -> str:
         """The prompt text of an Ollama-style generate request."""
         if raw:
@@ -253,7 +271,17 @@ class Model:
         sys_text = self.resolved.system if system is None else system
         if tmpl is None:
             return f"{sys_text}\n\n{prompt}" if sys_text else prompt
-        return str(tmpl.render_prompt(prompt, system=sys_text or "", suffix=suffix))
+        return str(tmpl.render_prompt(prompt, system=sys_text or "", suffix=suffix, think=think))
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """How many tokens ``request``'s prompt has, as :meth:`submit` would
+        send it (before any truncation)."""
+        return len(self._tokenize_prompt(self.render(request)))
+
+    def _tokenize_prompt(self, text: str) -> list[int]:
+        # Templates that start with the BOS text already carry it; don't add a second one.
+        bos = self.engine.token_text(self.engine.bos_id) if self.engine.bos_id >= 0 else ""
+        return self.engine.tokenize(text, not (bos and text.startswith(bos)), True)
 
     def _tokens_for(self, text: str, truncate: bool, num_keep: int) -> list[int]:
         num_ctx = self.scheduler.num_ctx
@@ -266,10 +294,7 @@ class Model:
         # more bytes than the context can hold is refused without tokenizing it.
         if not truncate and n_bytes > limit and n_bytes > (limit + 2) * self._longest_token_bytes():
             raise ContextOverflowError(f"the prompt has {n_bytes} bytes, more than {num_ctx} tokens can hold; {overflow}")
-        # Templates that start with the BOS text already carry it; don't add a second one.
-        bos = self.engine.token_text(self.engine.bos_id) if self.engine.bos_id >= 0 else ""
-        add_special = not (bos and text.startswith(bos))
-        tokens = self.engine.tokenize(text, add_special, True)
+        tokens = self._tokenize_prompt(text)
         if len(tokens) > limit:
             if not truncate:
                 raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but {overflow}")
@@ -343,7 +368,7 @@ class Model:
         else:
             prompt = tokens = self._tokens_for(text, request.truncate, options["num_keep"])
         handle = self.scheduler.submit(prompt, options, grammar=_grammar_for(request.format), loop=loop)
-        shaper = _Shaper(self, request, tokens, t0)
+        shaper = _Shaper(self, request, tokens, t0, self._thinking_parser(request, text))
         if loop is None:
             return ChunkStream(shaper.chunks(handle), handle.cancel)
         return AsyncChunkStream(shaper.achunks(handle), handle.cancel)
@@ -380,6 +405,17 @@ class Model:
         """Async :meth:`chat`: a Result, or an :class:`AsyncChunkStream` when ``stream``."""
         chunks = self.submit(_request(kwargs, messages=messages), loop=asyncio.get_running_loop())
         return chunks if stream else await chunks.result()
+
+    def _thinking_parser(self, request: GenerationRequest, prompt: str) -> ThinkingParser | None:
+        """A parser of the reply's reasoning when the request thinks; already
+        inside the reasoning when the prompt opened it."""
+        if not self.think_of(request):
+            return None
+        tmpl = ChatTemplate.parse(request.template) if request.template else self.template
+        tags = tmpl.thinking_tags if tmpl is not None else None
+        if tags is None:
+            return None
+        return ThinkingParser(*tags, started=prompt.rstrip().endswith(tags[0]))
 
     def _take_load_duration(self) -> int:
         if not self._load_unreported:
@@ -441,7 +477,10 @@ class _Shaper:
     each tool call as soon as it is complete (held back meanwhile: see
     ToolCallStream)."""
 
-    def __init__(self, model: Model, request: GenerationRequest, tokens: list[int], t0: float) -> None:
+    def __init__(
+        self, model: Model, request: GenerationRequest, tokens: list[int], t0: float,
+        thinking: ThinkingParser | None = None,
+    ) -> None:
         self.model = model
         self.chat = request.is_chat
         self.calls = ToolCallStream(model.template) if request.is_chat and request.tools else None
@@ -449,22 +488,31 @@ class _Shaper:
         self.t0 = t0
         self.parts: list[str] = []
         self.given: list[str] = []  # the text streamed (with tools: all but the calls)
+        self.thinking = thinking
+        self.thought: list[str] = []
 
     def shape(self, c: Chunk) -> StreamChunk | None:
-        self.parts.append(c.text)
+        text, thought = c.text, ""
+        if self.thinking is not None:
+            thought, text = self.thinking.add(c.text)
+            if c.done:
+                more_thought, more_text = self.thinking.finish()
+                thought, text = thought + more_thought, text + more_text
+            self.thought.append(thought)
+        self.parts.append(text)
         if self.calls is None:
             if not c.done:
-                return StreamChunk(c.text) if c.text else None
-            return StreamChunk(c.text, True, self._result(c, "".join(self.parts)))
-        text, calls = self.calls.feed(c.text)
+                return StreamChunk(text, thinking=thought) if text or thought else None
+            return StreamChunk(text, True, self._result(c, "".join(self.parts)), thinking=thought)
+        text, calls = self.calls.feed(text)
         if c.done:
             text += self.calls.finish()
         self.given.append(text)
         if not c.done:
-            return StreamChunk(text, tool_calls=calls) if text or calls else None
+            return StreamChunk(text, thinking=thought, tool_calls=calls) if text or calls or thought else None
         result = self._result(c, "".join(self.parts))
         late = [] if self.calls.calls else result.tool_calls  # found only in the whole reply (e.g. a fenced JSON call)
-        return StreamChunk(text, True, result, tool_calls=calls + late)
+        return StreamChunk(text, True, result, thinking=thought, tool_calls=calls + late)
 
     def chunks(self, handle: Handle) -> Iterator[StreamChunk]:
         for c in handle:
@@ -480,6 +528,7 @@ class _Shaper:
 
     def _result(self, last: Chunk, text: str) -> Result:
         message: dict[str, Any] | None = None
+        thinking = "".join(self.thought)
         if self.chat:
             message = {"role": "assistant", "content": text}
             if self.calls is not None:
@@ -488,6 +537,8 @@ class _Shaper:
                     message = {"role": "assistant", "content": "".join(self.given).rstrip(), "tool_calls": self.calls.calls}
                 elif calls:
                     message = {"role": "assistant", "content": content, "tool_calls": number_calls(calls)}
+            if thinking:
+                message["thinking"] = thinking
         load = self.model._take_load_duration()
         return Result(
             model=self.model.name,
@@ -501,6 +552,7 @@ class _Shaper:
             load_duration=load,
             total_duration=int((time.perf_counter() - self.t0) * 1e9) + load,
             message=message,
+            thinking=thinking,
             context=self.tokens + last.tokens,
         )
 

@@ -36,7 +36,7 @@ class GenerationRequest:
     context: list[int] | None = None  # generate: token ids of an earlier exchange, put before the prompt
     tools: list[dict[str, Any]] | None = None
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema
-    think: bool | str | None = None  # accepted; reasoning output lands with the models that have it
+    think: bool | str | None = None  # true/false or "low"/"medium"/"high"; None: on for models that think
     truncate: bool = False  # cut a prompt that does not fit num_ctx instead of refusing it
     images: list[Any] | None = None  # base64 (a server's clients); the library also takes paths, bytes, PIL images
     options: dict[str, Any] = field(default_factory=dict)  # Ollama's option names
@@ -71,6 +71,7 @@ class Result:
     total_duration: int = 0  # ns, load included
     message: dict[str, Any] | None = None
     context: list[int] = field(default_factory=list)
+    thinking: str = ""  # the reasoning, apart from ``text`` (also message["thinking"] for chat)
 
     @property
     def tool_calls(self) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""The FastAPI application: Ollama's API (``/api/*``), OpenAI's (``/v1/*``),
+"""The FastAPI application: Ollama's API (``/api/*``), OpenAI's (``/v1/*``,
+the Responses API included), Anthropic's Messages API (``/v1/messages``),
 the web chat page at ``/``, JSON errors everywhere, CORS and optional bearer
 auth. ``create_app()`` builds one; ``ember serve`` runs it with uvicorn."""
 
@@ -24,7 +25,7 @@ from ember import settings
 from ember.__about__ import __version__
 from ember.errors import BodyTooLargeError, EmberError
 from ember.registry import store
-from ember.server import models, ollama, openai
+from ember.server import anthropic, models, ollama, openai, responses
 from ember.server.common import error_body
 from ember.server.guards import LOCAL_ORIGINS, RequestGuard
 from ember.server.manager import ModelManager
@@ -67,11 +68,15 @@ class _AuthMiddleware:
         if scope.get("method") == "OPTIONS" or path in OPEN_PATHS or path.startswith("/web/"):
             await self.app(scope, receive, send)
             return
-        auth = ""
+        auth, api_key = "", ""
         for k, v in scope.get("headers") or []:
             if k == b"authorization":
                 auth = v.decode("latin-1")
+            elif k == b"x-api-key":  # Anthropic's SDK sends its key here
+                api_key = v.decode("latin-1")
         scheme, _, token = auth.partition(" ")
+        if not (scheme.lower() == "bearer" and token.strip()) and api_key:
+            scheme, token = "bearer", api_key
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key):
             await self.app(scope, receive, send)
             return
@@ -181,6 +186,8 @@ def create_app(manager: ModelManager | None = None, *, host: str | None = None) 
 
     app.include_router(ollama.router)
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
+    app.include_router(responses.router)
     app.include_router(models.router)
 
     index = WEB_DIR / "index.html"

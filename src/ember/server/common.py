@@ -50,18 +50,25 @@ def ndjson(lines: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
 
-def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    """OpenAI's stream: ``data: {json}`` events, then ``data: [DONE]``; an
-    error after the headers went out is an error event."""
+def sse(events: AsyncIterator[dict[str, Any]], *, path: str = "/v1", named: bool = False) -> StreamingResponse:
+    """Server-sent events. OpenAI's chat stream: ``data: {json}`` events, then
+    ``data: [DONE]``. ``named`` (Anthropic's and the Responses API's streams):
+    each event also named by its ``type`` (``event: message_start``), no
+    ``[DONE]``. An error after the headers went out is an error event in the
+    shape of ``path``'s API."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
             async for obj in events:
-                yield f"data: {dumps(obj)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
+                name = f"event: {obj['type']}\n" if named else ""
+                yield f"{name}data: {dumps(obj)}\n\n".encode()
+            if not named:
+                yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is already sent: report in-stream
             status = e.status if isinstance(e, EmberError) else 500
-            yield f"data: {dumps(error_body('/v1', message_of(e), status))}\n\n".encode()
+            err = error_body(path, message_of(e), status)
+            name = "event: error\n" if named else ""
+            yield f"{name}data: {dumps({'type': 'error', **err} if named else err)}\n\n".encode()
 
     return StreamingResponse(body(), media_type="text/event-stream")
 
@@ -111,8 +118,18 @@ async def with_progress(fn: Callable[[Any], Any]) -> AsyncIterator[dict[str, Any
             task.add_done_callback(lambda t: t.exception())
 
 
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
 def error_body(path: str, message: str, status: int) -> dict[str, Any]:
-    """``{"error": "..."}`` (Ollama) or OpenAI's ``{"error": {"message", "type", ...}}`` under /v1."""
+    """``{"error": "..."}`` (Ollama), Anthropic's ``{"type": "error", "error":
+    {"type", "message"}}`` under /v1/messages, or OpenAI's ``{"error":
+    {"message", "type", ...}}`` elsewhere under /v1."""
+    if path.startswith("/v1/messages"):
+        kind = ANTHROPIC_ERRORS.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
     if path.startswith("/v1"):
         kind = "invalid_request_error" if status < 500 else "api_error"
         if status == 404:

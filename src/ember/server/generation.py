@@ -161,6 +161,14 @@ def _wire_images(request: GenerationRequest) -> None:
             m["images"] = [base64_only(x, f"messages[{j}].images[{i}]") for i, x in enumerate(m["images"])]
 
 
+async def count_tokens(http: Request, model: str, request: GenerationRequest) -> int:
+    """How many tokens ``request``'s prompt has on ``model`` (nothing is generated)."""
+    request.options = check_options(request.options)
+    _wire_images(request)
+    async with _use(http, model, request.options, None) as entry:
+        return await _runner(entry).count_tokens(request)
+
+
 async def embed(
     http: Request, model: str, inputs: list[Any], *, truncate: bool, normalize: bool = True,
     options: Any = None, keep_alive: Any = None,

@@ -56,12 +56,12 @@ async def generate(body: s.GenerateRequest, request: Request) -> Any:
     gen = await generation.start(request, body.model, [req], body.keep_alive)
     if not body.stream:
         (r,) = await gen.results()
-        return _line(body.model, r, response=r.text, context=r.context)
+        return _line(body.model, r, response=r.text, **_thinking(r.thinking), context=r.context)
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
         async for _, c in gen.chunks():
-            if c.text:
-                yield _line(body.model, response=c.text)
+            if c.text or c.thinking:
+                yield _line(body.model, response=c.text, **_thinking(c.thinking))
             if c.result is not None:
                 yield _line(body.model, c.result, response="", context=c.result.context)
 
@@ -72,8 +72,13 @@ def messages_of(msgs: list[s.Message] | None) -> list[dict[str, Any]]:
     return [m.model_dump(exclude_none=True) for m in msgs or []]
 
 
-def _message(text: str, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": "assistant", "content": text}
+def _thinking(text: str) -> dict[str, str]:
+    """The ``thinking`` field, present only when there is reasoning (as Ollama's omitempty)."""
+    return {"thinking": text} if text else {}
+
+
+def _message(text: str, tool_calls: list[dict[str, Any]] | None = None, thinking: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "assistant", "content": text, **_thinking(thinking)}
     if tool_calls:
         out["tool_calls"] = tool_calls
     return out
@@ -98,8 +103,8 @@ async def chat(body: s.ChatRequest, request: Request) -> Any:
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
         async for _, c in gen.chunks():
-            if c.text or c.tool_calls:
-                yield _line(body.model, message=_message(c.text, c.tool_calls))
+            if c.text or c.thinking or c.tool_calls:
+                yield _line(body.model, message=_message(c.text, c.tool_calls, c.thinking))
             if c.result is not None:
                 yield _line(body.model, c.result, **empty)
 

@@ -44,6 +44,19 @@ def _options(body: s._Sampling, max_tokens: int | None) -> dict[str, Any]:
     return o
 
 
+def think_of_effort(effort: Any) -> bool | str | None:
+    """OpenAI's reasoning effort as Ollama's ``think``: "none" turns thinking
+    off, "minimal" is "low", "xhigh" and above "high"; unset leaves the model's default."""
+    if effort is None or effort == "":
+        return None
+    table: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+             "xhigh": "high", "ultra": "high", "max": "high"}
+    if not isinstance(effort, str) or effort not in table:
+        raise OptionError(f'invalid reasoning value: {effort!r} (must be "minimal", "low", "medium", "high", '
+                          '"xhigh", "ultra", "max", or "none")')
+    return table[effort]
+
+
 def _choices(requests: list[GenerationRequest], n: int) -> list[GenerationRequest]:
     """``n`` choices of each request; each choice its own seed, so they differ."""
     out = []
@@ -149,21 +162,24 @@ async def _complete(http: Request, body: s._Sampling, requests: list[GenerationR
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
             "created": int(time.time()), "model": body.model, "system_fingerprint": FINGERPRINT}
 
-    def choice(i: int, text: str, finish: str | None, calls: list[dict[str, Any]], *, delta: bool) -> dict[str, Any]:
+    def choice(i: int, text: str, finish: str | None, calls: list[dict[str, Any]], *, delta: bool,
+               reasoning: str = "") -> dict[str, Any]:
         if not chat:
             return {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
+        thought = {"reasoning": reasoning} if reasoning else {}  # Ollama's name for the thinking
         if delta:
             part: dict[str, Any] = {"content": text} if text else {}
             if calls:
                 part["tool_calls"] = _tool_calls(calls, indexed=True)
-            return {"index": i, "delta": part, "logprobs": None, "finish_reason": finish}
+            return {"index": i, "delta": {**part, **thought}, "logprobs": None, "finish_reason": finish}
         message = {"role": "assistant", "content": None, "tool_calls": _tool_calls(calls, indexed=False)} if calls \
             else {"role": "assistant", "content": text}
-        return {"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "message": {**message, **thought}, "logprobs": None, "finish_reason": finish}
 
     if not body.stream:
         results = await gen.results()
-        return {**head, "choices": [choice(i, echo[i] + r.text, _finish(r), r.tool_calls, delta=False)
+        return {**head, "choices": [choice(i, echo[i] + r.text, _finish(r), r.tool_calls, delta=False,
+                                           reasoning=r.thinking)
                                     for i, r in enumerate(results)], "usage": _usage(results, body.n)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     head["object"] = kind + ".chunk" if chat else kind
@@ -181,8 +197,8 @@ async def _complete(http: Request, body: s._Sampling, requests: list[GenerationR
         async for i, c in gen.chunks():
             text = c.text if i in started else echo[i] + c.text
             started.add(i)
-            if text or c.tool_calls:
-                yield chunk(choice(i, text, None, c.tool_calls, delta=True))
+            if text or c.thinking or c.tool_calls:
+                yield chunk(choice(i, text, None, c.tool_calls, delta=True, reasoning=c.thinking))
             if c.result is not None:
                 results[i] = c.result
                 yield chunk(choice(i, "", _finish(c.result), [], delta=True))
@@ -199,6 +215,7 @@ async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> A
     req = GenerationRequest(
         messages=_openai_messages(body.messages), format=_format(body.response_format),
         tools=body.tools if body.tools and body.tool_choice != "none" else None, options=_options(body, max_tokens),
+        think=think_of_effort(body.reasoning_effort or (body.reasoning or {}).get("effort")),
     )
     if not req.messages:
         raise OptionError("messages must not be empty")

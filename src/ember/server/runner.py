@@ -103,6 +103,10 @@ class Runner(abc.ABC):
         """The prompt text a request produces."""
 
     @abc.abstractmethod
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """How many tokens the prompt of a request has."""
+
+    @abc.abstractmethod
     async def embed(self, inputs: list[Any], *, truncate: bool, normalize: bool) -> tuple[list[list[float]], int]:
         """Embeddings of texts (or token id lists) and the number of tokens read."""
 
@@ -154,6 +158,9 @@ class LocalRunner(Runner):
 
     async def render(self, request: GenerationRequest) -> str:
         return str(await asyncio.to_thread(self.model.render, request))
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        return int(await asyncio.to_thread(self.model.count_tokens, request))
 
     async def embed(self, inputs: list[Any], *, truncate: bool, normalize: bool) -> tuple[list[list[float]], int]:
         if not inputs:
@@ -293,6 +300,9 @@ class ProcessRunner(Runner):
 
     async def render(self, request: GenerationRequest) -> str:
         return str(await self._call("render", request=request.to_dict()))
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        return int(await self._call("count_tokens", request=request.to_dict()))
 
     async def embed(self, inputs: list[Any], *, truncate: bool, normalize: bool) -> tuple[list[list[float]], int]:
         vecs, n = await self._call("embed", inputs=inputs, truncate=truncate, normalize=normalize)
@@ -441,6 +451,8 @@ async def _serve(sock: socket.socket) -> None:
                 return
             if op == "render":
                 value: Any = await runner.render(GenerationRequest.from_dict(frame["request"]))
+            elif op == "count_tokens":
+                value = await runner.count_tokens(GenerationRequest.from_dict(frame["request"]))
             elif op == "embed":
                 value = await runner.embed(frame["inputs"], truncate=bool(frame["truncate"]), normalize=bool(frame["normalize"]))
             elif op == "running":

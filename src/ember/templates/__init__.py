@@ -16,6 +16,7 @@ from ember.errors import TemplateError
 
 from .jinja import JinjaChatTemplate
 from .ollama import OllamaTemplate
+from .thinking import think_level, thinking_tags
 from .tools import parse_tool_calls, split_tool_calls
 
 __all__ = ["ChatTemplate", "TemplateError", "parse_tool_calls", "split_tool_calls"]
@@ -67,12 +68,9 @@ class ChatTemplate:
 
     @property
     def supports_thinking(self) -> bool:
-        """Whether the template can ask for and show reasoning (a Go template
-        reading ``.Think``/``.Thinking``; a Jinja one reading
-        ``enable_thinking`` or reasoning content, or writing ``<think>``)."""
-        if self.kind == "go":
-            return bool({"think", "thinking", "isthinkset", "thinklevel"} & set(self._impl.vars))
-        return any(k in self.text for k in ("enable_thinking", "reasoning_content", "<think>"))
+        """Whether the template shows reasoning: its thinking tags were found
+        (see :mod:`ember.templates.thinking`)."""
+        return self.thinking_tags is not None
 
     @property
     def capabilities(self) -> list[str]:
@@ -88,17 +86,20 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         bos_token: str = "",
         eos_token: str = "",
-        think: bool | None = None,
+        think: bool | str | None = None,
     ) -> str:
         """The prompt for a chat (Ollama's /api/chat). Go templates follow
         Ollama's rules (``add_generation_prompt``, ``bos_token`` and
         ``eos_token`` do not apply: the template decides); Jinja templates get
-        Hugging Face's context, plus ``enable_thinking`` when ``think`` is set."""
+        Hugging Face's context, plus ``enable_thinking`` (and
+        ``reasoning_effort`` for a level) when ``think`` is set."""
         if self.kind == "go":
-            return str(self._impl.execute(messages, tools=tools, think=think))
+            return str(self._impl.execute(messages, tools=tools, **_think_values(think)))
         extra: dict[str, Any] = {}
         if think is not None:
             extra["enable_thinking"] = bool(think)
+        if isinstance(think, str):
+            extra["reasoning_effort"] = think
         return str(
             self._impl.render(
                 messages,
@@ -110,7 +111,15 @@ class ChatTemplate:
             )
         )
 
-    def render_prompt(self, prompt: str, *, system: str = "", response: str = "", suffix: str = "") -> str:
+    @property
+    def thinking_tags(self) -> tuple[str, str] | None:
+        """The tags around reasoning in this template's output, or None when
+        it renders no thinking (the model cannot think)."""
+        return thinking_tags(self)
+
+    def render_prompt(
+        self, prompt: str, *, system: str = "", response: str = "", suffix: str = "", think: bool | str | None = None
+    ) -> str:
         """The prompt for a completion (Ollama's /api/generate): the system
         message (if any) and the user's prompt; a ``response`` is an assistant
         reply to continue; ``suffix`` asks for fill-in-the-middle."""
@@ -122,15 +131,20 @@ class ChatTemplate:
             if suffix:
                 if not self.supports_insert:
                     raise TemplateError("this model's template does not support a suffix (insert)")
-                return str(self._impl.execute(prompt=prompt, suffix=suffix))
+                return str(self._impl.execute(prompt=prompt, suffix=suffix, **_think_values(think)))
             if response:
                 messages.append({"role": "assistant", "content": response})
-            return str(self._impl.execute(messages))
+            return str(self._impl.execute(messages, **_think_values(think)))
         if suffix:
             raise TemplateError("this model's chat template does not support a suffix (insert)")
         if not response:
-            return str(self._impl.render(messages, add_generation_prompt=True))
+            return self.render_messages(messages, think=think)
         return _continue_final(self._impl, messages, response)
+
+
+def _think_values(think: bool | str | None) -> dict[str, Any]:
+    """``think`` as the Go template's .Think/.ThinkLevel/.IsThinkSet inputs."""
+    return {"think": None if think is None else bool(think), "think_level": think_level(think)}
 
 
 def _continue_final(impl: JinjaChatTemplate, messages: list[dict[str, Any]], response: str) -> str:
