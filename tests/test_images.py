@@ -5,9 +5,7 @@ enough (decompression bombs), and never a crash."""
 from __future__ import annotations
 
 import io
-import struct
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from PIL import Image as PILImage  # noqa: E402
 
 from ember.errors import ImageError  # noqa: E402
 from ember.images import load_image, load_images, sniff_format  # noqa: E402
+from image_fixtures import png_header_only
 
 
 def encoded(img: PILImage.Image, fmt: str, **kw: object) -> bytes:
@@ -26,14 +25,6 @@ def encoded(img: PILImage.Image, fmt: str, **kw: object) -> bytes:
     return buf.getvalue()
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with one empty data chunk."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 RGB = PILImage.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3), "RGB")

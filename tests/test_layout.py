@@ -106,3 +106,15 @@ def test_import_ember_loads_no_heavy_library() -> None:
             " import ember.convert, ember.quantize; assert callable(ember.convert) and callable(ember.quantize)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in the *_fixtures modules (or conftest.py), so a test
+    module runs alone and reads on its own."""
+    offenders = []
+    for p in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{p.name}: {n}" for n in names if n.startswith("test_")]
+    assert offenders == []

@@ -24,6 +24,7 @@ from vision_fixtures import BUILDERS, VisionFixture, hf_greedy, hf_image_feature
 from ember.convert import plan, write  # noqa: E402
 from ember.engine.model import LoadedModel  # noqa: E402
 from ember.engine.vision import ImageChunk, VisionPrompt, VisionProjector, decode_image  # noqa: E402
+from image_fixtures import png_header_only
 
 ARCHS = ["internvl", "internvl-original", "gemma3", "qwen25vl"]
 #: a test image per architecture, sized so that each preprocessing path runs:
@@ -207,7 +208,6 @@ def test_one_pixel_and_extreme_images_run(vlm: Any) -> None:
 
 def test_bad_images_are_clear_errors(vlm: Any) -> None:
     from ember.errors import ImageError
-    from test_images import png_header_only
 
     fx, model, projector, image = vlm
     cases = {

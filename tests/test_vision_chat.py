@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import subprocess
 import threading
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from ember.convert import plan, write
 from ember.engine.vision import ImageChunk
 from ember.errors import ContextOverflowError, ImageError
 from ember.request import GenerationRequest
+from image_fixtures import png_header_only
 
 #: InternVL (several tiles: several image chunks per image), Gemma 3 (image
 #: tokens attend to each other) and Qwen2.5-VL (M-RoPE: an image takes fewer
@@ -170,12 +169,6 @@ def test_prompt_ending_with_an_image_and_several_images(vlm: Any) -> None:
         assert r.prompt_tokens > 5 and r.done_reason in ("stop", "length")
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def test_bad_images_are_one_line_errors(vlm: Any, demo_model: Path) -> None:

@@ -8,8 +8,6 @@ test_vision_chat.py); bad images are 400s and the model keeps serving."""
 from __future__ import annotations
 
 import base64
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from vision_fixtures import BUILDERS, sample_image
 
 import ember
 from ember.convert import plan, write
+from image_fixtures import png_header_only
 
 QUESTION = "What is in the picture?"
 PARAMS = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 6, "num_ctx": 512}
@@ -83,12 +82,6 @@ def test_openai_client_image_url_data(served: Any) -> None:
             {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])  # type: ignore[list-item]
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def test_bad_images_are_400s_and_the_model_keeps_serving(served: Any, demo_model: Path) -> None:
