@@ -50,7 +50,8 @@ def _digest_hex(d: str | None) -> str:
     return (d or "").removeprefix("sha256:")
 
 
-@router.api_route("/api/tags", methods=["GET", "HEAD"])
+@router.get("/api/tags")
+@router.head("/api/tags", operation_id="tags_head")
 async def tags() -> Any:
     """Models in the registry."""
     entries = await asyncio.to_thread(list_models)
@@ -286,7 +287,8 @@ async def ps(request: Request) -> Any:
     return {"models": out}
 
 
-@router.api_route("/api/version", methods=["GET", "HEAD"])
+@router.get("/api/version")
+@router.head("/api/version", operation_id="version_head")
 async def version() -> Any:
     """The Ollama API version served (clients compare it), and Ember's own."""
     return {"version": OLLAMA_API_VERSION, "ember_version": __version__}
