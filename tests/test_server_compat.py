@@ -12,7 +12,7 @@ import ollama
 import openai
 import pytest
 
-from server_fixtures import CALL_SCHEMA, TOOLS_TEMPLATE, WEATHER_TOOL, Server, create
+from server_fixtures import CALL_SCHEMA, THINK_TEMPLATE, TOOLS_TEMPLATE, WEATHER_TOOL, Server, create
 
 GREEDY = {"temperature": 0, "num_predict": 8}
 HI = [{"role": "user", "content": "Hi! How are you?"}]
@@ -147,10 +147,14 @@ def test_what_a_template_can_take() -> None:
     from ember.templates import ChatTemplate
 
     assert ChatTemplate.parse(TOOLS_TEMPLATE).capabilities == ["tools"]
-    go = "{{ if .Think }}<think>{{ end }}{{ .Prompt }}{{ .Suffix }}"
-    assert ChatTemplate.parse(go).capabilities == ["insert", "thinking"]
-    jinja = "{% if enable_thinking %}<think>{% endif %}{{ messages[0]['content'] }}"
+    assert ChatTemplate.parse("{{ .Prompt }}{{ .Suffix }}").capabilities == ["insert"]
+    # thinking: the template shows reasoning between tags (learned by rendering it)
+    assert ChatTemplate.parse(THINK_TEMPLATE).capabilities == ["thinking"]
+    jinja = ("{% for m in messages %}{% if m.thinking %}<think>{{ m.thinking }}</think>{% endif %}{{ m.content }}{% endfor %}"
+             "{% if enable_thinking %}<think>{% endif %}")
     assert ChatTemplate.parse(jinja).capabilities == ["thinking"]
+    # a template that only opens a tag shows no reasoning
+    assert ChatTemplate.parse("{{ if .Think }}<think>{{ end }}{{ .Prompt }}").capabilities == []
 
 
 def test_think_false_and_no_tools_are_fine(server: Server) -> None:
