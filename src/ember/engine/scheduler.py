@@ -6,6 +6,11 @@ that is generating plus chunks of prompt for sequences that are starting
 batch). Every request has its own sampler chain. When a request starts, the
 slot whose cached tokens share the longest prefix with its prompt is reused
 (or that prefix is copied from a busy slot), so only the rest is evaluated.
+
+Speculative decoding: a generating sequence may carry drafted tokens (from
+n-grams of its prompt and output, engine/speculative.py) after its next token;
+all of them are verified in the same ``llama_decode``, and the KV entries of
+rejected drafts are removed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 from ember.engine.model import Context, LoadedModel, MemoryReport
 from ember.engine.sampling import Sampler
+from ember.engine.speculative import Drafter, exact_rows
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
 
 # batch_invariant prompts are evaluated in chunks aligned to this many tokens.
@@ -41,6 +47,8 @@ class Chunk:
     eval_count: int = 0  # generated tokens
     eval_duration: int = 0  # ns
     tokens: list[int] = field(default_factory=list)  # generated token ids (on the last chunk)
+    draft_count: int = 0  # tokens drafted for speculative decoding
+    draft_accepted: int = 0  # drafted tokens the model accepted
 
 
 class Handle:
@@ -110,9 +118,15 @@ class _Slot:
         self.cached: list[int] = []  # tokens whose KV is in the cache for this sequence
         self.last_used = 0.0
         self.req: _Request | None = None
+        self.drafter: Drafter | None = None
+        self.draft: list[int] = []  # drafted tokens after next_token, in this step's batch
 
-    def start(self, req: _Request, n_keep: int, sampler: Sampler, stops: list[str]) -> None:
+    def start(self, req: _Request, n_keep: int, sampler: Sampler, stops: list[str], drafter: Drafter | None) -> None:
         self.req = req
+        self.drafter = drafter
+        self.draft: list[int] = []
+        self.draft_count = 0
+        self.draft_accepted = 0
         self.pending = req.tokens[n_keep:]
         self.n_past = n_keep
         self.sampler = sampler
@@ -151,6 +165,8 @@ class Scheduler:
         self.num_parallel = num_parallel
         self.max_queue = max_queue
         self.ctx: Context = model.new_context(num_ctx * num_parallel, n_seq_max=num_parallel, options=options)
+        self.ctx_options = options
+        self._exact_rows: int | None = None  # see speculative.exact_rows; probed when first needed
         self.batch_invariant = bool((options or {}).get("batch_invariant", model.options.get("batch_invariant")))
         self.n_batch = self.ctx.n_batch
         self.slots = [_Slot(i) for i in range(num_parallel)]
@@ -289,7 +305,20 @@ class Scheduler:
         sampler = Sampler(self.model, req.options, req.grammar)
         sampler.accept_prompt(tokens)
         stops = [s for s in req.options.get("stop") or [] if s]
-        slot.start(req, n_keep, sampler, stops)
+        slot.start(req, n_keep, sampler, stops, self._drafter(req, sampler, invariant))
+
+    def _drafter(self, req: _Request, sampler: Sampler, invariant: bool) -> Drafter | None:
+        """Speculative drafts for this request, where they can be verified exactly."""
+        max_draft = int(req.options.get("num_draft") or 0)
+        if max_draft <= 0 or not sampler.can_verify:
+            return None
+        if invariant:
+            if self._exact_rows is None:
+                self._exact_rows = exact_rows(self.model, self.ctx_options, max_draft + 1)
+            max_draft = min(max_draft, self._exact_rows - 1)
+            if max_draft <= 0:
+                return None
+        return Drafter(req.tokens, max_draft)
 
     def _step(self) -> None:
         active = [s for s in self.slots if s.req is not None]
@@ -310,12 +339,18 @@ class Scheduler:
 
     def _decode_group(self, active: list[_Slot]) -> None:
         entries: list[tuple[int, int, int, bool]] = []
+        generating = [s for s in active if s.next_token is not None]
+        spare = self.n_batch - len(generating)  # rows left for drafts (prefill waits a step at worst)
         for s in active:
             s.batch_row = -1
             s.taken = 0
             if s.next_token is not None:
                 entries.append((s.next_token, s.n_past, s.seq, True))
                 s.batch_row = len(entries) - 1
+                if s.drafter is not None and spare > 0:
+                    s.draft = s.drafter.propose(min(spare, self._draft_room(s)))
+                    spare -= len(s.draft)
+                    entries.extend((t, s.n_past + 1 + j, s.seq, True) for j, t in enumerate(s.draft))
         budget = self.n_batch - len(entries)
         # Prefill in arrival order so the oldest prompt finishes first.
         for s in sorted((s for s in active if s.pending), key=lambda s: s.req.submitted):  # type: ignore[union-attr]
@@ -349,28 +384,68 @@ class Scheduler:
             if s.batch_row >= 0 and not s.pending:
                 self._sample(s)
 
+    def _draft_room(self, s: _Slot) -> int:
+        """How many drafted tokens could still be used: the output's and the context's room."""
+        assert s.req is not None
+        room = self.num_ctx - s.n_past - 2
+        n_predict = s.req.options.get("num_predict", -1)
+        if n_predict is not None and n_predict >= 0:
+            room = min(room, n_predict - len(s.generated) - 1)
+        return max(0, room)
+
     def _sample(self, s: _Slot) -> None:
+        """Choose the next token from the sequence's row, or verify its drafts
+        row by row: every accepted draft is a token already in the cache."""
         req = s.req
         assert req is not None
         now = time.perf_counter()
         if s.t_first is None:
             s.t_first = now
-        n_predict = req.options.get("num_predict", -1)
-        if n_predict == 0:
+        if req.options.get("num_predict", -1) == 0:
             self._finish(s, "length")
             return
-        tok = s.sampler.sample(self.ctx.ptr, s.batch_row)
+        draft, s.draft = s.draft, []
+        s.draft_count += len(draft)
+        accepted = 0
+        for j in range(len(draft) + 1):
+            if j < len(draft):
+                tok, hit = s.sampler.verify(self.ctx.ptr, s.batch_row + j, draft[j])
+            else:
+                tok, hit = s.sampler.sample(self.ctx.ptr, s.batch_row + j), False
+            if hit:
+                accepted += 1
+                s.draft_accepted += 1
+            if self._take(s, tok):
+                break
+            if not hit:
+                s.next_token = tok
+                break
+            s.cached.append(tok)
+            s.n_past += 1
+        if draft:
+            if s.drafter is not None:
+                s.drafter.record(len(draft), accepted)
+            if accepted < len(draft) or s.req is None:
+                self.ctx.seq_rm(s.seq, s.n_past, -1)  # the rejected drafts' KV entries
+
+    def _take(self, s: _Slot, tok: int) -> bool:
+        """Add a chosen token to the output; True if the request finished."""
+        req = s.req
+        assert req is not None
         if self.model.is_eog(tok):
             self._finish(s, "stop")
-            return
+            return True
         s.generated.append(tok)
+        if s.drafter is not None:
+            s.drafter.extend((tok,))
         s.text += s.decoder.decode(self.model.token_bytes(tok))
         if self._emit(s):
-            return
+            return True
+        n_predict = req.options.get("num_predict", -1)
         if (n_predict is not None and 0 <= n_predict <= len(s.generated)) or s.n_past + 1 >= self.num_ctx:
             self._finish(s, "length")
-            return
-        s.next_token = tok
+            return True
+        return False
 
     def _emit(self, s: _Slot) -> bool:
         """Send the text that can no longer be part of a stop string; True if stopped."""
@@ -419,6 +494,8 @@ class Scheduler:
                     eval_count=len(s.generated),
                     eval_duration=int((now - first) * 1e9),
                     tokens=list(s.generated),
+                    draft_count=s.draft_count,
+                    draft_accepted=s.draft_accepted,
                 )
             )
         self._free(s)
@@ -428,6 +505,8 @@ class Scheduler:
         s.req = None
         s.pending = []
         s.next_token = None
+        s.draft = []
+        s.drafter = None
         s.last_used = time.monotonic()
 
     def _fail_all(self, error: EmberError) -> None:
