@@ -25,7 +25,6 @@ SOURCE = (
 )
 PROMPTS = [
     "The capital of France is",
-    "def fibonacci(n):",
     "Once upon a time",
     # Input-grounded: the continuation quotes the prompt, so drafts get accepted.
     f"{SOURCE}\n\nRepeat the text above exactly:\n\n{SOURCE[:40]}",
@@ -50,8 +49,8 @@ def test_greedy_invariant_output_is_identical_with_speculation():
         grounded = None
         for prompt in PROMPTS:
             toks = m.tokenize(prompt, True, True)
-            plain = list(sched.generate(toks, O.merged(GREEDY, {"num_predict": 40, "num_draft": 0})))[-1]
-            spec = list(sched.generate(toks, O.merged(GREEDY, {"num_predict": 40})))[-1]
+            plain = list(sched.generate(toks, O.merged(GREEDY, {"num_predict": 32, "num_draft": 0})))[-1]
+            spec = list(sched.generate(toks, O.merged(GREEDY, {"num_predict": 32})))[-1]
             assert plain.draft_count == 0
             assert spec.tokens == plain.tokens, prompt
             assert spec.draft_accepted <= spec.draft_count
