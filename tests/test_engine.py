@@ -167,10 +167,11 @@ def test_top_k_selection_matches_a_full_sort():
     rng = np.random.default_rng(0)
     rows = [
         rng.standard_normal(262144).astype(np.float32) * 4,
-        np.zeros(262144, dtype=np.float32),  # all tied: the sampled threshold keeps everything
+        np.zeros(262144, dtype=np.float32),  # all tied
         np.repeat(rng.standard_normal(64).astype(np.float32), 4096),  # big tied groups
         np.sort(rng.standard_normal(50000).astype(np.float32)),  # ascending: the top is at the end
         rng.standard_normal(30).astype(np.float32),  # fewer than k
+        rng.standard_normal(262144 + 37).astype(np.float32),  # a tail outside the groups
     ]
     for row in rows:
         for k in (1, 40, 1000):

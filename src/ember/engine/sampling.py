@@ -4,7 +4,7 @@ greedy at temperature 0, or Mirostat).
 
 The common case (no grammar, no Mirostat, a top-k) never walks the whole
 vocabulary in C: the penalties touch only the tokens of the repeat window (in
-place, on the logits), the top k are found with a sampled threshold in numpy,
+place, on the logits), the top k are found from per-group maxima in numpy,
 and llama.cpp's own samplers (typical, top-p, min-p, temperature, its seeded
 draw) then run over those k candidates, sorted as its top-k would leave them.
 That is the same computation as llama.cpp's chain, at a fraction of the cost
@@ -33,31 +33,31 @@ from ember.errors import OptionError
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 # The fast path handles top_k up to this; larger ones (or 0: all) use the chain.
 FAST_TOP_K_MAX = 4096
+TOP_K_GROUPS = 64
 
 
 def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
     """The indices of the ``k`` largest values, largest first.
 
-    A threshold from a strided sample keeps the exact selection to a few hundred
-    values, several times faster than an argpartition over the whole row.
+    The row is cut into TOP_K_GROUPS strided groups ({j, j+w, j+2w, ...}); a
+    maximum per group is one vectorized pass, and each of the k largest values
+    lies in a group whose maximum is among the k largest maxima, so the exact
+    selection runs over k groups only: several times faster than a selection
+    over the whole row.
     """
     n = logits.shape[0]
+    w = n // TOP_K_GROUPS
     if k >= n:
         idx = np.arange(n)
+    elif w <= 2 * k:
+        idx = np.argpartition(logits, -k)[-k:]
     else:
-        idx = None
-        stride = 64
-        if n >= 16 * stride and k * stride * 4 < n:
-            sample = logits[::stride]
-            m = min(sample.shape[0], 8 + (4 * k * sample.shape[0]) // n)
-            threshold = np.partition(sample, -m)[-m]
-            above = np.flatnonzero(logits >= threshold)
-            if above.shape[0] >= k:
-                idx = above
-        if idx is None:
-            idx = np.arange(n)
-        if idx.shape[0] > k:
-            idx = idx[np.argpartition(logits[idx], -k)[-k:]]
+        group_max = logits[: TOP_K_GROUPS * w].reshape(TOP_K_GROUPS, w).max(axis=0)
+        top = np.argpartition(group_max, -k)[-k:]
+        cand = (top[None, :] + w * np.arange(TOP_K_GROUPS)[:, None]).ravel()
+        if TOP_K_GROUPS * w < n:  # the tail belongs to no group
+            cand = np.concatenate([cand, np.arange(TOP_K_GROUPS * w, n)])
+        idx = cand[np.argpartition(logits[cand], -k)[-k:]]
     return idx[np.argsort(-logits[idx], kind="stable")]
 
 
@@ -67,6 +67,7 @@ class Sampler:
     def __init__(self, model: LoadedModel, options: dict[str, Any], grammar: str | None = None) -> None:
         o = options
         self.n_vocab = model.n_vocab
+        self.row_type = ctypes.c_float * self.n_vocab
         self.chain: Any = None
         self.filters: Any = None
         self.dist: Any = None
@@ -178,7 +179,8 @@ class Sampler:
 
     def _logits(self, ctx_ptr: Any, index: int) -> np.ndarray:
         """Row ``index`` of the logits, penalized in place (tokens of the window only)."""
-        row = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx_ptr, index), shape=(self.n_vocab,))
+        ptr = lc.llama_get_logits_ith(ctx_ptr, index)
+        row = np.frombuffer(self.row_type.from_address(ctypes.addressof(ptr.contents)), dtype=np.float32)
         if self.counts:
             ids = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
             v = row[ids]
