@@ -61,6 +61,16 @@ def test_greedy_invariant_output_is_identical_with_speculation():
         m.close()
 
 
+def test_python_result_reports_drafts():
+    from ember.api import Model
+
+    with Model("demo", num_ctx=1024) as m:
+        r = m.generate(PROMPTS[-1], raw=True, temperature=0, repeat_penalty=1.0, num_predict=24)
+        assert 0 < r.draft_accepted <= r.draft_count
+        off = m.generate(PROMPTS[-1], raw=True, temperature=0, repeat_penalty=1.0, num_predict=24, num_draft=0)
+        assert off.draft_count == 0
+
+
 def test_batched_sequences_share_verification():
     """Several sequences with drafts in one decode: every sequence completes and
     its output is a greedy path of its own prompt (near-ties allowed, as batched
