@@ -42,6 +42,21 @@ def test_drafter_proposes_what_followed_the_latest_match():
     assert d.propose(4) == []  # drafts that never pay stop
 
 
+def test_row_cost_is_learnt_from_decode_times():
+    from ember.engine.speculative import ROW_COST, RowCost
+
+    cost = RowCost()
+    for _ in range(20):
+        cost.add(1, 0.012)
+    assert cost.value == ROW_COST  # one batch size only: nothing learnt
+    for rows in (1, 3, 5, 2, 9) * 10:
+        cost.add(rows, 0.010 + 0.002 * rows)
+    assert abs(cost.value - 0.002 / 0.012) < 1e-6
+    # Where rows are costly, drafts of middling acceptance stop.
+    d = Drafter([1, 2, 3, 1, 2], max_draft=8)
+    assert d.length(0.05) > d.length(0.3) > 0 and d.length(1.0) == 0
+
+
 def test_greedy_invariant_output_is_identical_with_speculation():
     m = load_model(demo_model_path(), {"batch_invariant": True})
     sched = Scheduler(m, num_ctx=1024)

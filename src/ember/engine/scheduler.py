@@ -27,7 +27,7 @@ from typing import Any
 
 from ember.engine.model import Context, LoadedModel, MemoryReport
 from ember.engine.sampling import Sampler
-from ember.engine.speculative import Drafter, exact_rows
+from ember.engine.speculative import Drafter, RowCost, exact_rows
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
 
 # batch_invariant prompts are evaluated in chunks aligned to this many tokens.
@@ -167,6 +167,7 @@ class Scheduler:
         self.ctx: Context = model.new_context(num_ctx * num_parallel, n_seq_max=num_parallel, options=options)
         self.ctx_options = options
         self._exact_rows: int | None = None  # see speculative.exact_rows; probed when first needed
+        self.row_cost = RowCost()
         self.batch_invariant = bool((options or {}).get("batch_invariant", model.options.get("batch_invariant")))
         self.n_batch = self.ctx.n_batch
         self.slots = [_Slot(i) for i in range(num_parallel)]
@@ -348,7 +349,7 @@ class Scheduler:
                 entries.append((s.next_token, s.n_past, s.seq, True))
                 s.batch_row = len(entries) - 1
                 if s.drafter is not None and spare > 0:
-                    s.draft = s.drafter.propose(min(spare, self._draft_room(s)))
+                    s.draft = s.drafter.propose(min(spare, self._draft_room(s)), self.row_cost.value)
                     spare -= len(s.draft)
                     entries.extend((t, s.n_past + 1 + j, s.seq, True) for j, t in enumerate(s.draft))
         budget = self.n_batch - len(entries)
@@ -368,7 +369,10 @@ class Scheduler:
             budget -= len(take)
         if not entries:
             return
+        t0 = time.perf_counter()
         self.ctx.decode(entries)
+        if generating and not any(s.taken for s in active):  # a generation step (no prefill): its cost per row
+            self.row_cost.add(len(entries), time.perf_counter() - t0)
         # Book-keeping after a successful decode.
         for s in active:
             if s.next_token is not None:

@@ -19,8 +19,9 @@ import numpy as np
 NGRAM_MAX = 4
 NGRAM_MIN = 2
 # The cost of verifying one more token in a decode, as a fraction of a
-# one-token decode (decoding is bound by reading the weights, so extra rows
-# are cheap, but not free).
+# one-token decode, until the scheduler has measured it (RowCost): where
+# decoding is bound by reading the weights extra rows are nearly free, on a
+# few CPU cores they are not.
 ROW_COST = 0.15
 # Each verification's evidence fades by DECAY; while a sequence does not
 # draft, its evidence fades by IDLE_DECAY a step towards the prior, so drafting
@@ -51,20 +52,20 @@ class Drafter:
                     self.index[tuple(seq[end - n : end])] = end
             seq.append(t)
 
-    def length(self) -> int:
+    def length(self, row_cost: float = ROW_COST) -> int:
         """The draft length that maximizes expected tokens per unit of decode cost (0: do not draft)."""
         a = self.hits / (self.hits + self.misses)
         best, best_k, expected = 1.0, 0, 0.0
         for k in range(1, self.max_draft + 1):
             expected += a**k  # accepted tokens expected from a draft of k (geometric)
-            rate = (1.0 + expected) / (1.0 + ROW_COST * k)
+            rate = (1.0 + expected) / (1.0 + row_cost * k)
             if rate > best:
                 best, best_k = rate, k
         return best_k
 
-    def propose(self, limit: int) -> list[int]:
+    def propose(self, limit: int, row_cost: float = ROW_COST) -> list[int]:
         """Up to ``limit`` drafted tokens to follow the sequence (maybe none)."""
-        k = min(self.length(), limit)
+        k = min(self.length(row_cost), limit)
         if k <= 0:
             # Not drafting: the evidence fades so that drafting is tried again.
             self.hits = self.hits * IDLE_DECAY + (1 - IDLE_DECAY)
@@ -84,6 +85,40 @@ class Drafter:
         """The outcome of verifying a draft: its first ``accepted`` tokens were kept."""
         self.hits = self.hits * DECAY + accepted
         self.misses = self.misses * DECAY + (1 if accepted < drafted else 0)
+
+
+class RowCost:
+    """The cost of one more row in a decode relative to a one-row decode,
+    learnt from the scheduler's own generation steps: a least-squares line
+    through (rows, seconds) with old steps fading, so it follows the machine."""
+
+    FADE = 0.98
+
+    def __init__(self) -> None:
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, rows: int, seconds: float) -> None:
+        f = self.FADE
+        self.w = self.w * f + 1
+        self.x = self.x * f + rows
+        self.y = self.y * f + seconds
+        self.xx = self.xx * f + rows * rows
+        self.xy = self.xy * f + rows * seconds
+
+    @property
+    def value(self) -> float:
+        if self.w < 8:
+            return ROW_COST
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        if var < 0.05:  # every step the same size: nothing to learn from yet
+            return ROW_COST
+        slope = (self.xy / self.w - mx * my) / var
+        base = my - slope * mx
+        one = base + slope
+        if one <= 0:
+            return ROW_COST
+        return min(2.0, max(0.05, slope / one))
 
 
 def exact_rows(model: Any, options: dict[str, Any] | None, n_max: int) -> int:
