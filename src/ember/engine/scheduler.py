@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.engine.model import Context, LoadedModel, MemoryReport
+from ember.options import SPECS
 from ember.engine.sampling import Sampler
 from ember.engine.speculative import Drafter, RowCost, exact_rows
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
 
 # batch_invariant prompts are evaluated in chunks aligned to this many tokens.
 INVARIANT_CHUNK = 64
+DEFAULT_DRAFT = SPECS["num_draft"].default  # probe exact batch shapes at least this far
 
 
 @dataclass
@@ -124,7 +126,7 @@ class _Slot:
     def start(self, req: _Request, n_keep: int, sampler: Sampler, stops: list[str], drafter: Drafter | None) -> None:
         self.req = req
         self.drafter = drafter
-        self.draft: list[int] = []
+        self.draft = []
         self.draft_count = 0
         self.draft_accepted = 0
         self.pending = req.tokens[n_keep:]
@@ -315,7 +317,7 @@ class Scheduler:
             return None
         if invariant:
             if self._exact_rows is None:
-                self._exact_rows = exact_rows(self.model, self.ctx_options, max_draft + 1)
+                self._exact_rows = exact_rows(self.model, self.ctx_options, max(max_draft, DEFAULT_DRAFT) + 1)
             max_draft = min(max_draft, self._exact_rows - 1)
             if max_draft <= 0:
                 return None

@@ -11,6 +11,7 @@ cost of verifying the extra tokens (free-form text then runs as before).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ class Drafter:
         self.misses = 1.0
         self.extend(tokens)
 
-    def extend(self, tokens: list[int]) -> None:
+    def extend(self, tokens: Iterable[int]) -> None:
         """Append tokens of the sequence (prompt or output)."""
         seq = self.tokens
         for t in tokens:
