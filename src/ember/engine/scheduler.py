@@ -344,6 +344,7 @@ class Scheduler:
         entries: list[tuple[int, int, int, bool]] = []
         generating = [s for s in active if s.next_token is not None]
         spare = self.n_batch - len(generating)  # rows left for drafts (prefill waits a step at worst)
+        row_cost = self.row_cost.relative(len(generating))
         for s in active:
             s.batch_row = -1
             s.taken = 0
@@ -351,7 +352,7 @@ class Scheduler:
                 entries.append((s.next_token, s.n_past, s.seq, True))
                 s.batch_row = len(entries) - 1
                 if s.drafter is not None and spare > 0:
-                    s.draft = s.drafter.propose(min(spare, self._draft_room(s)), self.row_cost.value)
+                    s.draft = s.drafter.propose(min(spare, self._draft_room(s)), row_cost)
                     spare -= len(s.draft)
                     entries.extend((t, s.n_past + 1 + j, s.seq, True) for j, t in enumerate(s.draft))
         budget = self.n_batch - len(entries)

@@ -89,9 +89,9 @@ class Drafter:
 
 
 class RowCost:
-    """The cost of one more row in a decode relative to a one-row decode,
-    learnt from the scheduler's own generation steps: a least-squares line
-    through (rows, seconds) with old steps fading, so it follows the machine."""
+    """What one more row costs in a decode, learnt from the scheduler's own
+    generation steps: a least-squares line through (rows, seconds), old steps
+    fading, so it follows the machine (and its load)."""
 
     FADE = 0.98
 
@@ -106,20 +106,27 @@ class RowCost:
         self.xx = self.xx * f + rows * rows
         self.xy = self.xy * f + rows * seconds
 
-    @property
-    def value(self) -> float:
+    def _per_row(self) -> float:
+        """A row's cost over the fixed cost of a decode."""
+        default = ROW_COST / (1 - ROW_COST)
         if self.w < 8:
-            return ROW_COST
+            return default
         mx, my = self.x / self.w, self.y / self.w
         var = self.xx / self.w - mx * mx
         if var < 0.05:  # every step the same size: nothing to learn from yet
-            return ROW_COST
+            return default
         slope = (self.xy / self.w - mx * my) / var
         base = my - slope * mx
-        one = base + slope
-        if one <= 0:
-            return ROW_COST
-        return min(2.0, max(0.05, slope / one))
+        if base <= 0 or slope <= 0:
+            return default if slope > 0 else 0.05
+        return min(10.0, max(0.05, slope / base))
+
+    def relative(self, rows: int = 1) -> float:
+        """The cost of one drafted row against a decode of ``rows`` rows, per
+        sequence in it: a draft in a busy batch must pay for slowing every
+        sequence of it, so drafting needs more acceptance there."""
+        r = self._per_row() * max(1, rows)
+        return r / (1 + r)
 
 
 def exact_rows(model: Any, options: dict[str, Any] | None, n_max: int) -> int:
