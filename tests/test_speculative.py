@@ -49,10 +49,11 @@ def test_row_cost_is_learnt_from_decode_times():
     for _ in range(20):
         cost.add(1, 0.012)
     assert abs(cost.relative() - ROW_COST) < 1e-9  # one batch size only: nothing learnt
-    for rows in (1, 3, 5, 2, 9) * 10:
-        cost.add(rows, 0.010 + 0.002 * rows)
-    assert abs(cost.relative() - 0.002 / 0.012) < 1e-6
-    assert abs(cost.relative(8) - 0.016 / 0.026) < 1e-6  # in a batch of 8 sequences a draft costs more
+    for i, rows in enumerate((1, 3, 5, 2, 9) * 10):
+        # A busy machine: every third step is slowed down a lot.
+        cost.add(rows, (0.010 + 0.002 * rows) * (5 if i % 3 == 0 else 1))
+    assert abs(cost.relative() / (0.002 / 0.012) - 1) < 0.15  # the outliers barely count
+    assert cost.relative(8) > 1.5 * cost.relative()  # in a batch of 8 sequences a draft costs more
     # Where rows are costly, drafts of middling acceptance stop.
     d = Drafter([1, 2, 3, 1, 2], max_draft=8)
     assert d.length(0.05) > d.length(0.3) > 0 and d.length(1.0) == 0
@@ -199,7 +200,9 @@ def test_speculative_sampling_keeps_the_target_distribution(tiny):
                 key = (x, -1 if m.is_eog(y) else y)
                 expected[key] = expected.get(key, 0) + px * py
 
-        sched = Scheduler(m, num_ctx=len(prompt) + 16)
+        # Drafts at any cost: this model is so small that extra rows do not pay,
+        # and every second token is to be a verified draft.
+        sched = Scheduler(m, num_ctx=len(prompt) + 16, draft_cost=0.0)
         try:
             n = 3000
             observed: Counter = Counter()

@@ -161,8 +161,12 @@ class Scheduler:
         num_parallel: int = 1,
         max_queue: int = 512,
         options: dict[str, Any] | None = None,
+        draft_cost: float | None = None,
     ) -> None:
+        """``draft_cost``: a fixed cost of a drafted row against a decode (0: drafts
+        are free), for measurements; None: measured on this machine's decodes."""
         self.model = model
+        self.draft_cost = draft_cost
         self.num_ctx = num_ctx
         self.num_parallel = num_parallel
         self.max_queue = max_queue
@@ -344,7 +348,7 @@ class Scheduler:
         entries: list[tuple[int, int, int, bool]] = []
         generating = [s for s in active if s.next_token is not None]
         spare = self.n_batch - len(generating)  # rows left for drafts (prefill waits a step at worst)
-        row_cost = self.row_cost.relative(len(generating))
+        row_cost = self.row_cost.relative(len(generating)) if self.draft_cost is None else self.draft_cost
         for s in active:
             s.batch_row = -1
             s.taken = 0

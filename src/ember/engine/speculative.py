@@ -29,6 +29,7 @@ ROW_COST = 0.15
 # is tried again later (the text may start quoting its input).
 DECAY = 0.9
 IDLE_DECAY = 0.97
+EXPLORE_EVERY = 64  # steps without drafting between single-token trial drafts
 
 
 class Drafter:
@@ -38,6 +39,7 @@ class Drafter:
         self.tokens: list[int] = []
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest continuation starts
         self.max_draft = max_draft
+        self.idle = 0  # steps without drafting
         self.hits = 1.0  # faded counts of accepted / rejected draft tokens (a weak prior of 1/2)
         self.misses = 1.0
         self.extend(tokens)
@@ -68,10 +70,15 @@ class Drafter:
         """Up to ``limit`` drafted tokens to follow the sequence (maybe none)."""
         k = min(self.length(row_cost), limit)
         if k <= 0:
-            # Not drafting: the evidence fades so that drafting is tried again.
+            # Not drafting: the evidence fades so that drafting is tried again,
+            # and now and then one token is drafted anyway, so that the cost of
+            # a row is measured again too.
             self.hits = self.hits * IDLE_DECAY + (1 - IDLE_DECAY)
             self.misses = self.misses * IDLE_DECAY + (1 - IDLE_DECAY)
-            return []
+            self.idle += 1
+            if self.idle % EXPLORE_EVERY or limit <= 0:
+                return []
+            k = 1
         seq = self.tokens
         end = len(seq)
         for n in range(NGRAM_MAX, NGRAM_MIN - 1, -1):
@@ -90,35 +97,38 @@ class Drafter:
 
 class RowCost:
     """What one more row costs in a decode, learnt from the scheduler's own
-    generation steps: a least-squares line through (rows, seconds), old steps
-    fading, so it follows the machine (and its load)."""
+    generation steps: for each batch size a floor of its decode times (it
+    drops to a faster sample at once and rises slowly, so a busy machine's
+    slow outliers do not count but drift does), and a line through them."""
 
-    FADE = 0.98
+    RISE = 0.02
+    MIN_SAMPLES = 4
 
     def __init__(self) -> None:
-        self.w = self.x = self.y = self.xx = self.xy = 0.0
+        self.floor: dict[int, float] = {}
+        self.count: dict[int, int] = {}
 
     def add(self, rows: int, seconds: float) -> None:
-        f = self.FADE
-        self.w = self.w * f + 1
-        self.x = self.x * f + rows
-        self.y = self.y * f + seconds
-        self.xx = self.xx * f + rows * rows
-        self.xy = self.xy * f + rows * seconds
+        n = self.count.get(rows, 0)
+        self.count[rows] = n + 1
+        if n == 0:  # a batch size's first decode also builds its graph: not its cost
+            return
+        f = self.floor.get(rows)
+        self.floor[rows] = seconds if f is None or seconds < f else f + (seconds - f) * self.RISE
 
     def _per_row(self) -> float:
         """A row's cost over the fixed cost of a decode."""
-        default = ROW_COST / (1 - ROW_COST)
-        if self.w < 8:
-            return default
-        mx, my = self.x / self.w, self.y / self.w
-        var = self.xx / self.w - mx * mx
-        if var < 0.05:  # every step the same size: nothing to learn from yet
-            return default
-        slope = (self.xy / self.w - mx * my) / var
+        pts = [(r, t) for r, t in self.floor.items() if self.count[r] > self.MIN_SAMPLES]
+        if len(pts) < 2:  # one batch size only: nothing to learn from yet
+            return ROW_COST / (1 - ROW_COST)
+        mx = sum(r for r, _ in pts) / len(pts)
+        my = sum(t for _, t in pts) / len(pts)
+        slope = sum((r - mx) * (t - my) for r, t in pts) / sum((r - mx) ** 2 for r, _ in pts)
         base = my - slope * mx
-        if base <= 0 or slope <= 0:
-            return default if slope > 0 else 0.05
+        if slope <= 0:
+            return 0.05
+        if base <= 0:
+            return 10.0
         return min(10.0, max(0.05, slope / base))
 
     def relative(self, rows: int = 1) -> float:
