@@ -107,6 +107,78 @@ def test_sampling_seed_stop_and_length(engine):
         sched.close()
 
 
+def _llama_cpp_chain(engine, tokens: list[int], n: int, o: dict) -> list[int]:
+    """Tokens from llama.cpp's own sampler chain over the whole vocabulary
+    (penalties, top-k, top-p, min-p, temperature, seeded draw), decoding alone."""
+    import llama_cpp as lc
+
+    ctx = engine.new_context(512)
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    for smpl in (
+        lc.llama_sampler_init_penalties(engine.n_vocab, o["repeat_last_n"], o["repeat_penalty"], o["frequency_penalty"], o["presence_penalty"]),
+        lc.llama_sampler_init_top_k(o["top_k"]),
+        lc.llama_sampler_init_top_p(o["top_p"], 1),
+        lc.llama_sampler_init_min_p(o["min_p"], 1),
+        lc.llama_sampler_init_temp(o["temperature"]),
+        lc.llama_sampler_init_dist(o["seed"]),
+    ):
+        lc.llama_sampler_chain_add(chain, smpl)
+    try:
+        for t in tokens:
+            lc.llama_sampler_accept(lc.llama_sampler_chain_get(chain, 0), t)
+        ctx.decode([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+        out, row = [], len(tokens) - 1
+        for _ in range(n):
+            tok = lc.llama_sampler_sample(chain, ctx.ptr, row)
+            if engine.is_eog(tok):
+                break
+            out.append(tok)
+            ctx.decode([(tok, len(tokens) + len(out) - 1, 0, True)])
+            row = 0
+        return out
+    finally:
+        lc.llama_sampler_free(chain)
+        ctx.close()
+
+
+@pytest.mark.parametrize("extra", [{}, {"frequency_penalty": 0.5, "presence_penalty": 0.3, "min_p": 0.05, "top_k": 100}])
+def test_default_sampler_gives_llama_cpp_chain_tokens(engine, extra):
+    """The fast sampler (penalties on the window's tokens, top-k in numpy, then
+    llama.cpp's samplers over the candidates) draws the very tokens of llama.cpp's
+    whole chain for the same seed: the same computation in the same order."""
+    sched = Scheduler(engine, num_ctx=512)
+    try:
+        toks = engine.tokenize("Once upon a time, in a village by the sea,", True, True)
+        for seed in (1, 2):
+            o = O.merged({"seed": seed, "num_predict": 40, "num_draft": 0}, extra)
+            ours = list(sched.generate(toks, o))[-1].tokens
+            assert ours == _llama_cpp_chain(engine, toks, 40, o)
+            assert len(ours) > 10
+    finally:
+        sched.close()
+
+
+def test_top_k_selection_matches_a_full_sort():
+    import numpy as np
+
+    from ember.engine.sampling import top_k_indices
+
+    rng = np.random.default_rng(0)
+    rows = [
+        rng.standard_normal(262144).astype(np.float32) * 4,
+        np.zeros(262144, dtype=np.float32),  # all tied
+        np.repeat(rng.standard_normal(64).astype(np.float32), 4096),  # big tied groups
+        np.sort(rng.standard_normal(50000).astype(np.float32)),  # ascending: the top is at the end
+        rng.standard_normal(30).astype(np.float32),  # fewer than k
+        rng.standard_normal(262144 + 37).astype(np.float32),  # a tail outside the groups
+    ]
+    for row in rows:
+        for k in (1, 40, 1000):
+            idx = top_k_indices(row, k)
+            assert len(idx) == min(k, len(row)) and len(set(idx.tolist())) == len(idx)
+            assert np.array_equal(row[idx], np.sort(row)[::-1][: len(idx)])
+
+
 def test_utf8_streaming_of_chinese(engine):
     sched = Scheduler(engine, num_ctx=512)
     try:

@@ -29,7 +29,8 @@ def test_one_shot_matches_llama_cpp_greedy():
     llm = llama_cpp.Llama(model_path=str(demo_model_path()), n_ctx=64, verbose=False, vocab_only=True)
     expected = llm.detokenize(ids).decode("utf-8")
     assert r.stdout.rstrip("\n") == expected.rstrip("\n")
-    for line in ("load duration:", "prompt eval count:    6 token(s)", "prompt eval rate:", "eval count:           24 token(s)", "eval rate:", "KV cache"):
+    for line in ("load duration:", "prompt eval count:    6 token(s)", "prompt eval rate:", "eval count:           24 token(s)", "eval rate:",
+                 "draft count:", "draft accepted:", "KV cache"):
         assert line in r.stderr
     assert "Traceback" not in r.stderr
 

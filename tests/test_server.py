@@ -73,6 +73,23 @@ def test_generate_stream_concatenates_to_the_same_text(oc: ollama.Client, refere
     assert "".join(p.response for p in parts) == reference
 
 
+def test_generate_reports_speculative_drafts(server: Server) -> None:
+    """Input-grounded text: n-gram drafts are accepted, and the final chunk says so;
+    num_draft 0 turns speculation off."""
+    text = "The library opens on Monday at nine. The library closes on Friday at six. "
+    prompt = f"{text}\n\nThe same text again:\n\n{text}{text}"
+    counts = []
+    for extra in ({}, {"num_draft": 0}):
+        r = httpx.post(server.url + "/api/generate", json={"model": "demo", "prompt": prompt, "raw": True, "stream": False,
+                                                            "options": {**GREEDY, "num_predict": 24, **extra}}, timeout=120)
+        assert r.status_code == 200, r.text
+        counts.append((r.json()["draft_count"], r.json()["draft_accepted"]))
+    (drafted, accepted), (off_drafted, off_accepted) = counts
+    assert 0 < accepted <= drafted and off_drafted == off_accepted == 0
+    r = httpx.post(server.url + "/api/generate", json={"model": "demo", "prompt": "x", "options": {"num_draft": -1}}, timeout=60)
+    assert r.status_code == 400 and "num_draft" in r.json()["error"]
+
+
 def test_generate_stream_is_the_default_ndjson(server: Server) -> None:
     r = httpx.post(server.url + "/api/generate", json={"model": "demo", "prompt": PROMPT, "options": GREEDY}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")

@@ -549,6 +549,8 @@ class _Shaper:
             prompt_eval_duration=last.prompt_eval_duration,
             eval_count=last.eval_count,
             eval_duration=last.eval_duration,
+            draft_count=last.draft_count,
+            draft_accepted=last.draft_accepted,
             load_duration=load,
             total_duration=int((time.perf_counter() - self.t0) * 1e9) + load,
             message=message,

@@ -61,6 +61,7 @@ _SPECS = [
     OptionSpec("mirostat_eta", float, 0.1, False, "Mirostat learning rate"),
     OptionSpec("penalize_newline", bool, True, False, "accepted for compatibility; no effect"),
     OptionSpec("stop", list, [], False, "stop sequences (repeatable)"),
+    OptionSpec("num_draft", int, 8, False, "most tokens drafted a step for speculative decoding from n-grams of the prompt and output (0: off); the length adapts to what is accepted"),
 ]
 
 SPECS: dict[str, OptionSpec] = {s.name: s for s in _SPECS}
@@ -160,6 +161,7 @@ _INT_RANGES = {
     "num_gpu": (-1, 1 << 16),
     "main_gpu": (0, 64),
     "seed": (-(1 << 63), (1 << 64) - 1),
+    "num_draft": (0, 64),
 }
 _INT32 = (-(1 << 31), (1 << 31) - 1)
 

@@ -67,6 +67,8 @@ class Result:
     prompt_eval_duration: int = 0  # ns
     eval_count: int = 0
     eval_duration: int = 0  # ns
+    draft_count: int = 0  # tokens drafted for speculative decoding (num_draft)
+    draft_accepted: int = 0  # drafted tokens the model accepted (each saved a decode step)
     load_duration: int = 0  # ns: loading the model for this request
     total_duration: int = 0  # ns, load included
     message: dict[str, Any] | None = None

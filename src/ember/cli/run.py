@@ -227,6 +227,9 @@ class _Session:
             f"eval count:           {r.eval_count} token(s)",
             f"eval duration:        {dur(r.eval_duration)}",
             f"eval rate:            {rate(r.eval_count, r.eval_duration)}",
+            f"draft count:          {r.draft_count} token(s)",
+            f"draft accepted:       {r.draft_accepted} token(s)"
+            + (f" ({100 * r.draft_accepted / r.draft_count:.1f}%)" if r.draft_count else ""),
             f"memory:               model {format_size(m.model_bytes)}, KV cache {format_size(m.kv_cache_bytes)}, "
             f"compute {format_size(m.compute_bytes)}, RSS {format_size(m.rss_bytes)}"
             + (f", GPU {format_size(m.gpu_bytes)}" if m.gpu_bytes else ""),

@@ -14,6 +14,11 @@ ready, a chunk's embeddings are decoded for its sequence alone, in a step of
 their own (``vision.decode_image``), and the text after it joins the shared
 batch again. The prefix cache compares one key per KV cell: token ids, and
 the image's hash for its cells, so only the same image is reused.
+
+Speculative decoding: a generating sequence may carry drafted tokens (from
+n-grams of its prompt and output, engine/speculative.py) after its next token;
+all of them are verified in the same ``llama_decode``, and the KV entries of
+rejected drafts are removed.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.engine.model import Context, LoadedModel, MemoryReport
+from ember.options import SPECS
 from ember.engine.sampling import Sampler
 from ember.engine.vision import ImageChunk, Piece, VisionProjector, VisionPrompt, decode_image
+from ember.engine.speculative import Drafter, RowCost, exact_rows
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
 
 # batch_invariant prompts are evaluated in chunks aligned to this many tokens.
 INVARIANT_CHUNK = 64
+DEFAULT_DRAFT = SPECS["num_draft"].default  # probe exact batch shapes at least this far
 
 
 @dataclass
@@ -51,6 +59,8 @@ class Chunk:
     eval_count: int = 0  # generated tokens
     eval_duration: int = 0  # ns
     tokens: list[int] = field(default_factory=list)  # generated token ids (on the last chunk)
+    draft_count: int = 0  # tokens drafted for speculative decoding
+    draft_accepted: int = 0  # drafted tokens the model accepted
 
 
 class Handle:
@@ -153,12 +163,21 @@ class _Slot:
         self.pending: list[int] = []
         self.later: list[Piece] = []
         self.encoded: dict[int, Future[Any]] = {}
+        self.drafter: Drafter | None = None
+        self.draft: list[int] = []  # drafted tokens after next_token, in this step's batch
 
-    def start(self, req: _Request, n_keep: int, sampler: Sampler, stops: list[str], encoded: dict[int, Future[Any]]) -> None:
+    def start(
+        self, req: _Request, n_keep: int, sampler: Sampler, stops: list[str], encoded: dict[int, Future[Any]],
+        drafter: Drafter | None,
+    ) -> None:
         self.req = req
         self.n_past, self.later = _split(req.pieces, n_keep)  # n_past: the next position
         self.pending = []  # the text run being evaluated; later: what follows it
         self.encoded = encoded  # id(image chunk) -> its embeddings, being encoded
+        self.drafter = drafter
+        self.draft = []
+        self.draft_count = 0
+        self.draft_accepted = 0
         self.sampler = sampler
         self.stops = stops
         self.max_stop = max((len(s) for s in stops), default=0)
@@ -190,15 +209,22 @@ class Scheduler:
         max_queue: int = 512,
         options: dict[str, Any] | None = None,
         projector: VisionProjector | None = None,
+        draft_cost: float | None = None,
     ) -> None:
+        """``draft_cost``: a fixed cost of a drafted row against a decode (0: drafts
+        are free), for measurements; None: measured on this machine's decodes."""
         self.model = model
         self.projector = projector
         # The vision tower runs here, beside the decoding loop (one encode at a time per projector).
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="ember-vision") if projector else None
+        self.draft_cost = draft_cost
         self.num_ctx = num_ctx
         self.num_parallel = num_parallel
         self.max_queue = max_queue
         self.ctx: Context = model.new_context(num_ctx * num_parallel, n_seq_max=num_parallel, options=options)
+        self.ctx_options = options
+        self._exact_rows: int | None = None  # see speculative.exact_rows; probed when first needed
+        self.row_cost = RowCost()
         self.batch_invariant = bool((options or {}).get("batch_invariant", model.options.get("batch_invariant")))
         self.n_batch = self.ctx.n_batch
         self.slots = [_Slot(i) for i in range(num_parallel)]
@@ -348,13 +374,26 @@ class Scheduler:
         sampler = Sampler(self.model, req.options, req.grammar)
         sampler.accept_prompt(req.tokens)
         stops = [s for s in req.options.get("stop") or [] if s]
-        slot.start(req, n_keep, sampler, stops, {})
+        slot.start(req, n_keep, sampler, stops, {}, self._drafter(req, sampler, invariant))
         for piece in slot.later:
             if isinstance(piece, ImageChunk):
                 assert self._encoder is not None and self.projector is not None
                 fut = self._encoder.submit(self.projector.encode, piece)
                 fut.add_done_callback(lambda _: self._wake())
                 slot.encoded[id(piece)] = fut
+
+    def _drafter(self, req: _Request, sampler: Sampler, invariant: bool) -> Drafter | None:
+        """Speculative drafts for this request, where they can be verified exactly."""
+        max_draft = int(req.options.get("num_draft") or 0)
+        if max_draft <= 0 or not sampler.can_verify:
+            return None
+        if invariant:
+            if self._exact_rows is None:
+                self._exact_rows = exact_rows(self.model, self.ctx_options, max(max_draft, DEFAULT_DRAFT) + 1)
+            max_draft = min(max_draft, self._exact_rows - 1)
+            if max_draft <= 0:
+                return None
+        return Drafter(req.tokens, max_draft)
 
     def _step(self) -> None:
         active = [s for s in self.slots if s.req is not None]
@@ -382,12 +421,19 @@ class Scheduler:
 
     def _decode_group(self, active: list[_Slot]) -> None:
         entries: list[tuple[int, int, int, bool]] = []
+        generating = [s for s in active if s.next_token is not None]
+        spare = self.n_batch - len(generating)  # rows left for drafts (prefill waits a step at worst)
+        row_cost = self.row_cost.relative(len(generating)) if self.draft_cost is None else self.draft_cost
         for s in active:
             s.batch_row = -1
             s.taken = 0
             if s.next_token is not None:
                 entries.append((s.next_token, s.n_past, s.seq, True))
                 s.batch_row = len(entries) - 1
+                if s.drafter is not None and spare > 0:
+                    s.draft = s.drafter.propose(min(spare, self._draft_room(s)), row_cost)
+                    spare -= len(s.draft)
+                    entries.extend((t, s.n_past + 1 + j, s.seq, True) for j, t in enumerate(s.draft))
         budget = self.n_batch - len(entries)
         # Prefill in arrival order so the oldest prompt finishes first.
         for s in sorted((s for s in active if s.pending), key=lambda s: s.req.submitted):  # type: ignore[union-attr]
@@ -405,7 +451,10 @@ class Scheduler:
             budget -= len(take)
         if not entries:
             return
+        t0 = time.perf_counter()
         self.ctx.decode(entries)
+        if generating and not any(s.taken for s in active):  # a generation step (no prefill): its cost per row
+            self.row_cost.add(len(entries), time.perf_counter() - t0)
         # Book-keeping after a successful decode.
         for s in active:
             if s.next_token is not None:
@@ -454,28 +503,68 @@ class Scheduler:
                 self._sample(s)
         return True
 
+    def _draft_room(self, s: _Slot) -> int:
+        """How many drafted tokens could still be used: the output's and the context's room."""
+        assert s.req is not None
+        room = self.num_ctx - len(s.cached) - 2  # KV cells left
+        n_predict = s.req.options.get("num_predict", -1)
+        if n_predict is not None and n_predict >= 0:
+            room = min(room, n_predict - len(s.generated) - 1)
+        return max(0, room)
+
     def _sample(self, s: _Slot) -> None:
+        """Choose the next token from the sequence's row, or verify its drafts
+        row by row: every accepted draft is a token already in the cache."""
         req = s.req
         assert req is not None
         now = time.perf_counter()
         if s.t_first is None:
             s.t_first = now
-        n_predict = req.options.get("num_predict", -1)
-        if n_predict == 0:
+        if req.options.get("num_predict", -1) == 0:
             self._finish(s, "length")
             return
-        tok = s.sampler.sample(self.ctx.ptr, s.batch_row)
+        draft, s.draft = s.draft, []
+        s.draft_count += len(draft)
+        accepted = 0
+        for j in range(len(draft) + 1):
+            if j < len(draft):
+                tok, hit = s.sampler.verify(self.ctx.ptr, s.batch_row + j, draft[j])
+            else:
+                tok, hit = s.sampler.sample(self.ctx.ptr, s.batch_row + j), False
+            if hit:
+                accepted += 1
+                s.draft_accepted += 1
+            if self._take(s, tok):
+                break
+            if not hit:
+                s.next_token = tok
+                break
+            s.cached.append(tok)
+            s.n_past += 1
+        if draft:
+            if s.drafter is not None:
+                s.drafter.record(len(draft), accepted)
+            if accepted < len(draft) or s.req is None:
+                self.ctx.seq_rm(s.seq, s.n_past, -1)  # the rejected drafts' KV entries
+
+    def _take(self, s: _Slot, tok: int) -> bool:
+        """Add a chosen token to the output; True if the request finished."""
+        req = s.req
+        assert req is not None
         if self.model.is_eog(tok):
             self._finish(s, "stop")
-            return
+            return True
         s.generated.append(tok)
+        if s.drafter is not None:
+            s.drafter.extend((tok,))
         s.text += s.decoder.decode(self.model.token_bytes(tok))
         if self._emit(s):
-            return
+            return True
+        n_predict = req.options.get("num_predict", -1)
         if (n_predict is not None and 0 <= n_predict <= len(s.generated)) or len(s.cached) + 1 >= self.num_ctx:
             self._finish(s, "length")
-            return
-        s.next_token = tok
+            return True
+        return False
 
     def _emit(self, s: _Slot) -> bool:
         """Send the text that can no longer be part of a stop string; True if stopped."""
@@ -524,6 +613,8 @@ class Scheduler:
                     eval_count=len(s.generated),
                     eval_duration=int((now - first) * 1e9),
                     tokens=list(s.generated),
+                    draft_count=s.draft_count,
+                    draft_accepted=s.draft_accepted,
                 )
             )
         self._free(s)
@@ -537,6 +628,8 @@ class Scheduler:
             fut.cancel()
         s.encoded = {}
         s.next_token = None
+        s.draft = []
+        s.drafter = None
         s.last_used = time.monotonic()
 
     def _fail_all(self, error: EmberError) -> None:

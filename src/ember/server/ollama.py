@@ -27,7 +27,8 @@ def _line(model: str, result: Result | None = None, **fields: Any) -> dict[str, 
         out.update(done_reason=result.done_reason, total_duration=result.total_duration,
                    load_duration=result.load_duration, prompt_eval_count=result.prompt_eval_count,
                    prompt_eval_duration=result.prompt_eval_duration, eval_count=result.eval_count,
-                   eval_duration=result.eval_duration)
+                   eval_duration=result.eval_duration, draft_count=result.draft_count,
+                   draft_accepted=result.draft_accepted)
     return out
 
 
