@@ -40,17 +40,17 @@ DEFAULT_TYPES = "Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_K_S,IQ4_XS,Q4_0,Q3_K_M,IQ3_S,Q2_K"
 
 def default_text() -> str:
     import argparse as m1
+    import asyncio as m9
     import collections as m2
+    import decimal as m10
     import email as m3
+    import functools as m11
     import http.client as m4
+    import itertools as m12
     import json as m5
     import logging as m6
     import pathlib as m7
     import unittest as m8
-    import asyncio as m9
-    import decimal as m10
-    import functools as m11
-    import itertools as m12
 
     parts = []
     for mod in (m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12):
@@ -68,8 +68,8 @@ def calibration_text() -> str:
     import os as c2
     import re as c3
     import subprocess as c4
-    import typing as c5
     import threading as c6
+    import typing as c5
 
     parts = []
     for mod in (c1, c2, c3, c4, c5, c6):

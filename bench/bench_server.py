@@ -233,7 +233,7 @@ def main() -> None:
             print(row + " |")
         if ttft:
             print()
-            print("| server | cold TTFT (s) | follow-up TTFT, shared ~%d-token prefix (s) | ratio |" % args.prefix_tokens)
+            print(f"| server | cold TTFT (s) | follow-up TTFT, shared ~{args.prefix_tokens}-token prefix (s) | ratio |")
             print("|---|---:|---:|---:|")
             for s, (cold, warm, _) in ttft.items():
                 print(f"| {s} | {cold:.3f} | {warm:.3f} | {warm / cold:.2f} |")

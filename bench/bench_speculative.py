@@ -152,7 +152,7 @@ def main() -> None:
                 proc = start_llama(args, work, spec)
                 try:
                     for task, prompt in todo.items():
-                        r = measure(lambda c, p=prompt: llama_one(c, proc.url, p, n), args.repeat)
+                        r = measure(lambda c, p=prompt, u=proc.url: llama_one(c, u, p, n), args.repeat)
                         key = "llama-server" if spec is None else "llama-server spec"
                         if spec is None or r["rate"] > rows[task].get(key, {"rate": 0})["rate"]:
                             rows[task][key] = dict(r, type=spec)

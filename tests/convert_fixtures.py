@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,7 @@ def ids_for(n_vocab_real: int, n: int = 24, seed: int = 0) -> list[int]:
     return [int(x) for x in rng.integers(3, n_vocab_real, size=n)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def torch_threads() -> None:
     import torch
 

@@ -12,7 +12,7 @@ from ember.demo import demo_model_path
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_greedy(prompt: str, n: int) -> list[int]:
     """Greedy token ids from llama-cpp-python's reference path (not our engine)."""
     import llama_cpp

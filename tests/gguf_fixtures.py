@@ -16,7 +16,6 @@ import gguf
 import numpy as np
 
 
-
 def write_tiny_gguf(path: Path, *, split_max_tensors: int = 0, small_first_shard: bool = False) -> list[Path]:
     """A small GGUF with keys of every value type and tensors of several types
     (float and quantized, some needing padding). With ``split_max_tensors``

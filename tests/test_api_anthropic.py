@@ -11,7 +11,6 @@ import anthropic
 import httpx
 import ollama
 import pytest
-
 from server_fixtures import CALL_SCHEMA, THOUGHT_SCHEMA, WEATHER_SCHEMA, Server, create_chat_models
 
 GREEDY = {"temperature": 0, "num_predict": 8}

@@ -12,7 +12,6 @@ import httpx
 import ollama
 import openai
 import pytest
-
 from server_fixtures import CALL_SCHEMA, THOUGHT_SCHEMA, WEATHER_SCHEMA, Server, create_chat_models
 
 GREEDY = {"temperature": 0, "num_predict": 8}

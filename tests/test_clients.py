@@ -9,7 +9,6 @@ from typing import Literal
 
 import pytest
 from pydantic import BaseModel
-
 from server_fixtures import CALL_SCHEMA, TOOLS_TEMPLATE, Server, create
 
 QUESTION = "Say hello to Ada."

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import gguf
 import pytest
-
+import torch
+import transformers
 from convert_fixtures import (
     PARITY_TEXT,
     QWEN2_RE,
@@ -31,12 +32,9 @@ from convert_fixtures import (
     rel_diff,
     torch_threads,
 )
-from ember.convert import convert_model
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("llama_cpp")
 from safetensors.torch import save_file  # noqa: E402
+
+from ember.convert import convert_model
 
 QWEN_CHAT = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 

@@ -15,18 +15,25 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import torch
+import transformers
+from convert_fixtures import (
+    LLAMA3_RE,
+    SPECIALS_LLAMA3,
+    cpp_logits,
+    ids_for,
+    llama_load,
+    make_bpe_tokenizer,
+    pad_vocab,
+    torch_threads,
+)
 
-from convert_fixtures import LLAMA3_RE, SPECIALS_LLAMA3, cpp_logits, ids_for, llama_load, make_bpe_tokenizer, pad_vocab, torch_threads
 from ember.convert import architectures, convert_model, plan, write
 from ember.convert.base import Model, Planned
 from ember.convert.cast import BLOCK, write_tensor
 from ember.convert.llama import LlamaModel
 from ember.convert.source import BF16
 from ember.errors import ConversionError, InvalidFileError, QuantizationError
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("llama_cpp")
 
 
 @pytest.fixture(scope="module")

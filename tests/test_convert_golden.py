@@ -28,14 +28,13 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+import torch
+import transformers
+from convert_fixtures import LLAMA3_RE, QWEN2_RE, baichuan_layout, internlm2_layout
+from safetensors.torch import save_file  # noqa: E402
 from sentencepiece import sentencepiece_model_pb2 as spm_pb
 
-from convert_fixtures import LLAMA3_RE, QWEN2_RE, baichuan_layout, internlm2_layout
 from ember.convert import convert_model
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402
 
 GOLDENS = Path(__file__).parent / "data" / "convert"
 UPDATE = os.environ.get("EMBER_UPDATE_GOLDENS") == "1"

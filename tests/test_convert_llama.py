@@ -8,7 +8,8 @@ from pathlib import Path
 
 import gguf
 import pytest
-
+import torch
+import transformers
 from convert_fixtures import (
     LLAMA3_RE,
     PARITY_TEXT,
@@ -25,11 +26,8 @@ from convert_fixtures import (
     rel_diff,
     torch_threads,
 )
-from ember.convert import convert_model
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("llama_cpp")
+from ember.convert import convert_model
 
 CHAT = "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endfor %}"
 
@@ -127,9 +125,8 @@ def test_sentencepiece_style_tokenizer_json_only(tmp_path: Path) -> None:
     """A Llama-2-style tokenizer shipped only as tokenizer.json (BPE with byte
     fallback and "▁"): converted for llama.cpp's SentencePiece tokenizer with
     merge-rank scores, it tokenizes like the HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-
     from convert_fixtures import corpus
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])

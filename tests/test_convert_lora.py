@@ -8,16 +8,14 @@ import json
 from pathlib import Path
 
 import gguf
+import peft
 import pytest
-
+import torch
+import transformers
 from convert_fixtures import cpp_logits, hf_logits, ids_for, llama_load, make_spm_tokenizer, rel_diff, torch_threads
+
 from ember.convert import convert_lora, convert_model
 from ember.errors import ConversionError
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-pytest.importorskip("llama_cpp")
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,6 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
 from cli_fixtures import run_ember
 from vision_fixtures import build_gemma3, build_internvl, build_qwen25vl  # noqa: E402
 

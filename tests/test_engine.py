@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from engine_fixtures import GREEDY, reference_greedy
 
 from ember import options as O
 from ember.api import Model
@@ -13,7 +14,6 @@ from ember.demo import demo_model_path
 from ember.engine import load_model
 from ember.engine.scheduler import INVARIANT_CHUNK, Scheduler
 from ember.errors import ContextOverflowError, InvalidFileError, OptionError
-from engine_fixtures import GREEDY, reference_greedy
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "中国的首都是"]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from quantize_fixtures import write_tiny_llama
 
 from ember.errors import EmberError, InvalidFileError, OptionError
 from ember.evaluate import kl_divergence, perplexity
-from quantize_fixtures import write_tiny_llama
 
 TOOLS = Path(__file__).resolve().parent.parent / "bench" / ".tools" / "bin"
 

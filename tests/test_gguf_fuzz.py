@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from cli_fixtures import run_ember
+from gguf_fixtures import llama_cpp_gguf_ok, write_tiny_gguf
 
 from ember.demo import demo_model_path
 from ember.errors import InvalidFileError
 from ember.gguf import inspect_model, read_header, split_model, validate_model
-from gguf_fixtures import llama_cpp_gguf_ok, write_tiny_gguf
-from cli_fixtures import run_ember
 
 SEED = 20261122
 U64 = struct.Struct("<Q")

@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from cli_fixtures import run_ember
 from gguf import GGUFValueType as T
+from gguf_fixtures import LlamaWorker, MetadataPatcher, kv_record, rewrite_gguf
 
 from ember.demo import demo_model_path
 from ember.errors import InvalidFileError
 from ember.gguf import read_array, read_header, validate_model
-from gguf_fixtures import LlamaWorker, MetadataPatcher, kv_record, rewrite_gguf
-from cli_fixtures import run_ember
 
 Mutation = tuple[str, dict[str, bytes]]  # (description, key -> new record)
 
@@ -132,7 +132,7 @@ def _numeric_mutations() -> list[Mutation]:
     for kv in h.kv.values():
         key, v = kv.key, kv.value
 
-        def add(what: str, vtype: T, value: object, sub: T | None = None) -> None:
+        def add(what: str, vtype: T, value: object, sub: T | None = None, key: str = key) -> None:
             out.append((f"{key} = {what}", _one(key, vtype, value, sub)))
 
         if kv.type == T.UINT32:
@@ -324,7 +324,15 @@ def test_adapters_and_projectors_are_not_models(tmp_path: Path) -> None:
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from convert_fixtures import QWEN2_RE, SPECIALS_QWEN, make_bpe_tokenizer, make_spm_tokenizer, pad_vocab, torch_threads
+    from convert_fixtures import (
+        QWEN2_RE,
+        SPECIALS_QWEN,
+        make_bpe_tokenizer,
+        make_spm_tokenizer,
+        pad_vocab,
+        torch_threads,
+    )
+
     from ember.convert import convert_model
 
     torch_threads()

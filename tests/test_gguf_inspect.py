@@ -11,13 +11,13 @@ from pathlib import Path
 
 import gguf
 import pytest
+from cli_fixtures import run_ember
+from gguf_fixtures import llama_cpp_gguf_ok, llama_cpp_gguf_tables, write_tiny_gguf
 
 from ember.demo import demo_model_path
 from ember.errors import InvalidFileError
 from ember.gguf import find_shards, inspect_model, read_header, split_model, validate_model
 from ember.gguf import validate as gv
-from gguf_fixtures import llama_cpp_gguf_ok, llama_cpp_gguf_tables, write_tiny_gguf
-from cli_fixtures import run_ember
 
 
 @pytest.fixture(scope="module")

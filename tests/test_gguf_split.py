@@ -11,12 +11,12 @@ from pathlib import Path
 
 import gguf
 import pytest
+from cli_fixtures import EMBER, run_ember
+from gguf_fixtures import llama_cpp_gguf_tables, write_tiny_gguf
 
 from ember.demo import demo_model_path
 from ember.errors import InvalidFileError
 from ember.gguf import inspect_model, merge_model, plan_split, read_header, split_model, validate_model
-from gguf_fixtures import llama_cpp_gguf_tables, write_tiny_gguf
-from cli_fixtures import EMBER, run_ember
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_SPLIT = ROOT / "bench" / ".tools" / "bin" / "llama-gguf-split"

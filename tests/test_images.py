@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-PIL = pytest.importorskip("PIL")
-from PIL import Image as PILImage  # noqa: E402
+from image_fixtures import png_header_only
+from PIL import Image as PILImage
 
 from ember.errors import ImageError  # noqa: E402
 from ember.images import load_image, load_images, sniff_format  # noqa: E402
-from image_fixtures import png_header_only
 
 
 def encoded(img: PILImage.Image, fmt: str, **kw: object) -> bytes:

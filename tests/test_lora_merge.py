@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from quantize_fixtures import FF, HIDDEN, VOCAB, tensor_types, write_tiny_llama
 
 from ember.errors import EmberError, InvalidFileError
 from ember.lora_merge import merge_lora
-from quantize_fixtures import FF, HIDDEN, VOCAB, tensor_types, write_tiny_llama
 
 RANK = 8
 ALPHA = 16.0

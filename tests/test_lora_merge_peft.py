@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import peft
 import pytest
-
+import torch
+import transformers
 from convert_fixtures import cpp_logits, hf_logits, ids_for, llama_load, make_spm_tokenizer, rel_diff, torch_threads
+
 from ember.convert import convert_lora, convert_model
 from ember.lora_merge import merge_lora
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 
 @pytest.mark.parametrize("rslora", [False, True])

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from registry_fixtures import qwen_modelfile
 
 from ember.errors import ModelfileError
 from ember.registry import parse_modelfile
 from ember.registry.modelfile import Modelfile, decode, quote, read_modelfile
-from registry_fixtures import qwen_modelfile
 
 
 def test_qwen_modelfile_from_users_document() -> None:

@@ -18,13 +18,12 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
+from registry_fixtures import snapshot, without_demo, write_tiny_gguf
 
 from ember.errors import DownloadError, InvalidNameError, RemoteModelNotFoundError
 from ember.registry import list_models, pull_model, resolve, store
 from ember.registry.hub import RemoteFile, _safe_path, select_gguf
 from ember.registry.names import parse_hub_ref as parse_ref
-
-from registry_fixtures import snapshot, without_demo, write_tiny_gguf
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".model")

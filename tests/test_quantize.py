@@ -6,7 +6,6 @@ test), loaded and run in llama.cpp; options, imatrix, splits, errors, CLI."""
 from __future__ import annotations
 
 import importlib
-
 import os
 import subprocess
 import sys
@@ -14,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_fixtures import run_ember
+from quantize_fixtures import file_type, tensor_types, write_tiny_llama
 
-q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
 from ember.errors import InvalidFileError, QuantizationError
 from ember.ggml_types import find_ggml_type
-from quantize_fixtures import file_type, tensor_types, write_tiny_llama
-from cli_fixtures import run_ember
 
+q = importlib.import_module("ember.quantize")  # the submodule: ember.quantize is the API function
 N_LAYER = 8
 TOOLS = Path(__file__).resolve().parent.parent / "bench" / ".tools" / "bin"
 
@@ -531,7 +530,6 @@ def test_recommend_fits_memory(tiny: Path, work: Path) -> None:
     import json
 
     from ember.engine import load_model
-
     from ember.gguf import read_model
 
     kv, compute = q.kv_and_compute(read_model(tiny)[0], 2048)

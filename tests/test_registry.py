@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from cli_fixtures import EMBER, run_ember
+from registry_fixtures import snapshot, without_demo, write_tiny_gguf
 
 from ember.errors import InvalidFileError, InvalidNameError, ModelfileError, ModelNotFoundError
 from ember.registry import (
@@ -23,12 +25,8 @@ from ember.registry import (
     parse_name,
     resolve,
     show_model,
+    store,
 )
-from ember.registry import store
-
-from registry_fixtures import snapshot, without_demo, write_tiny_gguf
-from cli_fixtures import EMBER, run_ember
-
 
 
 @pytest.fixture

@@ -12,13 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ember.registry import resolve, show_model
-from ember.registry import store
-
-from registry_fixtures import qwen_modelfile
 from cli_fixtures import run_ember
+from registry_fixtures import qwen_modelfile
 
+from ember.registry import resolve, show_model, store
 
 
 def ember(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -9,16 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from ember.registry import create_model, resolve, show_model
-from ember.registry import ggufmeta, store
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("llama_cpp")
-
+import torch
+import transformers
 from convert_fixtures import LLAMA3_RE, SPECIALS_LLAMA3, make_bpe_tokenizer, pad_vocab  # noqa: E402
 from registry_fixtures import snapshot
+
+from ember.registry import create_model, ggufmeta, resolve, show_model, store
 
 
 @pytest.fixture(scope="module")

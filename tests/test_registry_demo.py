@@ -9,13 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cli_fixtures import run_ember
+from server_fixtures import Server
 
 from ember.demo import DEMO_DIGEST, demo_model_path
 from ember.registry import copy_model, create_model, delete_model, list_models, pull_model, resolve, show_model, store
-
-from server_fixtures import Server
-from cli_fixtures import run_ember
-
 
 
 @pytest.fixture

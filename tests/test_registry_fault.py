@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from ember.registry import create_model, resolve
-from ember.registry import store
-
 from registry_fixtures import write_tiny_gguf
+
+from ember.registry import create_model, resolve, store
 
 RUNS = 20
 

@@ -22,13 +22,12 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
+from registry_fixtures import without_demo, write_tiny_gguf
+from server_fixtures import Server
 
 from ember.demo import demo_model_path
 from ember.errors import DownloadError, InvalidNameError, RemoteModelNotFoundError
 from ember.registry import ggufmeta, pull_model, resolve, show_model, store
-
-from server_fixtures import Server
-from registry_fixtures import without_demo, write_tiny_gguf
 
 CHUNK = 1 << 20
 TEMPLATE = "{{ if .System }}<sys>{{ .System }}</sys>{{ end }}<user>{{ .Prompt }}</user>"

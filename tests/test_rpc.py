@@ -22,9 +22,8 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
-
-from engine_fixtures import GREEDY
 from cli_fixtures import EMBER, run_ember
+from engine_fixtures import GREEDY
 from server_fixtures import Server, free_port
 
 import ember

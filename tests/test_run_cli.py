@@ -8,9 +8,8 @@ import time
 
 import pexpect
 import pytest
-
-from engine_fixtures import GREEDY, copy_demo, reference_greedy
 from cli_fixtures import EMBER, run_ember
+from engine_fixtures import GREEDY, copy_demo, reference_greedy
 
 from ember.demo import demo_model_path
 

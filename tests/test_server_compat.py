@@ -11,7 +11,6 @@ import httpx
 import ollama
 import openai
 import pytest
-
 from server_fixtures import CALL_SCHEMA, THINK_TEMPLATE, TOOLS_TEMPLATE, WEATHER_TOOL, Server, create
 
 GREEDY = {"temperature": 0, "num_predict": 8}

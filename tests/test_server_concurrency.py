@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import ollama
 import pytest
-
 from server_fixtures import Server, create
 
 # Prompts whose greedy continuation is not a near tie. (With "Once upon a time"

@@ -14,11 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
+from server_fixtures import Server, create
 
 from ember.demo import demo_model_path
 from ember.engine.llama import supports_gpu_offload
 from ember.server.generation import MAX_SEQUENCES
-from server_fixtures import Server, create
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,12 @@ import ollama
 import psutil
 import pytest
 import uvicorn
+from server_fixtures import Server, create, free_port, upload
 
 from ember.demo import demo_model_path
 from ember.gguf import read_header
 from ember.server import ModelManager, create_app
 from ember.server.runner import LocalRunner
-from server_fixtures import Server, create, free_port, upload
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 LONG = {"temperature": 0, "num_predict": 400}

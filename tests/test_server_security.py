@@ -213,7 +213,7 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
                 i += 1
             if sock.recv(4096) == b"":
                 return True
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:  # reset, broken pipe: closed
             return True

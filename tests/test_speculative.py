@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from engine_fixtures import GREEDY
 
 from ember import options as O
 from ember.demo import demo_model_path
 from ember.engine import load_model
 from ember.engine.scheduler import Scheduler
 from ember.engine.speculative import Drafter
-from engine_fixtures import GREEDY
 
 SOURCE = (
     "The committee met on Tuesday to review the budget for the new library. After a long discussion, "
@@ -122,9 +124,6 @@ def test_batched_sequences_share_verification():
 
 # --- the target distribution with sampling ---------------------------------
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 TOP_K = 6
 
 
@@ -157,6 +156,7 @@ def _softmax_top_k(row: np.ndarray, k: int) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from convert_fixtures import LLAMA3_RE, SPECIALS_LLAMA3, make_bpe_tokenizer, pad_vocab, torch_threads
+
     from ember.convert import convert_model
 
     torch_threads()

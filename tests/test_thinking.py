@@ -10,11 +10,11 @@ import httpx
 import ollama
 import openai
 import pytest
+from server_fixtures import THOUGHT_SCHEMA, Server, create_chat_models
 
 from ember.errors import OptionError
 from ember.templates import ChatTemplate
 from ember.templates.thinking import ThinkingParser, check_think
-from server_fixtures import THOUGHT_SCHEMA, Server, create_chat_models
 
 JINJA = Path(__file__).parent / "data" / "templates" / "jinja"
 # Ollama-style Go template of a thinking model (as Qwen3's): history keeps the

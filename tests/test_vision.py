@@ -14,17 +14,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("PIL")
-
+from image_fixtures import png_header_only
 from vision_fixtures import BUILDERS, VisionFixture, hf_greedy, hf_image_features, hf_logits, hf_pixels, sample_image  # noqa: E402
 
 from ember.convert import plan, write  # noqa: E402
 from ember.engine.model import LoadedModel  # noqa: E402
-from ember.engine.vision import ImageChunk, VisionPrompt, VisionProjector, decode_image  # noqa: E402
-from image_fixtures import png_header_only
+from ember.engine.vision import ImageChunk, VisionProjector, VisionPrompt, decode_image  # noqa: E402
 
 ARCHS = ["internvl", "internvl-original", "gemma3", "qwen25vl"]
 #: a test image per architecture, sized so that each preprocessing path runs:

@@ -17,11 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("PIL")
-
+from image_fixtures import png_header_only
 from vision_fixtures import BUILDERS, hf_logits, hf_pixels, sample_image
 
 import ember
@@ -29,7 +25,6 @@ from ember.convert import plan, write
 from ember.engine.vision import ImageChunk
 from ember.errors import ContextOverflowError, ImageError
 from ember.request import GenerationRequest
-from image_fixtures import png_header_only
 
 #: InternVL (several tiles: several image chunks per image), Gemma 3 (image
 #: tokens attend to each other) and Qwen2.5-VL (M-RoPE: an image takes fewer

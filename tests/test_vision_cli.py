@@ -11,10 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
 from cli_fixtures import EMBER, run_ember
 from vision_fixtures import BUILDERS, sample_image
 

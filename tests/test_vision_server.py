@@ -12,19 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
+import openai
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-ollama = pytest.importorskip("ollama")
-openai = pytest.importorskip("openai")
-
+from image_fixtures import png_header_only
 from server_fixtures import Server, create
 from vision_fixtures import BUILDERS, sample_image
 
 import ember
 from ember.convert import plan, write
-from image_fixtures import png_header_only
 
 QUESTION = "What is in the picture?"
 PARAMS = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 6, "num_ctx": 512}
@@ -86,7 +82,10 @@ def test_openai_client_image_url_data(served: Any) -> None:
 
 def test_bad_images_are_400s_and_the_model_keeps_serving(served: Any, demo_model: Path) -> None:
     server, image, chat, _ = served
-    b64 = lambda data: base64.b64encode(data).decode()
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
     cases = {
         b64(b"\x89PNG\r\n\x1a\nnot really"): "corrupt PNG",
         b64(png_header_only(50_000, 50_000)): "its header claims more pixels",

@@ -19,13 +19,11 @@ from typing import Any, Literal
 
 import httpx
 import pytest
-
-from ember.demo import demo_model_path
 from gguf_fixtures import write_tiny_gguf
+from playwright.sync_api import Browser, Page, Request, ViewportSize, sync_playwright  # noqa: E402
 from server_fixtures import Server, create
 
-pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, Page, Request, ViewportSize, sync_playwright  # noqa: E402
+from ember.demo import demo_model_path
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from convert_fixtures import QWEN2_RE, SPECIALS_QWEN, make_bpe_tokenizer, make_spm_tokenizer, pad_vocab, torch_threads
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

@@ -22,7 +22,7 @@ from typing import Any, overload
 from ember import options as opts
 from ember.engine import Context, LoadedModel, MemoryReport
 from ember.engine.scheduler import Chunk, Handle, Scheduler
-from ember.engine.vision import VisionPrompt, VisionProjector, require_projector
+from ember.engine.vision import VisionProjector, VisionPrompt, require_projector
 from ember.errors import ContextOverflowError, OptionError, TemplateError
 from ember.images import Image, ImageInput, load_image
 from ember.models import resolve_model

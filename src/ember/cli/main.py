@@ -8,17 +8,19 @@ import sys
 import typer
 
 from ember.__about__ import __version__
-from ember.cli.app import app
-from ember.errors import EmberError
 
 # Each import registers its commands on ``app``.
-from ember.cli import files  # noqa: E402,F401  inspect, validate, split, merge
-from ember.cli import run  # noqa: E402,F401  run
-from ember.cli import models  # noqa: E402,F401  create, list, show, cp, rm, pull
-from ember.cli import convert  # noqa: E402,F401  convert, convert-lora
-from ember.cli import quantize  # noqa: E402,F401  quantize, imatrix, merge-lora, eval
-from ember.cli import serve  # noqa: E402,F401  serve, ps, stop
-from ember.cli import worker  # noqa: E402,F401  worker
+from ember.cli import (
+    convert,  # noqa: E402,F401  convert, convert-lora
+    files,  # noqa: E402,F401  inspect, validate, split, merge
+    models,  # noqa: E402,F401  create, list, show, cp, rm, pull
+    quantize,  # noqa: E402,F401  quantize, imatrix, merge-lora, eval
+    run,  # noqa: E402,F401  run
+    serve,  # noqa: E402,F401  serve, ps, stop
+    worker,  # noqa: E402,F401  worker
+)
+from ember.cli.app import app
+from ember.errors import EmberError
 
 
 def _version(value: bool) -> None:

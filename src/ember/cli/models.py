@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ def _lazy_progress() -> Iterator[ProgressCallback]:
 def _ago(t: datetime | None) -> str:
     if t is None:
         return ""
-    s = (datetime.now(timezone.utc) - t).total_seconds()
+    s = (datetime.now(UTC) - t).total_seconds()
     if s < 1:
         return "Less than a second ago"
     for limit, unit, size in ((60, "second", 1), (3600, "minute", 60), (86400, "hour", 3600),

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.engine.model import Context, LoadedModel, MemoryReport
-from ember.options import SPECS
 from ember.engine.sampling import Sampler
-from ember.engine.vision import ImageChunk, Piece, VisionProjector, VisionPrompt, decode_image
 from ember.engine.speculative import Drafter, RowCost, exact_rows
+from ember.engine.vision import ImageChunk, Piece, VisionProjector, VisionPrompt, decode_image
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
+from ember.options import SPECS
 
 # batch_invariant prompts are evaluated in chunks aligned to this many tokens.
 INVARIANT_CHUNK = 64

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import llama_cpp as lc
 import numpy as np
@@ -104,7 +104,7 @@ class ImageChunk:
         return f"ImageChunk(image={self.image_index}, tile={self.tile}, n_tokens={self.n_tokens}, n_pos={self.n_pos})"
 
 
-Piece = Union[list[int], ImageChunk]
+Piece = list[int] | ImageChunk
 
 
 @dataclass

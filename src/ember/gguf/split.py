@@ -41,8 +41,8 @@ from ember.gguf.validate import (
     KeyValue,
     TensorRecord,
     check_shards,
-    read_raw,
     read_header,
+    read_raw,
 )
 from ember.progress import ProgressCallback, noop
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ class ModelEntry:
 
 def iso_time(t: datetime) -> str:
     """A time as Ollama's JSON writes it (UTC, ``Z``)."""
-    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def shown(text: str, limit: int = 60) -> str:
@@ -60,7 +60,7 @@ def shown(text: str, limit: int = 60) -> str:
 
 
 def _mtime(t: float) -> datetime:
-    return datetime.fromtimestamp(t, tz=timezone.utc)
+    return datetime.fromtimestamp(t, tz=UTC)
 
 
 def find_model(name: str, *, register_demo: bool = True) -> store.Manifest | None:

@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
@@ -144,7 +144,7 @@ class Entry:
 
     def expires_iso(self) -> str:
         try:
-            return datetime.fromtimestamp(self.expires_at, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+            return datetime.fromtimestamp(self.expires_at, tz=UTC).isoformat().replace("+00:00", "Z")
         except (OverflowError, ValueError, OSError):  # forever (or past what a date holds)
             return FOREVER_ISO
 

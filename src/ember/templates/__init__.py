@@ -37,7 +37,7 @@ class ChatTemplate:
     _impl: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def parse(cls, text: str) -> "ChatTemplate":
+    def parse(cls, text: str) -> ChatTemplate:
         """Parse ``text`` as Jinja when it has ``{% %}``/``{# #}`` blocks or is
         only valid as Jinja, otherwise as a Go template. TemplateError (with a
         line number) when it parses as neither."""

@@ -20,9 +20,10 @@ import copy
 import datetime as _dt
 import math
 import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from ember.errors import TemplateError
 from ember.templates.budget import CALL_UNITS, PRINT_FACTOR, Budget, BudgetExceeded, current, using
@@ -52,8 +53,8 @@ class GoStruct:
         type_name: str,
         fields: dict[str, Any],
         json_tags: dict[str, tuple[str, bool]] | None = None,
-        stringer: Callable[["GoStruct"], str] | None = None,
-        marshal: Callable[["GoStruct"], Any] | None = None,
+        stringer: Callable[[GoStruct], str] | None = None,
+        marshal: Callable[[GoStruct], Any] | None = None,
     ) -> None:
         self.type_name = type_name
         self.fields = fields
@@ -74,7 +75,7 @@ class GoMap(dict):  # type: ignore[type-arg]
         self,
         *args: Any,
         type_name: str = "map[string]interface {}",
-        stringer: Callable[["GoMap"], str] | None = None,
+        stringer: Callable[[GoMap], str] | None = None,
         is_nil: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -93,8 +94,8 @@ class GoList(list):  # type: ignore[type-arg]
         items: Any = (),
         *,
         type_name: str = "[]interface {}",
-        stringer: Callable[["GoList"], str] | None = None,
-        marshal: Callable[["GoList"], Any] | None = None,
+        stringer: Callable[[GoList], str] | None = None,
+        marshal: Callable[[GoList], Any] | None = None,
         is_nil: bool = False,
     ) -> None:
         super().__init__(items)
@@ -1799,7 +1800,7 @@ BUILTINS: dict[str, tuple[Callable[..., Any], int, int | None]] = {
 class _Exec:
     def __init__(
         self,
-        tmpl: "GoTemplate",
+        tmpl: GoTemplate,
         data: Any,
         funcs: dict[str, tuple[Callable[..., Any], int, int | None]],
         budget: Budget,

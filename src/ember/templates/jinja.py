@@ -22,10 +22,10 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Callable, Mapping, Sequence, cast
+from typing import Any, cast
 
 import jinja2
 import jinja2.ext

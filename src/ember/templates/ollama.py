@@ -23,7 +23,8 @@ API messages are dicts as in Ollama's and OpenAI's APIs: ``{"role",
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ember.errors import TemplateError
 from ember.templates.budget import Budget

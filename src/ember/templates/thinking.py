@@ -51,7 +51,7 @@ def think_level(value: bool | str | None) -> str:
     return "medium" if value else ""
 
 
-def thinking_tags(template: "ChatTemplate | None") -> tuple[str, str] | None:
+def thinking_tags(template: ChatTemplate | None) -> tuple[str, str] | None:
     """``(opening, closing)`` tags around the reasoning in ``template``'s
     output, or None when the template renders no thinking."""
     if template is None:
@@ -64,7 +64,7 @@ def thinking_tags(template: "ChatTemplate | None") -> tuple[str, str] | None:
     return _tag_cache[key]
 
 
-def _derive_tags(template: "ChatTemplate") -> tuple[str, str] | None:
+def _derive_tags(template: ChatTemplate) -> tuple[str, str] | None:
     user = {"role": "user", "content": "ember_probe_user"}
     answer = {"role": "assistant", "content": _PROBE_CONTENT, "thinking": _PROBE_THINKING}
     try:

@@ -33,7 +33,7 @@ _FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
 _tag_cache: dict[tuple[str, str], str | None] = {}
 
 
-def tool_call_tag(template: "ChatTemplate | None") -> str | None:
+def tool_call_tag(template: ChatTemplate | None) -> str | None:
     """The text a model writes before a tool call's JSON, as its template
     shows it: ``<tool_call>`` for Qwen, ``[TOOL_CALLS]`` for Mistral, ``""``
     when calls are bare JSON (Llama 3.x); None when the template renders no
@@ -48,7 +48,7 @@ def tool_call_tag(template: "ChatTemplate | None") -> str | None:
     return _tag_cache[key]
 
 
-def _derive_tag(template: "ChatTemplate") -> str | None:
+def _derive_tag(template: ChatTemplate) -> str | None:
     tool = {
         "type": "function",
         "function": {"name": _PROBE_NAME, "description": "", "parameters": {"type": "object", "properties": {}}},
@@ -77,13 +77,13 @@ def _derive_tag(template: "ChatTemplate") -> str | None:
     return "" if tag in ("[", "") else tag
 
 
-def parse_tool_calls(text: str, template: "ChatTemplate | None" = None) -> list[dict[str, Any]] | None:
+def parse_tool_calls(text: str, template: ChatTemplate | None = None) -> list[dict[str, Any]] | None:
     """Tool calls in ``text`` (a model's whole reply), or None when it holds
     none: ``[{"function": {"name": str, "arguments": dict}}]``."""
     return split_tool_calls(text, template)[1]
 
 
-def split_tool_calls(text: str, template: "ChatTemplate | None" = None) -> tuple[str, list[dict[str, Any]] | None]:
+def split_tool_calls(text: str, template: ChatTemplate | None = None) -> tuple[str, list[dict[str, Any]] | None]:
     """``(content, calls)``: the reply's text before its first tool call (all
     of it when there are none) and the calls, or None."""
     tag = tool_call_tag(template)
@@ -255,7 +255,7 @@ class ToolCallStream:
     further calls are given out, as :func:`split_tool_calls` keeps only the
     text before the first call."""
 
-    def __init__(self, template: "ChatTemplate | None") -> None:
+    def __init__(self, template: ChatTemplate | None) -> None:
         tag = tool_call_tag(template)
         self.tags = list(dict.fromkeys(t for t in (tag, *KNOWN_TAGS) if t))
         self.buf = ""

@@ -14,7 +14,7 @@ import gguf
 
 from ember.convert.base import Planned
 from ember.convert.source import TensorRef
-from ember.convert.vision.base import V, Projector, block_id, same, square_size, tensor_name, transformed
+from ember.convert.vision.base import Projector, V, block_id, same, square_size, tensor_name, transformed
 from ember.errors import ConversionError
 
 _BLOCK = {

@@ -17,7 +17,18 @@ import numpy as np
 
 from ember.convert.base import Planned
 from ember.convert.source import TensorRef
-from ember.convert.vision.base import IMAGENET_MEAN, IMAGENET_STD, V, Projector, block_id, same, split_rows, square_size, tensor_name, transformed
+from ember.convert.vision.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Projector,
+    V,
+    block_id,
+    same,
+    split_rows,
+    square_size,
+    tensor_name,
+    transformed,
+)
 from ember.errors import ConversionError
 
 # per-layer source names (both layouts) -> GGUF tensor kinds

@@ -15,7 +15,7 @@ import gguf
 
 from ember.convert.base import Planned
 from ember.convert.source import TensorRef
-from ember.convert.vision.base import V, Projector, block_id, same, split_rows, tensor_name, transformed
+from ember.convert.vision.base import Projector, V, block_id, same, split_rows, tensor_name, transformed
 from ember.errors import ConversionError
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
