@@ -13,7 +13,7 @@ from ember.api import Model
 from ember.demo import demo_model_path
 from ember.engine import load_model
 from ember.engine.scheduler import INVARIANT_CHUNK, Scheduler
-from ember.errors import ContextOverflowError, InvalidFileError, OptionError
+from ember.errors import ContextOverflowError, InvalidFileError, OptionError, QueueFullError
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "中国的首都是"]
 
@@ -300,6 +300,26 @@ def test_prefix_copied_from_a_busy_sequence(invariant_engine):
     finally:
         sched.close()
     assert second.tokens == _replay(engine, base, n_keep, follow, 6)
+
+
+def test_queue_limit_counts_only_waiting_requests(engine):
+    """EMBER_MAX_QUEUE=4 with 4 free slots refused 3 of 8 concurrent requests:
+    they counted until the scheduler admitted them. Only requests that wait
+    count. (The test holds the scheduler's lock, so nothing is admitted while
+    it submits: the outcome does not depend on timing.)"""
+    sched = Scheduler(engine, num_ctx=256, num_parallel=2, max_queue=2)
+    prompt = engine.tokenize("1, 2, 3, 4, 5,", True, True)
+    handles = []
+    try:
+        with sched._cond:
+            for _ in range(4):  # two for the free slots, two that wait
+                handles.append(sched.submit(prompt, O.merged(GREEDY, {"num_predict": 200})))
+            with pytest.raises(QueueFullError):
+                sched.submit(prompt, O.merged(GREEDY, {"num_predict": 1}))  # a third that would wait
+    finally:
+        for h in handles:
+            h.cancel()
+        sched.close()
 
 
 def test_context_limits_and_memory_refusal(engine):

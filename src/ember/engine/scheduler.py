@@ -264,7 +264,10 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise CancelledError("the model is being unloaded")
-            if len(self._queue) >= self.max_queue:
+            # Only requests that wait count: those a free slot will take at the
+            # next step are running already, whatever the timing of this thread.
+            free = sum(1 for slot in self.slots if slot.req is None)
+            if len(self._queue) - free >= self.max_queue:
                 raise QueueFullError("the server is busy (request queue full); retry later")
             self._queue.append(_Request(list(tokens), options, grammar, handle, keys, pieces))
             self._cond.notify()
