@@ -8,7 +8,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +85,17 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
 def test_disconnect_mid_stream_frees_the_sequence(server: Server) -> None:
-    body = {"model": "plain", "prompt": COUNTING, "raw": True, "options": {"num_predict": 200, "temperature": 0}}
+    # Thousands of tokens to go: only a cancelled sequence is free within the waits below.
+    body = {"model": "plain", "prompt": COUNTING, "raw": True,
+            "options": {"num_predict": -1, "num_ctx": 4096, "temperature": 0}}
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", server.url + "/api/generate", json=body) as r:
             lines = r.iter_lines()
             first = json.loads(next(lines))
             assert first["done"] is False
             assert server.wait_running("plain:latest", 1) == 1
-        # the connection is closed here, long before 200 tokens
-    t0 = time.monotonic()
+        # the connection is closed here, thousands of tokens before the end
     assert server.wait_running("plain:latest", 0, timeout=15) == 0
-    assert time.monotonic() - t0 < 5  # 200 tokens take far longer than that here
     # the OpenAI stream too
     body2 = {"model": "plain", "prompt": COUNTING, "max_tokens": 200, "temperature": 0, "stream": True}
     with httpx.Client(timeout=60) as client:
