@@ -7,12 +7,13 @@ server_fixtures (a real ``ember serve``), convert_fixtures and quantize_fixtures
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_fixtures import run_ember
+from server_fixtures import Server, create_chat_models
 
 from ember.demo import demo_model_path
 
@@ -36,3 +37,13 @@ def models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "models"
     monkeypatch.setenv("EMBER_MODELS", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One ``ember serve`` with ``tooly`` (takes tools) and ``thinker``
+    (thinks) over the demo model, shared by the API translator tests."""
+    srv = Server(tmp_path_factory.mktemp("chat-models"), EMBER_NUM_PARALLEL="2")
+    create_chat_models(srv.url, str(demo_model_path()))
+    yield srv
+    srv.stop()

@@ -9,7 +9,7 @@ from typing import Any
 
 import ollama
 import pytest
-from server_fixtures import THOUGHT_SCHEMA, Server, create_chat_models
+from server_fixtures import THOUGHT_SCHEMA, Server
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of its price list
 import litellm
@@ -19,13 +19,8 @@ QUESTION = [{"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
-    from ember.demo import demo_model_path
-
-    srv = Server(tmp_path_factory.mktemp("litellm-models"))
-    create_chat_models(srv.url, str(demo_model_path()))
-    yield srv
-    srv.stop()
+def server(chat_server: Server) -> Server:
+    return chat_server  # one server for the API translator tests (conftest.py)
 
 
 def test_ollama_chat_provider(server: Server) -> None:

@@ -12,7 +12,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_fixtures import CALL_SCHEMA, THOUGHT_SCHEMA, WEATHER_SCHEMA, Server, create_chat_models
+from server_fixtures import CALL_SCHEMA, THOUGHT_SCHEMA, WEATHER_SCHEMA, Server
 
 GREEDY = {"temperature": 0, "num_predict": 8}
 TOOL = {"type": "function", "name": "get_weather", "description": "Current weather of a city",
@@ -23,13 +23,8 @@ FORCE_CALL = {"format": {"type": "json_schema", "name": "call", "schema": CALL_S
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
-    from ember.demo import demo_model_path
-
-    srv = Server(tmp_path_factory.mktemp("responses-models"), EMBER_NUM_PARALLEL="2")
-    create_chat_models(srv.url, str(demo_model_path()))
-    yield srv
-    srv.stop()
+def server(chat_server: Server) -> Server:
+    return chat_server  # one server for the API translator tests (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_fixtures import THOUGHT_SCHEMA, Server, create_chat_models
+from server_fixtures import THOUGHT_SCHEMA, Server
 
 from ember.errors import OptionError
 from ember.templates import ChatTemplate
@@ -85,13 +85,8 @@ def test_check_think() -> None:
 
 # --- over the server: a template that thinks, output forced through </think> ----------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
-    from ember.demo import demo_model_path
-
-    srv = Server(tmp_path_factory.mktemp("thinking-models"))
-    create_chat_models(srv.url, str(demo_model_path()))
-    yield srv
-    srv.stop()
+def server(chat_server: Server) -> Server:
+    return chat_server  # one server for the API translator tests (conftest.py)
 
 
 FORCED = {"temperature": 0, "num_predict": 30}

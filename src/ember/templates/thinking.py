@@ -18,6 +18,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from ember.errors import OptionError, TemplateError
+from ember.templates.tools import per_template
 
 if TYPE_CHECKING:
     from . import ChatTemplate
@@ -56,12 +57,7 @@ def thinking_tags(template: ChatTemplate | None) -> tuple[str, str] | None:
     output, or None when the template renders no thinking."""
     if template is None:
         return None
-    key = (template.kind, template.text)
-    if key not in _tag_cache:
-        if len(_tag_cache) >= 64:  # requests may bring their own templates
-            _tag_cache.clear()
-        _tag_cache[key] = _derive_tags(template)
-    return _tag_cache[key]
+    return per_template(_tag_cache, template, _derive_tags)
 
 
 def _derive_tags(template: ChatTemplate) -> tuple[str, str] | None:

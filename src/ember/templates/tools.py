@@ -16,14 +16,15 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ember.errors import TemplateError
 
 if TYPE_CHECKING:
     from . import ChatTemplate
 
-__all__ = ["ToolCallStream", "number_calls", "parse_tool_calls", "split_tool_calls", "tool_call_tag"]
+__all__ = ["ToolCallStream", "number_calls", "parse_tool_calls", "per_template", "split_tool_calls", "tool_call_tag"]
 
 KNOWN_TAGS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<function_call>", "<|tool_call_begin|>")
 _PROBE_NAME = "ember_probe_fn"
@@ -31,6 +32,7 @@ _PROBE_CONTENT = "ember_probe_content"
 _MISTRAL_ARGS = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*\[ARGS\]")
 _FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
 _tag_cache: dict[tuple[str, str], str | None] = {}
+T = TypeVar("T")
 
 
 def tool_call_tag(template: ChatTemplate | None) -> str | None:
@@ -40,12 +42,19 @@ def tool_call_tag(template: ChatTemplate | None) -> str | None:
     tool calls (or there is no template)."""
     if template is None:
         return None
+    return per_template(_tag_cache, template, _derive_tag)
+
+
+def per_template(cache: dict[tuple[str, str], T], template: ChatTemplate, derive: Callable[[ChatTemplate], T]) -> T:
+    """``derive(template)``, worked out once per template text (found by
+    rendering probes, which costs); requests may bring their own templates,
+    so at most 64 are kept."""
     key = (template.kind, template.text)
-    if key not in _tag_cache:
-        if len(_tag_cache) >= 64:  # requests may bring their own templates
-            _tag_cache.clear()
-        _tag_cache[key] = _derive_tag(template)
-    return _tag_cache[key]
+    if key not in cache:
+        if len(cache) >= 64:
+            cache.clear()
+        cache[key] = derive(template)
+    return cache[key]
 
 
 def _derive_tag(template: ChatTemplate) -> str | None:
