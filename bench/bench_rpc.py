@@ -8,7 +8,8 @@
    beside ``ggml-rpc-server`` x2 + ``llama-server --rpc``, on the same split.
    Weights in RPC buffers are never repacked, so every run uses the plain CPU
    kernels (Ember ``use_repack=false``, llama.cpp ``--no-repack``) and greedy
-   text must match. Ember keeps the output layer's weight on this machine's
+   text must match. Ember's speculative decoding is off (``num_draft=0``):
+   llama-server runs without it here. Ember keeps the output layer's weight on this machine's
    CPU when it has no GPU (only the hidden state crosses the network, not
    n_vocab logits); llama.cpp's tools do that with ``-ot``, shown both ways.
 2. What the network costs: a forwarding proxy between Ember and each worker
@@ -118,7 +119,8 @@ def llama_server_rate(url: str, n: int) -> tuple[float, str]:
 def ember_rate(threads: int, n: int, **load: Any) -> tuple[float, str]:
     import ember
 
-    with ember.load("demo", num_ctx=1024, num_thread=threads, use_repack=False, **load) as m:
+    # num_draft=0: no speculative decoding, as llama-server runs here (like with like)
+    with ember.load("demo", num_ctx=1024, num_thread=threads, use_repack=False, num_draft=0, **load) as m:
         m.generate(PROMPT, raw=True, num_predict=4, temperature=0)  # first graph, buffers touched
         r = m.generate(PROMPT, raw=True, num_predict=n, temperature=0, repeat_penalty=1.0)
     return r.eval_count / (r.eval_duration / 1e9), r.text
@@ -202,7 +204,7 @@ def network(endpoints: list[str], threads: int, n: int, delay_ms: float) -> dict
     proxies = [Proxy(ep, delay_ms) for ep in endpoints]
     try:
         with ember.load("demo", rpc=[p.endpoint for p in proxies], num_ctx=1024, num_thread=threads,
-                        use_repack=False, tensor_split="0,1,1") as m:
+                        use_repack=False, tensor_split="0,1,1", num_draft=0) as m:
             m.generate(PROMPT, raw=True, num_predict=4, temperature=0)
             for p in proxies:
                 p.counters()  # reset: the load's weight transfer is not per token
