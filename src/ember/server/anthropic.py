@@ -22,7 +22,7 @@ from ember.errors import OptionError
 from ember.request import GenerationRequest, Result
 from ember.server import generation
 from ember.server import schemas as s
-from ember.server.common import sse
+from ember.server.common import function_tool, sse
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])
 
@@ -109,14 +109,7 @@ def messages_of(body: s.MessagesRequest) -> list[dict[str, Any]]:
 def _tools(body: s.MessagesRequest) -> list[dict[str, Any]] | None:
     if not body.tools or (body.tool_choice or {}).get("type") == "none":
         return None
-    out = []
-    for i, t in enumerate(body.tools):
-        if not isinstance(t.get("name"), str) or not t["name"]:
-            raise OptionError(f"tools[{i}] needs a 'name'")
-        out.append({"type": "function", "function": {
-            "name": t["name"], "description": t.get("description") or "",
-            "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}})
-    return out
+    return [function_tool(i, t.get("name"), t.get("description"), t.get("input_schema")) for i, t in enumerate(body.tools)]
 
 
 def _think(body: s.MessagesRequest) -> bool | None:

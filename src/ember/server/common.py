@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ember.errors import EmberError
+from ember.errors import EmberError, OptionError
 from ember.server.manager import ModelManager
 
 
@@ -136,3 +136,12 @@ def error_body(path: str, message: str, status: int) -> dict[str, Any]:
             kind = "not_found_error"
         return {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return {"error": message}
+
+
+def function_tool(i: int, name: Any, description: Any, parameters: Any) -> dict[str, Any]:
+    """A tool of a flat-tool API (Anthropic's, OpenAI Responses') as Ollama's
+    function tool, which the chat templates render."""
+    if not isinstance(name, str) or not name:
+        raise OptionError(f"tools[{i}] needs a 'name'")
+    return {"type": "function", "function": {
+        "name": name, "description": description or "", "parameters": parameters or {"type": "object", "properties": {}}}}

@@ -23,7 +23,7 @@ from ember.errors import OptionError
 from ember.request import GenerationRequest, Result
 from ember.server import generation
 from ember.server import schemas as s
-from ember.server.common import sse
+from ember.server.common import function_tool, sse
 from ember.server.openai import think_of_effort
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -116,11 +116,7 @@ def _tools(body: s.ResponsesRequest) -> list[dict[str, Any]] | None:
     for i, t in enumerate(body.tools):
         if t.get("type") != "function":
             raise OptionError(f"tools[{i}]: tool type {t.get('type')!r} is not supported (only 'function')")
-        if not isinstance(t.get("name"), str) or not t["name"]:
-            raise OptionError(f"tools[{i}] needs a 'name'")
-        out.append({"type": "function", "function": {
-            "name": t["name"], "description": t.get("description") or "",
-            "parameters": t.get("parameters") or {"type": "object", "properties": {}}}})
+        out.append(function_tool(i, t.get("name"), t.get("description"), t.get("parameters")))
     return out
 
 
