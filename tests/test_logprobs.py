@@ -260,3 +260,23 @@ def test_bad_completions_logprobs_is_a_400_naming_the_field(chat_server: Server,
     r = httpx.post(chat_server.url + "/v1/completions", json={"model": "tooly", "prompt": "Hi", "logprobs": value},
                    timeout=60)
     assert r.status_code == 400 and "logprobs" in r.text, r.text
+
+
+def test_openai_responses(chat_server: Server) -> None:
+    client = openai.OpenAI(base_url=chat_server.url + "/v1", api_key="x")
+    kw: dict[str, Any] = {"model": "tooly", "input": "Name a color.", "include": ["message.output_text.logprobs"],
+                          "top_logprobs": 2, "max_output_tokens": 16, "temperature": 0}
+    r = client.responses.create(**kw)
+    part = r.output[0].content[0]
+    assert r.top_logprobs == 2
+    _check_entries(_entries(part.logprobs), r.usage.output_tokens, part.text, 2)
+    deltas, done = [], None
+    for e in client.responses.create(stream=True, **kw):
+        if e.type == "response.output_text.delta":
+            deltas += _entries(e.logprobs)
+        elif e.type == "response.output_text.done":
+            done = _entries(e.logprobs)
+    assert done is not None and [d["logprob"] for d in deltas] == [d["logprob"] for d in done]
+    assert [d["logprob"] for d in done] == [e["logprob"] for e in _entries(part.logprobs)]
+    plain = client.responses.create(model="tooly", input="Name a color.", max_output_tokens=4, temperature=0)
+    assert plain.output[0].content[0].logprobs == []

@@ -147,11 +147,16 @@ def _finish(r: Result) -> str:
     return "length" if r.done_reason == "length" else "stop"
 
 
+def openai_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Logprob entries as OpenAI's chat and Responses APIs give them (``top_logprobs`` always a list)."""
+    return [{**e, "top_logprobs": e.get("top_logprobs", [])} for e in entries]
+
+
 def _chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    """A choice's ``logprobs`` in chat completions (``top_logprobs`` always a list there)."""
+    """A choice's ``logprobs`` in chat completions."""
     if entries is None:
         return None
-    return {"content": [{**e, "top_logprobs": e.get("top_logprobs", [])} for e in entries], "refusal": None}
+    return {"content": openai_logprobs(entries), "refusal": None}
 
 
 def _completion_logprobs(entries: list[dict[str, Any]] | None, offset: int) -> dict[str, Any] | None:

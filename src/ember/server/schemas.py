@@ -227,3 +227,5 @@ class ResponsesRequest(_Body):
     store: bool | None = None
     previous_response_id: str | None = None
     metadata: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: TopLogprobs = None
