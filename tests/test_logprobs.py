@@ -17,7 +17,7 @@ import numpy as np
 import ollama
 import openai
 import pytest
-from server_fixtures import Server
+from server_fixtures import CALL_SCHEMA, THOUGHT_SCHEMA, WEATHER_TOOL, Server
 
 from ember.api import Model
 
@@ -184,19 +184,28 @@ def test_ollama_client_generate_and_chat(chat_server: Server) -> None:
     assert len([e for p in parts for e in p.logprobs or []]) == parts[-1].eval_count == c.eval_count
 
 
-def test_thinking_tokens_have_entries_too(chat_server: Server) -> None:
-    """The reasoning parser holds text back; the entries still come, one per token, in order."""
-    lines = []
-    with httpx.stream("POST", chat_server.url + "/api/chat", timeout=120, json={
-            "model": "thinker", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True,
-            "options": {"temperature": 0, "num_predict": 24}}) as resp:
-        for line in resp.iter_lines():
-            lines.append(json.loads(line))
+def _stream_lines(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream("POST", url, json=body, timeout=120) as resp:
+        return [json.loads(line) for line in resp.iter_lines()]
+
+
+def test_text_held_back_by_the_parsers_keeps_its_entries(chat_server: Server) -> None:
+    """The reasoning parser and the tool-call parser hold text back; the
+    entries still come, one per generated token, in order (the tags too)."""
+    lines = _stream_lines(chat_server.url + "/api/chat", {
+        "model": "thinker", "messages": [{"role": "user", "content": "Capital of France?"}], "logprobs": True,
+        "format": THOUGHT_SCHEMA, "options": {"temperature": 0, "num_predict": 30}})
     entries = [e for x in lines for e in x.get("logprobs", [])]
-    assert len(entries) == lines[-1]["eval_count"] == 24
-    said = "".join(x["message"].get("thinking", "") + x["message"]["content"] for x in lines)
-    joined = b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8", "replace")
-    assert said.strip() and said.replace(" ", "") in joined.replace(" ", "")  # the tags are not in what was said
+    assert len(entries) == lines[-1]["eval_count"]
+    assert "".join(x["message"].get("thinking", "") for x in lines) == "\"France's capital"
+    assert "".join(e["token"] for e in entries) == "\"France's capital</think>Paris\""
+    lines = _stream_lines(chat_server.url + "/api/chat", {
+        "model": "tooly", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER_TOOL],
+        "logprobs": True, "format": CALL_SCHEMA, "options": {"temperature": 0, "num_predict": 40}})
+    entries = [e for x in lines for e in x.get("logprobs", [])]
+    calls = [c for x in lines for c in x["message"].get("tool_calls", [])]
+    assert len(entries) == lines[-1]["eval_count"] and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert json.loads("".join(e["token"] for e in entries))["arguments"] == {"city": "Paris"}
 
 
 def test_openai_chat_completions(chat_server: Server) -> None:
