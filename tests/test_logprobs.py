@@ -27,7 +27,7 @@ SOURCE = (
     "the members agreed to fund the project with two million dollars, to start construction in the spring."
 )
 REPEAT = f"{SOURCE}\n\nRepeat the text above exactly:\n\n{SOURCE[:40]}"
-TOL = 2e-3
+TOL = 1e-4  # same batch shapes as the reference: measured differences are about 2e-8
 TOP = 5
 
 
@@ -104,8 +104,8 @@ def test_tokens_accepted_from_drafts_are_scored_at_their_position(model: Model, 
 
 
 def test_values_are_before_penalties_and_temperature(model: Model, reference: Any) -> None:
-    """Sampled with penalties, temperature and top-k (and drafts verified by
-    speculative sampling): the values are still the model's own distribution."""
+    """Sampled with penalties, temperature and top-k: the values are still the
+    model's own distribution at each position."""
     r = model.generate(REPEAT, raw=True, temperature=1.5, top_k=20, repeat_penalty=1.3, seed=7, num_predict=24,
                        logprobs=True, top_logprobs=TOP)
     _check_against_reference(reference, r)
