@@ -358,6 +358,10 @@ def test_ollama_client_pull_through_ember_serve(registry: Registry, tmp_path: Pa
         model = json.loads(manifest)["layers"][0]
         lines = [p for p in progress if p.status == f"pulling {model['digest'][7:19]}"]
         assert lines and lines[-1].total == model["size"] and lines[-1].completed == model["size"]
+        assert all(p.digest == model["digest"] for p in lines)  # the whole digest, as Ollama's lines carry it
+        for p in progress:  # every blob's lines (the config's too) and no others
+            assert (p.digest is not None and p.status == f"pulling {p.digest[7:19]}") == (p.status not in (
+                "pulling manifest", "verifying sha256 digest", "writing manifest", "success"))
         assert "tiny:latest" in [m.model for m in oc.list().models]
         r = oc.generate(model="tiny", prompt="The sky is")
         assert r.done and r.eval_count is not None and r.eval_count <= PARAMS["num_predict"]

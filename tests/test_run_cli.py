@@ -156,3 +156,31 @@ def test_inspect_memory_reports_kv_cache_for_the_chosen_context():
     assert small["compute_bytes"] > 0 and small["rss_bytes"] > 0
     r = run_ember("inspect", path, "--memory", "--param", "temperature=1")
     assert r.returncode == 1 and "load options" in r.stderr
+
+
+def test_think_flags_show_hide_or_turn_off_the_reasoning(models_dir, tmp_path):
+    """A thinking model's reasoning is framed as ``ollama run`` frames it;
+    --hidethinking prints the answer only; --no-think renders no <think>."""
+    from server_fixtures import THINK_TEMPLATE
+
+    from ember.api import Model
+    from ember.cli.run import THINKING_CLOSE, THINKING_OPEN
+
+    (tmp_path / "Modelfile").write_text(f'FROM {demo_model_path()}\nTEMPLATE """{THINK_TEMPLATE}"""\n')
+    run_ember("create", "thinker", "-f", tmp_path / "Modelfile", check=True)
+    question = "Capital of France?"
+    with Model("thinker") as m:
+        r = m.chat([{"role": "user", "content": question}], **GREEDY, num_predict=12)
+        plain = m.chat([{"role": "user", "content": question}], **GREEDY, num_predict=12, think=False)
+    assert r.thinking.strip() and not plain.thinking and plain.text.strip()
+    args = ("run", "thinker", question, *_greedy_args(12))
+    shown = run_ember(*args, check=True).stdout
+    assert shown.startswith(THINKING_OPEN) and THINKING_CLOSE in shown
+    assert shown[len(THINKING_OPEN) : shown.index(THINKING_CLOSE)].strip() == r.thinking.strip()
+    assert shown[shown.index(THINKING_CLOSE) + len(THINKING_CLOSE) :].strip() == r.text.strip()
+    hidden = run_ember(*args, "--hidethinking", check=True).stdout
+    assert "Thinking..." not in hidden and hidden.strip() == r.text.strip()
+    off = run_ember(*args, "--no-think", check=True).stdout
+    assert "Thinking..." not in off and off.strip() == plain.text.strip()
+    bad = run_ember("run", demo_model_path(), "Hi", "--think")
+    assert bad.returncode == 1 and "does not support thinking" in bad.stderr and "Traceback" not in bad.stderr

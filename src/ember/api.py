@@ -359,6 +359,7 @@ class Model:
         a worker thread)."""
         t0 = time.perf_counter()
         options = self._request_options(request.options)
+        top_logprobs = request.logprobs_top()
         images = self.images(request)  # validated before anything else is done
         text = self.render(request)
         prompt: list[int] | VisionPrompt
@@ -367,7 +368,9 @@ class Model:
             tokens = [t for p in prompt.pieces if isinstance(p, list) for t in p]
         else:
             prompt = tokens = self._tokens_for(text, request.truncate, options["num_keep"])
-        handle = self.scheduler.submit(prompt, options, grammar=_grammar_for(request.format), loop=loop)
+        handle = self.scheduler.submit(
+            prompt, options, grammar=_grammar_for(request.format), loop=loop, logprobs=top_logprobs
+        )
         shaper = _Shaper(self, request, tokens, t0, self._thinking_parser(request, text))
         if loop is None:
             return ChunkStream(shaper.chunks(handle), handle.cancel)
@@ -492,7 +495,10 @@ class _Shaper:
         self.thought: list[str] = []
 
     def shape(self, c: Chunk) -> StreamChunk | None:
-        text, thought = c.text, ""
+        """The chunk as the caller sees it; None when it has nothing to say
+        yet. Logprob entries go with the chunk of their tokens even while
+        the parsers hold that text back (as Ollama sends them)."""
+        text, thought, lp = c.text, "", c.logprobs
         if self.thinking is not None:
             thought, text = self.thinking.add(c.text)
             if c.done:
@@ -502,17 +508,19 @@ class _Shaper:
         self.parts.append(text)
         if self.calls is None:
             if not c.done:
-                return StreamChunk(text, thinking=thought) if text or thought else None
-            return StreamChunk(text, True, self._result(c, "".join(self.parts)), thinking=thought)
+                return StreamChunk(text, thinking=thought, logprobs=lp) if text or thought or lp else None
+            return StreamChunk(text, True, self._result(c, "".join(self.parts)), thinking=thought, logprobs=lp)
         text, calls = self.calls.feed(text)
         if c.done:
             text += self.calls.finish()
         self.given.append(text)
         if not c.done:
-            return StreamChunk(text, thinking=thought, tool_calls=calls) if text or calls or thought else None
+            if text or calls or thought or lp:
+                return StreamChunk(text, thinking=thought, tool_calls=calls, logprobs=lp)
+            return None
         result = self._result(c, "".join(self.parts))
         late = [] if self.calls.calls else result.tool_calls  # found only in the whole reply (e.g. a fenced JSON call)
-        return StreamChunk(text, True, result, thinking=thought, tool_calls=calls + late)
+        return StreamChunk(text, True, result, thinking=thought, tool_calls=calls + late, logprobs=lp)
 
     def chunks(self, handle: Handle) -> Iterator[StreamChunk]:
         for c in handle:

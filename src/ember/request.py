@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from ember.errors import EmberError, OptionError
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's and Ollama's bound)
+
 
 def _from_dict(cls: Any, data: Any, what: str) -> Any:
     if not isinstance(data, dict):
@@ -40,12 +42,21 @@ class GenerationRequest:
     truncate: bool = False  # cut a prompt that does not fit num_ctx instead of refusing it
     images: list[Any] | None = None  # base64 (a server's clients); the library also takes paths, bytes, PIL images
     options: dict[str, Any] = field(default_factory=dict)  # Ollama's option names
-    logprobs: bool = False  # reserved: log probabilities of the chosen tokens
-    top_logprobs: int = 0
+    logprobs: bool = False  # each generated token's log probability (StreamChunk/Result.logprobs)
+    top_logprobs: int = 0  # and this many most likely alternatives (0..MAX_TOP_LOGPROBS)
 
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+    def logprobs_top(self) -> int | None:
+        """How many alternatives to report per token; None: no logprobs."""
+        top = self.top_logprobs
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise OptionError(f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {top!r}")
+        if not isinstance(self.logprobs, bool):
+            raise OptionError(f"logprobs must be true or false, got {self.logprobs!r}")
+        return top if self.logprobs else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +85,8 @@ class Result:
     message: dict[str, Any] | None = None
     context: list[int] = field(default_factory=list)
     thinking: str = ""  # the reasoning, apart from ``text`` (also message["thinking"] for chat)
+    # With logprobs asked for: one entry per generated token (assembled from the chunks by result()).
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def tool_calls(self) -> list[dict[str, Any]]:
@@ -137,6 +150,24 @@ def _no_result() -> EmberError:
     return EmberError("generation ended without a result")
 
 
+class _Logprobs:
+    """The logprob entries of a stream's chunks, gathered into its Result
+    (each entry crosses the runner boundary once, in its chunk)."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+
+    def add(self, c: StreamChunk) -> bool:
+        """Take a chunk's entries; True at the last chunk (its result then has them all)."""
+        if c.logprobs:
+            self.entries.extend(c.logprobs)
+        if not (c.done and c.result is not None):
+            return False
+        if c.logprobs is not None:
+            c.result.logprobs = self.entries
+        return True
+
+
 class ChunkStream:
     """The chunks of one generation, in order. Iterate over it, or call
     :meth:`result` for the final :class:`Result`; :meth:`close` (or leaving a
@@ -154,10 +185,11 @@ class ChunkStream:
 
     def result(self) -> Result:
         """Read to the end; the final result."""
+        entries = _Logprobs()
         try:
             for c in self._chunks:
-                if c.done and c.result is not None:
-                    return c.result
+                if entries.add(c):
+                    return c.result  # type: ignore[return-value]
             raise _no_result()
         finally:
             self.close()
@@ -191,10 +223,11 @@ class AsyncChunkStream:
 
     async def result(self) -> Result:
         """Read to the end; the final result."""
+        entries = _Logprobs()
         try:
             async for c in self._chunks:
-                if c.done and c.result is not None:
-                    return c.result
+                if entries.add(c):
+                    return c.result  # type: ignore[return-value]
             raise _no_result()
         finally:
             await self.aclose()

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 HELP_TEXT = """Available Commands:
   /set parameter NAME VALUE   Set a parameter (e.g. /set parameter temperature 0)
   /set system TEXT            Set the system message
+  /set think, /set nothink    Turn a thinking model's reasoning on or off
+  /set hidethinking           Think but do not print the reasoning (/set showthinking prints it)
   /show info                  Show details for this model
   /show parameters            Show the parameters in effect
   /show template              Show the chat template
@@ -33,6 +35,10 @@ HELP_TEXT = """Available Commands:
 Use \"\"\" to begin and end a multi-line message.
 With a vision model, image paths in a message (./photo.jpg, /tmp/a.png) are sent as images.
 Ctrl+C stops a reply; Ctrl+D or /bye exits."""
+
+# How the reasoning of a thinking model is framed on the terminal (as ``ollama run``).
+THINKING_OPEN, THINKING_CLOSE = "Thinking...\n", "...done thinking.\n\n"
+_GREY, _BOLD, _RESET = "\x1b[90m", "\x1b[1m", "\x1b[0m"
 
 # An image path in a prompt, as Ollama finds them: it starts with ./, ../, ~/
 # or /, ends in an image extension, and may be quoted or have escaped spaces.
@@ -97,6 +103,8 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", help="Print timings and memory after each reply."),
     rpc: str = typer.Option(None, "--rpc", help="Split the model across RPC workers (ember worker): HOST:PORT,HOST:PORT."),
     image: list[Path] = typer.Option([], "--image", help="Send this image with the first message (repeatable); image paths in the prompt are sent too."),
+    think: bool = typer.Option(None, "--think/--no-think", help="Turn a thinking model's reasoning on or off (default: the model's)."),
+    hidethinking: bool = typer.Option(False, "--hidethinking", help="Think, but print only the answer."),
 ) -> None:
     """Run a model: answer PROMPT, or chat interactively. With a vision model,
     paths of image files in the prompt (./photo.jpg) are sent as images."""
@@ -109,6 +117,7 @@ def run(
         text = f"{piped.rstrip()} {text}".strip() if text else piped
     session = _Session(model, load_params, request_params, parse_lora(lora), system, raw, reverse_prompt, format, verbose)
     session.images = list(image)
+    session.think, session.hide_thinking = think, hidethinking
     try:
         if text or not sys.stdin.isatty():
             if session.model.template is None and not raw and not reverse_prompt:
@@ -146,6 +155,8 @@ class _Session:
         self.messages: list[dict[str, Any]] = []
         self.transcript = ""
         self.images: list[Path] = []  # go with the next message (--image)
+        self.think: bool | None = None  # None: the model's default (on for a model that thinks)
+        self.hide_thinking = False
 
     def _load(self) -> Model:
         # The engine (llama.cpp) is imported with the first model, not by every
@@ -179,17 +190,18 @@ class _Session:
             if self.system:
                 msgs.insert(0, {"role": "system", "content": self.system})
             msgs.append({"role": "user", "content": user_text, **({"images": params.pop("images")} if images else {})})
-            chunks = self.model.chat(msgs, stream=True, format=self.format, **params)
+            chunks = self.model.chat(msgs, stream=True, format=self.format, think=self.think, **params)
         result = None
+        shown = _Reasoning(hide=self.hide_thinking)
         try:
             for c in chunks:  # type: ignore[union-attr]
-                sys.stdout.write(c.text)
+                sys.stdout.write(shown.text(c.thinking, c.text))
                 sys.stdout.flush()
                 if c.done:
                     result = c.result
         except KeyboardInterrupt:
             chunks.close()  # type: ignore[union-attr]
-            sys.stdout.write("\n")
+            sys.stdout.write(shown.text("", "") + "\n")
             return None
         if result is None:
             return None
@@ -325,8 +337,14 @@ class _Session:
         elif what == "system":
             self.system = line.split(None, 2)[2] if len(line.split(None, 2)) > 2 else ""
             print("Set system message.")
+        elif what in ("think", "nothink"):
+            self.think = what == "think"
+            print(f"Set '{what}' mode.")
+        elif what in ("hidethinking", "showthinking"):
+            self.hide_thinking = what == "hidethinking"
+            print(f"Set '{what}' mode.")
         else:
-            print("Usage: /set parameter NAME VALUE | /set system TEXT")
+            print("Usage: /set parameter NAME VALUE | /set system TEXT | /set think | /set nothink")
 
     def _show(self, what: str) -> None:
         if what == "info":
@@ -352,3 +370,32 @@ class _Session:
             print("\n".join(self.model.resolved.license) or "No license was specified for this model.")
         else:
             print("Usage: /show info|parameters|template|system|license")
+
+
+class _Reasoning:
+    """What a reply's chunks print: the reasoning between ``Thinking...`` and
+    ``...done thinking.`` (grey on a terminal), then the answer, as ``ollama
+    run`` shows them; with ``hide`` the answer only."""
+
+    def __init__(self, hide: bool) -> None:
+        self.hide = hide
+        self.open = False
+        self.ends_line = True
+        self.tty = sys.stdout.isatty()
+
+    def _style(self, text: str, *codes: str) -> str:
+        return "".join(codes) + text + _RESET if self.tty else text
+
+    def text(self, thinking: str, answer: str) -> str:
+        """The text to print for a chunk (``"", ""``: close what is open)."""
+        out = ""
+        if thinking and not self.hide:
+            if not self.open:
+                out += self._style(THINKING_OPEN, _GREY, _BOLD)
+                self.open = True
+            out += self._style(thinking, _GREY)
+            self.ends_line = thinking.endswith("\n")
+        if self.open and (answer or not thinking):
+            out += ("" if self.ends_line else "\n") + self._style(THINKING_CLOSE, _GREY, _BOLD)
+            self.open = False
+        return out + answer

@@ -34,6 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember.engine.logprobs import token_logprob
 from ember.engine.model import Context, LoadedModel, MemoryReport
 from ember.engine.sampling import Sampler
 from ember.engine.speculative import Drafter, RowCost, exact_rows
@@ -61,6 +62,8 @@ class Chunk:
     tokens: list[int] = field(default_factory=list)  # generated token ids (on the last chunk)
     draft_count: int = 0  # tokens drafted for speculative decoding
     draft_accepted: int = 0  # drafted tokens the model accepted
+    # With logprobs asked for: an entry for each token generated since the previous chunk.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class Handle:
@@ -123,6 +126,7 @@ class _Request:
     handle: Handle
     keys: list[int | str]  # one per KV cell: token ids, image cell keys (prefix matching)
     pieces: list[Piece]  # text token runs and image chunks, in order
+    logprobs: int | None = None  # None: not asked for; else how many top alternatives
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -185,6 +189,7 @@ class _Slot:
         self.text = ""
         self.emitted = 0
         self.generated: list[int] = []
+        self.logprobs: list[dict[str, Any]] = []  # entries not yet sent
         self.next_token: int | None = None
         self.batch_row = -1
         self.t_start = time.perf_counter()
@@ -242,9 +247,12 @@ class Scheduler:
         *,
         grammar: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        logprobs: int | None = None,
     ) -> Handle:
         """Queue a prompt (token ids, or a VisionPrompt of text and images);
-        ``options`` is a complete options dict (see ember.options.merged)."""
+        ``options`` is a complete options dict (see ember.options.merged).
+        ``logprobs``: the chunks carry each token's log probability and that
+        many most likely alternatives (None: not computed)."""
         if isinstance(tokens, VisionPrompt):
             if tokens.chunks and self.projector is None:
                 raise EmberError("this model has no vision projector for the prompt's images")
@@ -269,7 +277,7 @@ class Scheduler:
             free = sum(1 for slot in self.slots if slot.req is None)
             if len(self._queue) - free >= self.max_queue:
                 raise QueueFullError("the server is busy (request queue full); retry later")
-            self._queue.append(_Request(list(tokens), options, grammar, handle, keys, pieces))
+            self._queue.append(_Request(list(tokens), options, grammar, handle, keys, pieces, logprobs))
             self._cond.notify()
         return handle
 
@@ -530,6 +538,8 @@ class Scheduler:
         s.draft_count += len(draft)
         accepted = 0
         for j in range(len(draft) + 1):
+            # The row as llama.cpp returned it: the sampler penalizes it in place.
+            row = self.ctx.logits_row(s.batch_row + j) if req.logprobs is not None else None
             if j < len(draft):
                 tok, hit = s.sampler.verify(self.ctx.ptr, s.batch_row + j, draft[j])
             else:
@@ -537,7 +547,7 @@ class Scheduler:
             if hit:
                 accepted += 1
                 s.draft_accepted += 1
-            if self._take(s, tok):
+            if self._take(s, tok, row):
                 break
             if not hit:
                 s.next_token = tok
@@ -550,14 +560,17 @@ class Scheduler:
             if accepted < len(draft) or s.req is None:
                 self.ctx.seq_rm(s.seq, s.n_past, -1)  # the rejected drafts' KV entries
 
-    def _take(self, s: _Slot, tok: int) -> bool:
-        """Add a chosen token to the output; True if the request finished."""
+    def _take(self, s: _Slot, tok: int, row: Any) -> bool:
+        """Add a chosen token (from logits ``row`` when logprobs are asked
+        for) to the output; True if the request finished."""
         req = s.req
         assert req is not None
         if self.model.is_eog(tok):
             self._finish(s, "stop")
             return True
         s.generated.append(tok)
+        if row is not None and req.logprobs is not None:
+            s.logprobs.append(token_logprob(self.model, row, tok, req.logprobs))
         if s.drafter is not None:
             s.drafter.extend((tok,))
         s.text += s.decoder.decode(self.model.token_bytes(tok))
@@ -578,7 +591,7 @@ class Scheduler:
             if hits:
                 cut = min(hits)
                 if cut > s.emitted:
-                    s.req.handle._put(Chunk(s.text[s.emitted : cut]))
+                    s.req.handle._put(Chunk(s.text[s.emitted : cut], logprobs=self._logprobs(s)))
                 s.text = s.text[:cut]
                 s.emitted = cut
                 self._finish(s, "stop", flush=False)
@@ -592,9 +605,18 @@ class Scheduler:
         else:
             safe = len(s.text)
         if safe > s.emitted:
-            s.req.handle._put(Chunk(s.text[s.emitted : safe]))
+            s.req.handle._put(Chunk(s.text[s.emitted : safe], logprobs=self._logprobs(s)))
             s.emitted = safe
         return False
+
+    @staticmethod
+    def _logprobs(s: _Slot) -> list[dict[str, Any]] | None:
+        """The entries of the tokens since the last chunk (None: not asked for)."""
+        assert s.req is not None
+        if s.req.logprobs is None:
+            return None
+        out, s.logprobs = s.logprobs, []
+        return out
 
     def _finish(self, s: _Slot, reason: str, *, notify: bool = True, flush: bool = True) -> None:
         req = s.req
@@ -618,6 +640,7 @@ class Scheduler:
                     tokens=list(s.generated),
                     draft_count=s.draft_count,
                     draft_accepted=s.draft_accepted,
+                    logprobs=self._logprobs(s),
                 )
             )
         self._free(s)

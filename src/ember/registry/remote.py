@@ -30,7 +30,7 @@ import httpx
 from ember import settings
 from ember.__about__ import __version__
 from ember.errors import DigestMismatchError, DownloadError, InvalidFileError, RemoteModelNotFoundError
-from ember.progress import ProgressCallback
+from ember.progress import BlobLabel, ProgressCallback
 from ember.registry import download, store
 from ember.registry.names import DEFAULT_HOST, ModelName
 
@@ -177,7 +177,7 @@ def pull(name: ModelName, *, scheme: str = "https", progress: ProgressCallback |
             wanted.setdefault(layer.digest, layer.size)
         fetched: dict[str, Path] = {}
         for digest, size in wanted.items():
-            label = f"pulling {digest[7:19]}"
+            label = BlobLabel(f"pulling {digest[7:19]}", digest)
             if store.has_blob(digest, size):
                 report(label, size, size)
                 continue

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ember.errors import EmberError, OptionError
+from ember.progress import BlobLabel
 from ember.server.manager import ModelManager
 
 
@@ -94,6 +95,8 @@ async def with_progress(fn: Callable[[Any], Any]) -> AsyncIterator[dict[str, Any
             return
         last.update(desc=desc, pct=pct, t=now)
         item: dict[str, Any] = {"status": desc}
+        if isinstance(desc, BlobLabel):
+            item["digest"] = desc.digest
         if total:
             item.update(total=int(total), completed=int(completed))
         loop.call_soon_threadsafe(q.put_nowait, item)

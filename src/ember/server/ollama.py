@@ -48,6 +48,7 @@ async def generate(body: s.GenerateRequest, request: Request) -> Any:
         prompt=body.prompt or "", suffix=body.suffix or "", system=body.system, template=body.template,
         context=body.context, raw=body.raw, format=body.format or None, think=body.think,
         truncate=bool(body.truncate), images=body.images, options=body.options or {},
+        logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
     )
     empty = {"response": ""}
     if body.debug_render_only:
@@ -57,12 +58,13 @@ async def generate(body: s.GenerateRequest, request: Request) -> Any:
     gen = await generation.start(request, body.model, [req], body.keep_alive)
     if not body.stream:
         (r,) = await gen.results()
-        return _line(body.model, r, response=r.text, **_thinking(r.thinking), context=r.context)
+        return _line(body.model, r, response=r.text, **_thinking(r.thinking), context=r.context,
+                     **_logprobs(r.logprobs))
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
         async for _, c in gen.chunks():
-            if c.text or c.thinking:
-                yield _line(body.model, response=c.text, **_thinking(c.thinking))
+            if c.text or c.thinking or c.logprobs:
+                yield _line(body.model, response=c.text, **_thinking(c.thinking), **_logprobs(c.logprobs))
             if c.result is not None:
                 yield _line(body.model, c.result, response="", context=c.result.context)
 
@@ -78,6 +80,11 @@ def _thinking(text: str) -> dict[str, str]:
     return {"thinking": text} if text else {}
 
 
+def _logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The ``logprobs`` field, present only when there are entries (Ollama's omitempty)."""
+    return {"logprobs": entries} if entries else {}
+
+
 def _message(text: str, tool_calls: list[dict[str, Any]] | None = None, thinking: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {"role": "assistant", "content": text, **_thinking(thinking)}
     if tool_calls:
@@ -91,6 +98,7 @@ async def chat(body: s.ChatRequest, request: Request) -> Any:
     req = GenerationRequest(
         messages=messages_of(body.messages), tools=body.tools or None, format=body.format or None, think=body.think,
         truncate=bool(body.truncate), options=body.options or {},
+        logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
     )
     empty = {"message": _message("")}
     if body.debug_render_only:
@@ -100,12 +108,12 @@ async def chat(body: s.ChatRequest, request: Request) -> Any:
     gen = await generation.start(request, body.model, [req], body.keep_alive)
     if not body.stream:
         (r,) = await gen.results()
-        return _line(body.model, r, message=r.message or _message(r.text))
+        return _line(body.model, r, message=r.message or _message(r.text), **_logprobs(r.logprobs))
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
         async for _, c in gen.chunks():
-            if c.text or c.thinking or c.tool_calls:
-                yield _line(body.model, message=_message(c.text, c.tool_calls, c.thinking))
+            if c.text or c.thinking or c.tool_calls or c.logprobs:
+                yield _line(body.model, message=_message(c.text, c.tool_calls, c.thinking), **_logprobs(c.logprobs))
             if c.result is not None:
                 yield _line(body.model, c.result, **empty)
 

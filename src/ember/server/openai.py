@@ -147,6 +147,32 @@ def _finish(r: Result) -> str:
     return "length" if r.done_reason == "length" else "stop"
 
 
+def openai_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Logprob entries as OpenAI's chat and Responses APIs give them (``top_logprobs`` always a list)."""
+    return [{**e, "top_logprobs": e.get("top_logprobs", [])} for e in entries]
+
+
+def _chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` in chat completions."""
+    if entries is None:
+        return None
+    return {"content": openai_logprobs(entries), "refusal": None}
+
+
+def _completion_logprobs(entries: list[dict[str, Any]] | None, offset: int) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` in (legacy) completions: parallel lists, the
+    alternatives as token -> logprob, each token's offset in the choice's text."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
+            "text_offset": offsets}
+
+
 def _usage(results: list[Result], n: int) -> dict[str, int]:
     prompt = sum(r.prompt_tokens for r in results[::n])  # each prompt once, not once per choice
     completion = sum(r.eval_count for r in results)
@@ -162,24 +188,29 @@ async def _complete(http: Request, body: s._Sampling, requests: list[GenerationR
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
             "created": int(time.time()), "model": body.model, "system_fingerprint": FINGERPRINT}
 
+    offsets = [len(e) for e in echo]  # completions: where each choice's next token starts in its text
+
     def choice(i: int, text: str, finish: str | None, calls: list[dict[str, Any]], *, delta: bool,
-               reasoning: str = "") -> dict[str, Any]:
+               reasoning: str = "", logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if not chat:
-            return {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
+            lp = _completion_logprobs(logprobs, offsets[i])
+            offsets[i] += sum(len(e["token"]) for e in logprobs or [])
+            return {"text": text, "index": i, "logprobs": lp, "finish_reason": finish}
         thought = {"reasoning": reasoning} if reasoning else {}  # Ollama's name for the thinking
+        lp = _chat_logprobs(logprobs)
         if delta:
             part: dict[str, Any] = {"content": text} if text else {}
             if calls:
                 part["tool_calls"] = _tool_calls(calls, indexed=True)
-            return {"index": i, "delta": {**part, **thought}, "logprobs": None, "finish_reason": finish}
+            return {"index": i, "delta": {**part, **thought}, "logprobs": lp, "finish_reason": finish}
         message = {"role": "assistant", "content": None, "tool_calls": _tool_calls(calls, indexed=False)} if calls \
             else {"role": "assistant", "content": text}
-        return {"index": i, "message": {**message, **thought}, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "message": {**message, **thought}, "logprobs": lp, "finish_reason": finish}
 
     if not body.stream:
         results = await gen.results()
         return {**head, "choices": [choice(i, echo[i] + r.text, _finish(r), r.tool_calls, delta=False,
-                                           reasoning=r.thinking)
+                                           reasoning=r.thinking, logprobs=r.logprobs)
                                     for i, r in enumerate(results)], "usage": _usage(results, body.n)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     head["object"] = kind + ".chunk" if chat else kind
@@ -197,8 +228,8 @@ async def _complete(http: Request, body: s._Sampling, requests: list[GenerationR
         async for i, c in gen.chunks():
             text = c.text if i in started else echo[i] + c.text
             started.add(i)
-            if text or c.thinking or c.tool_calls:
-                yield chunk(choice(i, text, None, c.tool_calls, delta=True, reasoning=c.thinking))
+            if text or c.thinking or c.tool_calls or c.logprobs:
+                yield chunk(choice(i, text, None, c.tool_calls, delta=True, reasoning=c.thinking, logprobs=c.logprobs))
             if c.result is not None:
                 results[i] = c.result
                 yield chunk(choice(i, "", _finish(c.result), [], delta=True))
@@ -216,6 +247,7 @@ async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> A
         messages=_openai_messages(body.messages), format=_format(body.response_format),
         tools=body.tools if body.tools and body.tool_choice != "none" else None, options=_options(body, max_tokens),
         think=think_of_effort(body.reasoning_effort or (body.reasoning or {}).get("effort")),
+        logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
     )
     if not req.messages:
         raise OptionError("messages must not be empty")
@@ -231,7 +263,8 @@ async def completions(body: s.CompletionRequest, request: Request) -> Any:
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if not prompts:
         raise OptionError("prompt must not be empty")
-    reqs = [GenerationRequest(prompt=p, suffix=body.suffix or "", options=options) for p in prompts]
+    reqs = [GenerationRequest(prompt=p, suffix=body.suffix or "", options=options, logprobs=body.logprobs is not None,
+                              top_logprobs=body.logprobs or 0) for p in prompts]
     echo = [p if body.echo else "" for p in prompts for _ in range(body.n)]
     return await _complete(request, body, reqs, chat=False, echo=echo)
 

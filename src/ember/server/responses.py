@@ -6,7 +6,10 @@ function_call, function_call_output, reasoning) become Ollama-style
 messages, ``instructions`` the system message; the chunks become the
 response object with its output items (reasoning, message, function_call),
 or the named SSE events of a streamed response. Nothing is stored:
-``previous_response_id`` is refused.
+``previous_response_id`` is refused. With ``include``
+``message.output_text.logprobs``, the message text carries the entries of
+the tokens generated; those of tokens outside it (reasoning, a tool call)
+go with the message text that follows them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ember.request import GenerationRequest, Result
 from ember.server import generation
 from ember.server import schemas as s
 from ember.server.common import function_tool, sse
-from ember.server.openai import think_of_effort
+from ember.server.openai import openai_logprobs, think_of_effort
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -148,7 +151,8 @@ def request_of(body: s.ResponsesRequest) -> GenerationRequest:
     if not msgs:
         raise OptionError("input must not be empty")
     return GenerationRequest(messages=msgs, tools=_tools(body), format=_format(body),
-                             think=think_of_effort((body.reasoning or {}).get("effort")), options=options)
+                             think=think_of_effort((body.reasoning or {}).get("effort")), options=options,
+                             logprobs=LOGPROBS in (body.include or []), top_logprobs=body.top_logprobs or 0)
 
 
 def _usage(r: Result) -> dict[str, Any]:
@@ -157,8 +161,11 @@ def _usage(r: Result) -> dict[str, Any]:
             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+LOGPROBS = "message.output_text.logprobs"  # what ``include`` names to get them
+
+
+def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": openai_logprobs(logprobs or [])}
 
 
 def _function_call(call: dict[str, Any], item_id: str, status: str = "completed") -> dict[str, Any]:
@@ -174,8 +181,10 @@ def _reasoning(item_id: str, text: str) -> dict[str, Any]:
             "encrypted_content": text}
 
 
-def _message(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": [_text_part(text)]}
+def _message(item_id: str, text: str, status: str = "completed",
+             logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [_text_part(text, logprobs)]}
 
 
 class _Response:
@@ -188,6 +197,7 @@ class _Response:
         self.output: list[dict[str, Any]] = []
         self.seq = 0
         self.open: dict[str, Any] | None = None  # the reasoning or message item being streamed
+        self.logprobs: list[dict[str, Any]] = []  # entries not yet given to a message text
 
     def _item_id(self, prefix: str) -> str:
         return f"{prefix}_{self.id.removeprefix('resp_')}_{len(self.output)}"
@@ -204,7 +214,7 @@ class _Response:
             "tools": b.tools or [], "tool_choice": b.tool_choice or "auto", "truncation": b.truncation or "disabled",
             "parallel_tool_calls": True, "text": {"format": fmt},
             "top_p": 1.0 if b.top_p is None else b.top_p, "presence_penalty": 0, "frequency_penalty": 0,
-            "top_logprobs": 0, "temperature": 1.0 if b.temperature is None else b.temperature,
+            "top_logprobs": b.top_logprobs or 0, "temperature": 1.0 if b.temperature is None else b.temperature,
             "reasoning": reasoning, "usage": usage, "max_output_tokens": b.max_output_tokens,
             "max_tool_calls": None, "store": False, "background": False, "service_tier": "default",
             "metadata": b.metadata or {}, "safety_identifier": None, "prompt_cache_key": None,
@@ -216,7 +226,7 @@ class _Response:
             self.output.append(_reasoning(self._item_id("rs"), r.thinking))
         text = str((r.message or {}).get("content") or "")
         if text or not r.tool_calls:
-            self.output.append(_message(self._item_id("msg"), text))
+            self.output.append(_message(self._item_id("msg"), text, logprobs=r.logprobs))
         for call in r.tool_calls:
             self.output.append(_function_call(call, self._item_id("fc")))
         return self.obj("completed", _usage(r))
@@ -241,10 +251,13 @@ class _Response:
             events = [self.event("response.reasoning_summary_text.done", item_id=item["id"], output_index=at,
                                  summary_index=0, text=item["text"])]
         else:
-            done = _message(item["id"], item["text"])
+            item["logprobs"] += self.logprobs  # the entries of tokens after its last text
+            self.logprobs = []
+            done = _message(item["id"], item["text"], logprobs=item["logprobs"])
             ids = {"item_id": item["id"], "output_index": at, "content_index": 0}
-            events = [self.event("response.output_text.done", **ids, text=item["text"], logprobs=[]),
-                      self.event("response.content_part.done", **ids, part=_text_part(item["text"]))]
+            events = [self.event("response.output_text.done", **ids, text=item["text"],
+                                 logprobs=openai_logprobs(item["logprobs"])),
+                      self.event("response.content_part.done", **ids, part=_text_part(item["text"], item["logprobs"]))]
         self.output.append(done)
         return [*events, self.event("response.output_item.done", output_index=at, item=done)]
 
@@ -259,7 +272,7 @@ class _Response:
                 events.append(self.event("response.output_item.added", output_index=at,
                                          item={"id": self.open["id"], "type": "reasoning", "summary": []}))
             else:
-                self.open = {"type": kind, "id": self._item_id("msg"), "text": ""}
+                self.open = {"type": kind, "id": self._item_id("msg"), "text": "", "logprobs": []}
                 ids = {"item_id": self.open["id"], "output_index": at, "content_index": 0}
                 events += [self.event("response.output_item.added", output_index=at,
                                       item={**_message(self.open["id"], "", "in_progress"), "content": []}),
@@ -269,8 +282,10 @@ class _Response:
         if kind == "reasoning":
             return [*events, self.event("response.reasoning_summary_text.delta", item_id=self.open["id"],
                                         output_index=at, summary_index=0, delta=text)]
+        entries, self.logprobs = self.logprobs, []
+        self.open["logprobs"] += entries
         return [*events, self.event("response.output_text.delta", item_id=self.open["id"], output_index=at,
-                                    content_index=0, delta=text, logprobs=[])]
+                                    content_index=0, delta=text, logprobs=openai_logprobs(entries))]
 
     def function_call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
         events = self.close()
@@ -304,6 +319,7 @@ async def responses(body: s.ResponsesRequest, request: Request) -> Any:
             yield e
         async for _, c in gen.chunks():
             out: list[dict[str, Any]] = []
+            resp.logprobs += c.logprobs or []
             if c.thinking:
                 out += resp.delta("reasoning", c.thinking)
             if c.text:

@@ -4,14 +4,18 @@ are then checked again where they are used (options by ember.options)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ember.request import MAX_TOP_LOGPROBS
 
 Format = str | dict[str, Any] | None
 # Checked by ember.server.manager.parse_keep_alive (a duration string or seconds;
 # JSON true/false are refused there, not coerced to 1/0).
 KeepAlive = Any
+# How many most likely alternatives per token (OpenAI's bound; a 400 naming the field past it).
+TopLogprobs = Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class _Body(BaseModel):
@@ -34,6 +38,8 @@ class GenerateRequest(_Body):
     options: dict[str, Any] | None = None
     think: bool | str | None = None
     truncate: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs = None
     debug_render_only: bool = Field(False, alias="_debug_render_only")
 
 
@@ -55,6 +61,8 @@ class ChatRequest(_Body):
     options: dict[str, Any] | None = None
     think: bool | str | None = None
     truncate: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs = None
     debug_render_only: bool = Field(False, alias="_debug_render_only")
 
 
@@ -159,6 +167,8 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: str | dict[str, Any] | None = None
     reasoning_effort: str | None = None
     reasoning: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs = None
     debug_render_only: bool = Field(False, alias="_debug_render_only")
 
 
@@ -166,6 +176,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] = ""
     suffix: str | None = None
     echo: bool = False
+    logprobs: TopLogprobs = None  # the legacy form: how many alternatives (0: the chosen token's only)
 
 
 class EmbeddingRequest(_Body):
@@ -216,3 +227,5 @@ class ResponsesRequest(_Body):
     store: bool | None = None
     previous_response_id: str | None = None
     metadata: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: TopLogprobs = None
