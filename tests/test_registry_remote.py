@@ -27,7 +27,10 @@ from server_fixtures import Server
 
 from ember.demo import demo_model_path
 from ember.errors import DownloadError, InvalidNameError, RemoteModelNotFoundError
-from ember.registry import ggufmeta, pull_model, resolve, show_model, store
+from ember.registry import ggufmeta, store
+from ember.registry.core import resolve
+from ember.registry.pull import pull_model
+from ember.registry.show import show_model
 
 CHUNK = 1 << 20
 TEMPLATE = "{{ if .System }}<sys>{{ .System }}</sys>{{ end }}<user>{{ .Prompt }}</user>"

@@ -49,7 +49,9 @@ if TYPE_CHECKING:
     from ember.api import Model, ModelInfo, Result, StreamChunk
     from ember.engine import MemoryReport
     from ember.gguf import ModelInfo as FileInfo
-    from ember.registry import ModelDetails, ModelEntry, ResolvedModel
+    from ember.registry.core import ResolvedModel
+    from ember.registry.listing import ModelEntry
+    from ember.registry.show import ModelDetails
 
 PathLike = str | os.PathLike[str]
 
@@ -234,7 +236,7 @@ def create(
     progress: ProgressCallback | None = None,
 ) -> ResolvedModel:
     """Create a registry model from a Modelfile: a path to one, or its text."""
-    from ember.registry import create_model
+    from ember.registry.create import create_model
 
     source: Any = modelfile
     if modelfile is not None and (not isinstance(modelfile, str) or ("\n" not in modelfile and Path(modelfile).is_file())):
@@ -246,14 +248,14 @@ def pull(ref: str, *, progress: ProgressCallback | None = None) -> ResolvedModel
     """Download a model: an Ollama name (``llama3.2``, ``user/model:tag``) from
     Ollama's registry, or ``hf.co/user/repo[:Q4_K_M]`` (GGUF files, or a
     checkpoint converted) from Hugging Face."""
-    from ember.registry import pull_model
+    from ember.registry.pull import pull_model
 
     return pull_model(ref, progress=progress)
 
 
 def list_models() -> list[ModelEntry]:
     """The models in the registry (``$EMBER_MODELS``)."""
-    from ember.registry import list_models as _list
+    from ember.registry.listing import list_models as _list
 
     return _list()
 
@@ -261,21 +263,21 @@ def list_models() -> list[ModelEntry]:
 def show(name: str, *, verbose: bool = False) -> ModelDetails:
     """A registry model's Modelfile, parameters, template, system, capabilities
     and metadata (``.to_json()``: Ollama's ``/api/show`` body)."""
-    from ember.registry import show_model
+    from ember.registry.show import show_model
 
     return show_model(name, verbose=verbose)
 
 
 def copy(src: str, dst: str) -> None:
     """Copy a registry model under a new name."""
-    from ember.registry import copy_model
+    from ember.registry.core import copy_model
 
     copy_model(src, dst)
 
 
 def delete(name: str) -> None:
     """Remove a registry model (blobs no other model uses are pruned)."""
-    from ember.registry import delete_model
+    from ember.registry.core import delete_model
 
     delete_model(name)
 

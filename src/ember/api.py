@@ -27,7 +27,7 @@ from ember.errors import ContextOverflowError, OptionError, TemplateError
 from ember.images import Image, ImageInput, load_image
 from ember.models import resolve_model
 from ember.progress import ProgressCallback
-from ember.registry import ResolvedModel
+from ember.registry.core import ResolvedModel
 from ember.request import (
     FALLBACK_NOTE,
     AsyncChunkStream,

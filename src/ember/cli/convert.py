@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import typer
 
 from ember.cli.app import app
-from ember.cli.common import console, format_size, parse_size, progress_bar
+from ember.cli.common import console, progress_bar
+from ember.cli.sizes import format_size, parse_size
 
 if TYPE_CHECKING:  # the converter (numpy, gguf-py) loads when a command runs, not for --help
     from ember.convert import ConversionPlan

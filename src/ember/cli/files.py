@@ -11,7 +11,8 @@ import typer
 from rich.table import Table
 
 from ember.cli.app import app
-from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
+from ember.cli.common import console, err_console, progress_bar
+from ember.cli.sizes import format_size, parse_size
 from ember.errors import OptionError
 from ember.gguf import ModelInfo, inspect_model, merge_model, plan_split, read_model, split_model
 from ember.gguf.inspect import format_params

@@ -11,7 +11,8 @@ from pathlib import Path
 import typer
 
 from ember.cli.app import app
-from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
+from ember.cli.common import console, err_console, progress_bar
+from ember.cli.sizes import format_size, parse_size
 from ember.errors import OptionError, QuantizationError
 from ember.models import resolve_model
 from ember.progress import ProgressCallback

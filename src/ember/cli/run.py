@@ -12,7 +12,8 @@ import typer
 
 from ember import options as opts
 from ember.cli.app import app
-from ember.cli.common import err_console, format_size
+from ember.cli.common import err_console
+from ember.cli.sizes import format_size
 from ember.errors import EmberError, OptionError
 from ember.request import FALLBACK_NOTE, Result
 

@@ -16,7 +16,8 @@ from typing import Any
 import typer
 
 from ember.cli.app import app
-from ember.cli.common import console, err_console, format_size
+from ember.cli.common import console, err_console
+from ember.cli.sizes import format_size
 from ember.errors import EmberError, OptionError
 from ember.options import RPC_PORT
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -208,7 +207,7 @@ def create_app(manager: ModelManager | None = None, *, host: str | None = None) 
         app.mount("/web", StaticFiles(directory=WEB_DIR, check_dir=False), name="web")
 
     app.add_middleware(_BodyLimitMiddleware, limit=settings.max_body_size())
-    key = os.environ.get("EMBER_API_KEY", "").strip()
+    key = settings.api_key()
     if key:
         app.add_middleware(_AuthMiddleware, key=key)
     app.add_middleware(RequestGuard, bind_host=host if host is not None else split_host(settings.host())[0])

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Format = str | dict[str, Any] | None
-# Checked by ember.server.manager.parse_keep_alive (a duration string or seconds;
+# Checked by ember.options.parse_duration (a duration string or seconds;
 # JSON true/false are refused there, not coerced to 1/0).
 KeepAlive = Any
 
