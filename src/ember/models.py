@@ -7,12 +7,12 @@ cached F16 GGUF). The server can refuse filesystem paths for remote clients.
 from __future__ import annotations
 
 import hashlib
-import importlib
 from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ember.convert import convert_model
 from ember.demo import DEMO_NAME, cache_dir, demo_model_path
 from ember.errors import ModelNotFoundError, OptionError
 from ember.progress import ProgressCallback
@@ -68,8 +68,6 @@ def model_key(r: ResolvedModel) -> str:
 def converted_gguf(model_dir: Path, *, progress: ProgressCallback | None = None) -> Path:
     """A Hugging Face directory converted once to an F16 GGUF in the cache; the
     cache key covers the directory's path, file names, sizes and times."""
-    convert = importlib.import_module("ember.convert")  # heavy (numpy, gguf): only when converting
-
     h = hashlib.sha256(str(model_dir.resolve()).encode())
     for f in sorted(model_dir.iterdir()):
         if f.is_file():
@@ -77,7 +75,7 @@ def converted_gguf(model_dir: Path, *, progress: ProgressCallback | None = None)
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     out = cache_dir() / "converted" / f"{model_dir.name}-{h.hexdigest()[:16]}.gguf"
     if not out.is_file():
-        convert.convert_model(model_dir, out, outtype="f16", progress=progress)
+        convert_model(model_dir, out, outtype="f16", progress=progress)
     return out
 
 

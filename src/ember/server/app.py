@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember import settings
@@ -202,8 +203,6 @@ def create_app(manager: ModelManager | None = None, *, host: str | None = None) 
         return Response(status_code=200, media_type="text/html" if index.is_file() else "text/plain")
 
     if WEB_DIR.is_dir():
-        from fastapi.staticfiles import StaticFiles
-
         app.mount("/web", StaticFiles(directory=WEB_DIR, check_dir=False), name="web")
 
     app.add_middleware(_BodyLimitMiddleware, limit=settings.max_body_size())

@@ -133,8 +133,8 @@ class LocalRunner(Runner):
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        # The engine is imported where a model is loaded: the server process
-        # itself, which only starts runners, never imports llama.cpp.
+        # lazy: the engine is imported where a model is loaded: the server
+        # process itself, which only starts runners, never imports llama.cpp.
         from ember.api import Model
 
         s = self.spec
