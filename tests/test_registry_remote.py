@@ -354,7 +354,7 @@ def test_ollama_client_pull_through_ember_serve(registry: Registry, tmp_path: Pa
     manifest = demo_model(registry)
     srv = Server(tmp_path / "models", EMBER_REGISTRY=registry.url)
     try:
-        oc = ollama.Client(host=srv.url)
+        oc = srv.ollama_client()
         progress = list(oc.pull("tiny", stream=True))
         statuses = [p.status for p in progress]
         assert statuses[0] == "pulling manifest" and statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
