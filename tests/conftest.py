@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import ollama
+import openai
 import pytest
 from cli_fixtures import run_ember
 from server_fixtures import Server, create_chat_models
@@ -47,3 +50,22 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     create_chat_models(srv.url, str(demo_model_path()))
     yield srv
     srv.stop()
+
+
+# The official clients of the module's own ``server`` fixture (one per test module).
+@pytest.fixture(scope="module")
+def oc(server: Server) -> ollama.Client:
+    """Ollama's client."""
+    return server.ollama_client(timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ai(server: Server) -> openai.OpenAI:
+    """OpenAI's client (``/v1``)."""
+    return server.openai_client(timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ac(server: Server) -> anthropic.Anthropic:
+    """Anthropic's client."""
+    return server.anthropic_client(timeout=300)

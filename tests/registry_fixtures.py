@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter, LlamaFileType
 
-from ember.registry import bundled
+from ember.registry import store
 
 
 def write_tiny_gguf(path: Path, *, n_tensors: int = 4, seed: int = 0, split_max_tensors: int = 0,
@@ -58,7 +58,7 @@ def without_demo(root: Path) -> Path:
     """Make ``root`` a registry whose listings leave the demo model out (as
     after 'ember rm demo'), for tests that list exactly what they create."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / bundled.OFFERED_MARKER).touch()
+    (root / store.OFFERED_MARKER).touch()
     return root
 
 

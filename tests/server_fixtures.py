@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import ollama
+import openai
 
 
 def free_port() -> int:
@@ -48,6 +51,19 @@ class Server:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start: {self.log.read_text()}")
             time.sleep(0.1)
+
+    def ollama_client(self, timeout: float = 120, **kw: Any) -> ollama.Client:
+        """The official Ollama client for this server."""
+        return ollama.Client(host=self.url, timeout=timeout, **kw)
+
+    def openai_client(self, api_key: str = "x", timeout: float = 120) -> openai.OpenAI:
+        """The official OpenAI client for this server's ``/v1`` (no retries: a
+        failure shows at once)."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, timeout=timeout, max_retries=0)
+
+    def anthropic_client(self, api_key: str = "x", timeout: float = 120) -> anthropic.Anthropic:
+        """The official Anthropic client for this server (no retries)."""
+        return anthropic.Anthropic(base_url=self.url, api_key=api_key, timeout=timeout, max_retries=0)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

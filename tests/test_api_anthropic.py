@@ -27,16 +27,6 @@ def server(chat_server: Server) -> Server:
     return chat_server  # one server for the API translator tests (conftest.py)
 
 
-@pytest.fixture(scope="module")
-def ac(server: Server) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, api_key="x", timeout=120, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def oc(server: Server) -> ollama.Client:
-    return ollama.Client(host=server.url, timeout=120)
-
-
 def _ollama_text(oc: ollama.Client, model: str, messages: list[dict[str, Any]], **kw: Any) -> str:
     return str(oc.chat(model=model, messages=messages, options=GREEDY, **kw).message.content)
 
@@ -175,9 +165,9 @@ def test_x_api_key(tmp_path: Any) -> None:
     srv = Server(tmp_path, EMBER_API_KEY="sekrit")
     try:
         msgs = [{"role": "user", "content": "Hi"}]
-        ok = anthropic.Anthropic(base_url=srv.url, api_key="sekrit", max_retries=0, timeout=120)
+        ok = srv.anthropic_client(api_key="sekrit")
         assert ok.messages.create(model="demo", max_tokens=2, messages=msgs).content
-        bad = anthropic.Anthropic(base_url=srv.url, api_key="wrong", max_retries=0, timeout=120)
+        bad = srv.anthropic_client(api_key="wrong")
         with pytest.raises(anthropic.AuthenticationError) as e:
             bad.messages.create(model="demo", max_tokens=2, messages=msgs)
         assert e.value.body["error"]["type"] == "authentication_error"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import ollama
 import pytest
 from server_fixtures import THOUGHT_SCHEMA, Server
 
@@ -24,7 +23,7 @@ def server(chat_server: Server) -> Server:
 
 
 def test_ollama_chat_provider(server: Server) -> None:
-    ref = ollama.Client(host=server.url, timeout=120).chat(
+    ref = server.ollama_client().chat(
         model="tooly", messages=QUESTION, options={"temperature": 0, "num_predict": 6})
     r = litellm.completion(model="ollama_chat/tooly", messages=QUESTION, api_base=server.url, **GREEDY)
     assert r.choices[0].message.content == ref.message.content

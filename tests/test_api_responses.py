@@ -27,16 +27,6 @@ def server(chat_server: Server) -> Server:
     return chat_server  # one server for the API translator tests (conftest.py)
 
 
-@pytest.fixture(scope="module")
-def ai(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=120, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def oc(server: Server) -> ollama.Client:
-    return ollama.Client(host=server.url, timeout=120)
-
-
 def _ollama_text(oc: ollama.Client, model: str, messages: list[dict[str, Any]], **kw: Any) -> str:
     return str(oc.chat(model=model, messages=messages, options=GREEDY, **kw).message.content)
 

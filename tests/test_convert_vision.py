@@ -187,7 +187,8 @@ def test_checkpoints_that_do_not_fit_are_clear_errors(qwen: Any, tmp_path: Path)
 def test_create_registers_model_and_projector(qwen: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`ember create` FROM a vision checkpoint folder: the projector the
     converter writes beside the model becomes the model's projector layer."""
-    from ember.registry import create_model, show_model
+    from ember.registry.create import create_model
+    from ember.registry.show import show_model
 
     monkeypatch.setenv("EMBER_MODELS", str(tmp_path / "models"))
     r = create_model("tiny-vl", f"FROM {qwen.path}\n")

@@ -118,3 +118,34 @@ def test_no_test_module_imports_another() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{p.name}: {n}" for n in names if n.startswith("test_")]
     assert offenders == []
+
+
+def _environment_reads(tree: ast.AST) -> list[ast.AST]:
+    """``os.environ.get(...)``, ``os.getenv(...)`` and ``os.environ[...]`` reads."""
+    found: list[ast.AST] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.getenv"):
+            found.append(node)
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and ast.unparse(node.value) == "os.environ":
+            found.append(node)
+    return found
+
+
+def test_only_settings_reads_the_environment() -> None:
+    settings = SRC / "ember" / "settings.py"
+    assert _environment_reads(ast.parse(settings.read_text())), "the check reads no environment access"
+    offenders = [f"{p.relative_to(SRC)}:{n.lineno}" for p in sorted((SRC / "ember").rglob("*.py")) if p != settings
+                 for n in _environment_reads(ast.parse(p.read_text()))]
+    assert offenders == [], f"read these through ember.settings: {offenders}"
+
+
+def test_readme_settings_table_names_every_variable_settings_reads() -> None:
+    tree = ast.parse((SRC / "ember" / "settings.py").read_text())
+    read = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and re.fullmatch(r"(EMBER|HF|MODELSCOPE)_[A-Z_]+", n.value)}
+    assert {"EMBER_MODELS", "EMBER_API_KEY", "EMBER_NUM_PARALLEL", "HF_TOKEN"} <= read
+    table = (ROOT / "README.md").read_text().split("### Settings", 1)[1].split("\n\n", 2)[1]
+    documented = {name for row in table.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`([A-Z][A-Z_]+)`", row.split("|")[1])}
+    assert sorted(read - documented) == [], "add these to README's Settings table"
+    assert sorted(documented - read) == [], "README's Settings table names variables settings.py does not read"

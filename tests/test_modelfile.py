@@ -9,8 +9,7 @@ import pytest
 from registry_fixtures import qwen_modelfile
 
 from ember.errors import ModelfileError
-from ember.registry import parse_modelfile
-from ember.registry.modelfile import Modelfile, decode, quote, read_modelfile
+from ember.registry.modelfile import Modelfile, decode, parse_modelfile, quote, read_modelfile
 
 
 def test_qwen_modelfile_from_users_document() -> None:

@@ -12,7 +12,7 @@ import pytest
 from ember.demo import demo_model_path
 from ember.errors import EmberError
 from ember.models import model_key, resolve_model
-from ember.registry import create_model
+from ember.registry.create import create_model
 
 
 @pytest.fixture

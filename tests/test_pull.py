@@ -21,9 +21,12 @@ import pytest
 from registry_fixtures import snapshot, without_demo, write_tiny_gguf
 
 from ember.errors import DownloadError, InvalidNameError, RemoteModelNotFoundError
-from ember.registry import list_models, pull_model, resolve, store
+from ember.registry import store
+from ember.registry.core import resolve
 from ember.registry.hub import RemoteFile, _safe_path, select_gguf
+from ember.registry.listing import list_models
 from ember.registry.names import parse_hub_ref as parse_ref
+from ember.registry.pull import pull_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".model")
@@ -349,7 +352,7 @@ def test_pull_safetensors_repo_converts(hub: tuple[Hub, str]) -> None:
 
 def test_create_from_hub_reference_pulls_it_first(hub: tuple[Hub, str]) -> None:
     """Like Ollama: FROM a hub model that is not here yet pulls it, then builds on it."""
-    from ember.registry import create_model
+    from ember.registry.create import create_model
 
     h, _ = hub
     repo = gguf_repo(h)

@@ -16,17 +16,13 @@ from cli_fixtures import EMBER, run_ember
 from registry_fixtures import snapshot, without_demo, write_tiny_gguf
 
 from ember.errors import InvalidFileError, InvalidNameError, ModelfileError, ModelNotFoundError
-from ember.registry import (
-    copy_model,
-    create_model,
-    delete_model,
-    list_models,
-    parse_modelfile,
-    parse_name,
-    resolve,
-    show_model,
-    store,
-)
+from ember.registry import store
+from ember.registry.core import copy_model, delete_model, resolve
+from ember.registry.create import create_model
+from ember.registry.listing import list_models
+from ember.registry.modelfile import parse_modelfile
+from ember.registry.names import parse_name
+from ember.registry.show import show_model
 
 
 @pytest.fixture
@@ -342,14 +338,14 @@ def test_concurrent_creates(models: Path, tmp_path: Path) -> None:
         write_tiny_gguf(tmp_path / f"c{i}.gguf", seed=20 + i, n_tensors=8, rows=256)
     create_model("victim", "FROM c0.gguf\n")
     script = (
-        "import sys; from ember.registry import create_model, delete_model\n"
+        "import sys; from ember.registry.core import delete_model; from ember.registry.create import create_model\n"
         "name, src, system = sys.argv[1:4]\n"
         "for k in range(3):\n"
         "    create_model(name, f'FROM {src}\\nSYSTEM {system}-{k}\\n')\n"
     )
     jobs = [("same", "c1.gguf", "A"), ("same", "c2.gguf", "B"), ("other", "c3.gguf", "C"), ("third", "c0.gguf", "D")]
     procs = [subprocess.Popen([sys.executable, "-c", script, *j], cwd=tmp_path, env=os.environ.copy()) for j in jobs]
-    rm = subprocess.Popen([sys.executable, "-c", "from ember.registry import delete_model; delete_model('victim')"],
+    rm = subprocess.Popen([sys.executable, "-c", "from ember.registry.core import delete_model; delete_model('victim')"],
                           cwd=tmp_path, env=os.environ.copy())
     assert all(p.wait(timeout=120) == 0 for p in procs) and rm.wait(timeout=120) == 0
     assert {m.name for m in list_models()} == {"same:latest", "other:latest", "third:latest"}

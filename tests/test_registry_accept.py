@@ -15,7 +15,9 @@ import pytest
 from cli_fixtures import run_ember
 from registry_fixtures import qwen_modelfile
 
-from ember.registry import resolve, show_model, store
+from ember.registry import store
+from ember.registry.core import resolve
+from ember.registry.show import show_model
 
 
 def ember(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

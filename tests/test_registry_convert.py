@@ -14,7 +14,10 @@ import transformers
 from convert_fixtures import LLAMA3_RE, SPECIALS_LLAMA3, make_bpe_tokenizer, pad_vocab  # noqa: E402
 from registry_fixtures import snapshot
 
-from ember.registry import create_model, ggufmeta, resolve, show_model, store
+from ember.registry import ggufmeta, store
+from ember.registry.core import resolve
+from ember.registry.create import create_model
+from ember.registry.show import show_model
 
 
 @pytest.fixture(scope="module")

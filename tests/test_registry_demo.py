@@ -13,7 +13,12 @@ from cli_fixtures import run_ember
 from server_fixtures import Server
 
 from ember.demo import DEMO_DIGEST, demo_model_path
-from ember.registry import copy_model, create_model, delete_model, list_models, pull_model, resolve, show_model, store
+from ember.registry import store
+from ember.registry.core import copy_model, delete_model, resolve
+from ember.registry.create import create_model
+from ember.registry.listing import list_models
+from ember.registry.pull import pull_model
+from ember.registry.show import show_model
 
 
 @pytest.fixture

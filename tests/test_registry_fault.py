@@ -14,7 +14,9 @@ from pathlib import Path
 
 from registry_fixtures import write_tiny_gguf
 
-from ember.registry import create_model, resolve, store
+from ember.registry import store
+from ember.registry.core import resolve
+from ember.registry.create import create_model
 
 RUNS = 20
 

@@ -27,7 +27,10 @@ from server_fixtures import Server
 
 from ember.demo import demo_model_path
 from ember.errors import DownloadError, InvalidNameError, RemoteModelNotFoundError
-from ember.registry import ggufmeta, pull_model, resolve, show_model, store
+from ember.registry import ggufmeta, store
+from ember.registry.core import resolve
+from ember.registry.pull import pull_model
+from ember.registry.show import show_model
 
 CHUNK = 1 << 20
 TEMPLATE = "{{ if .System }}<sys>{{ .System }}</sys>{{ end }}<user>{{ .Prompt }}</user>"
@@ -351,7 +354,7 @@ def test_ollama_client_pull_through_ember_serve(registry: Registry, tmp_path: Pa
     manifest = demo_model(registry)
     srv = Server(tmp_path / "models", EMBER_REGISTRY=registry.url)
     try:
-        oc = ollama.Client(host=srv.url)
+        oc = srv.ollama_client()
         progress = list(oc.pull("tiny", stream=True))
         statuses = [p.status for p in progress]
         assert statuses[0] == "pulling manifest" and statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]

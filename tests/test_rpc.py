@@ -143,7 +143,7 @@ def test_ember_run_with_rpc_gives_the_local_text_and_reports_devices(workers, re
 def test_server_with_workers_gives_the_local_text_and_ps_shows_devices(tmp_path, spare, reference):
     srv = Server(tmp_path, EMBER_RPC=rpc_list(spare))
     try:
-        oc = ollama.Client(host=srv.url, timeout=120)
+        oc = srv.ollama_client()
         r = oc.generate(model="demo", prompt=PROMPT, raw=True, options={**SAME_KERNELS, "num_predict": N, "num_ctx": 512})
         assert r.response == reference
         devices = srv.ps()[0]["devices"]
@@ -320,7 +320,7 @@ def test_killing_a_worker_mid_stream_fails_that_request_and_the_server_reloads(t
         assert "error" in lines[-1] and spare[1].endpoint in lines[-1], lines[-3:]
         assert httpx.get(srv.url + "/api/version", timeout=10).status_code == 200
         # The next request loads the model again, on the worker that is left (it fits).
-        oc = ollama.Client(host=srv.url, timeout=120)
+        oc = srv.ollama_client()
         again = oc.generate(model="demo", prompt=PROMPT, raw=True, options={**SAME_KERNELS, "num_predict": N, "num_ctx": 512})
         assert again.response == reference
         assert set(srv.ps()[0]["devices"]) == {"CPU", f"RPC0[{spare[0].endpoint}]"}

@@ -35,16 +35,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
 
 
 @pytest.fixture(scope="module")
-def oc(server: Server) -> ollama.Client:
-    return ollama.Client(host=server.url, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def ai(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=120, max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def reference(server: Server) -> str:
     """The demo model's greedy continuation of PROMPT, from the library directly."""
     from ember.api import Model
@@ -391,10 +381,10 @@ def test_auth_and_cors(tmp_path: Path) -> None:
         assert r.status_code == 401 and "EMBER_API_KEY" in r.json()["error"]
         assert httpx.get(srv.url + "/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(srv.url + "/api/tags", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        assert [m.model for m in ollama.Client(host=srv.url, headers={"Authorization": "Bearer s3cret"}).list().models] == ["demo:latest"]
+        assert [m.model for m in srv.ollama_client(headers={"Authorization": "Bearer s3cret"}).list().models] == ["demo:latest"]
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
-        assert [m.id for m in openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0).models.list().data] == ["demo:latest"]
+            srv.openai_client(api_key="wrong").models.list()
+        assert [m.id for m in srv.openai_client(api_key="s3cret").models.list().data] == ["demo:latest"]
 
         def preflight(origin: str) -> httpx.Response:
             return httpx.options(srv.url + "/api/chat", headers={
@@ -418,7 +408,7 @@ def test_max_loaded_models_evicts_idle_and_keep_alive_expires(tmp_path: Path) ->
 
         for name in ("one", "two"):
             create(srv.url, name, f"FROM {demo_model_path()}\nPARAMETER num_ctx 128\n")
-        c = ollama.Client(host=srv.url, timeout=120)
+        c = srv.ollama_client()
         assert c.generate(model="one", prompt="", keep_alive=-1).done_reason == "load"
         assert [m.model for m in c.ps().models] == ["one:latest"]
         assert c.ps().models[0].expires_at.year == 2318  # forever

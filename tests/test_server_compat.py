@@ -30,16 +30,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def oc(server: Server) -> ollama.Client:
-    return ollama.Client(host=server.url, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def ai(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=300, max_retries=0)
-
-
 def _post(server: Server, path: str, body: dict) -> httpx.Response:
     return httpx.post(server.url + path, json=body, timeout=300)
 

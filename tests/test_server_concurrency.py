@@ -52,7 +52,7 @@ async def _stream(client: ollama.AsyncClient, model: str, prompt: str) -> tuple[
 
 def test_16_concurrent_streams_match_their_solo_runs(server: Server) -> None:
     solo = {}
-    c = ollama.Client(host=server.url, timeout=300)
+    c = server.ollama_client(timeout=300)
     for p in PROMPTS:
         solo[p] = c.generate(model="inv", prompt=p, raw=True, options={"temperature": 0, "num_predict": N_PREDICT}).response
     prompts = PROMPTS * 4

@@ -63,7 +63,7 @@ def loaded(srv: Server) -> list[str]:
 def unload(srv: Server, model: str) -> set[int]:
     """Unload ``model`` (so its next request starts a new runner); the pids of
     the runners left."""
-    ollama.Client(host=srv.url, timeout=120).generate(model=model, prompt="", keep_alive=0)
+    srv.ollama_client().generate(model=model, prompt="", keep_alive=0)
     assert wait_until(lambda: f"{model}:latest" not in loaded(srv) and len(runners(srv)) == len(loaded(srv)))
     return {p.pid for p in runners(srv)}
 
@@ -76,7 +76,7 @@ def new_runner(srv: Server, before: set[int]) -> int:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGABRT, signal.SIGSEGV])
 def test_runner_killed_mid_stream_fails_only_its_stream(server: Server, sig: signal.Signals) -> None:
-    bystander = ollama.Client(host=server.url, timeout=120)
+    bystander = server.ollama_client()
     assert bystander.generate(model="bystander", prompt="Hi", options={"num_predict": 1}).done
     before = unload(server, "victim")
     with httpx.Client(timeout=120) as client:
@@ -100,7 +100,7 @@ def test_runner_killed_mid_stream_fails_only_its_stream(server: Server, sig: sig
 
 def test_runner_killed_mid_request_answers_500_naming_the_model(server: Server) -> None:
     before = unload(server, "victim")
-    ollama.Client(host=server.url, timeout=120).generate(model="victim", prompt="", keep_alive="1h")
+    server.ollama_client().generate(model="victim", prompt="", keep_alive="1h")
     pid = new_runner(server, before)
     out: dict[str, httpx.Response] = {}
 
@@ -157,7 +157,7 @@ def test_gguf_that_aborts_llama_cpp_at_load_fails_only_its_requests(server: Serv
 
 def test_server_never_maps_a_model_and_unload_ends_the_runner(server: Server) -> None:
     before = unload(server, "bystander")
-    ollama.Client(host=server.url, timeout=120).generate(model="bystander", prompt="", keep_alive="1h")
+    server.ollama_client().generate(model="bystander", prompt="", keep_alive="1h")
     pid = new_runner(server, before)
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "libllama" not in maps and ".gguf" not in maps and "sha256-" not in maps
@@ -171,7 +171,7 @@ def test_batch_invariant_request_never_reloads_the_model(server: Server) -> None
     later request on it ran one sequence at a time. It is the request's own
     (per request in the scheduler): the runner and its load stay as they were."""
     before = unload(server, "bystander")
-    ollama.Client(host=server.url, timeout=120).generate(model="bystander", prompt="", keep_alive="1h")
+    server.ollama_client().generate(model="bystander", prompt="", keep_alive="1h")
     pid = new_runner(server, before)
     pids = {p.pid for p in runners(server)}
     r = httpx.post(server.url + "/api/generate", json={"model": "bystander", "prompt": "Hi", "stream": False, "options": {
@@ -188,7 +188,7 @@ def test_batch_invariant_request_never_reloads_the_model(server: Server) -> None
 def test_runner_exits_when_the_server_is_killed(tmp_path: Path) -> None:
     srv = Server(tmp_path)
     try:
-        ollama.Client(host=srv.url, timeout=120).generate(model="demo", prompt="", keep_alive=-1)
+        srv.ollama_client().generate(model="demo", prompt="", keep_alive=-1)
         (runner,) = runners(srv)
         srv.proc.kill()
         srv.proc.wait()

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import ollama
 import pytest
 from gguf_fixtures import write_tiny_gguf
 from server_fixtures import Server, create, upload
@@ -176,7 +175,7 @@ def test_curl_form_body_without_origin_still_works(server: Server) -> None:
     r = httpx.post(server.url + "/api/show", content=json.dumps({"model": "small"}),
                    headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": "http://localhost:3000"}, timeout=30)
     assert r.status_code == 415
-    assert ollama.Client(host=server.url).show("small").details.family == "gemma3"
+    assert server.ollama_client().show("small").details.family == "gemma3"
 
 
 # --- 11: far-future keep_alive ---------------------------------------------------------------------------

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import ollama
-import openai
 import pytest
 from server_fixtures import THOUGHT_SCHEMA, Server
 
@@ -95,7 +93,7 @@ QUESTION = [{"role": "user", "content": "Capital of France?"}]
 
 
 def test_ollama_chat_and_generate_return_thinking(server: Server) -> None:
-    oc = ollama.Client(host=server.url, timeout=120)
+    oc = server.ollama_client()
     r = oc.chat(model="thinker", messages=QUESTION, format=THOUGHT_SCHEMA, options=FORCED)
     assert (r.message.thinking, r.message.content) == (THOUGHT, ANSWER)
     parts = list(oc.chat(model="thinker", messages=QUESTION, format=THOUGHT_SCHEMA, options=FORCED, stream=True))
@@ -118,7 +116,7 @@ def test_ollama_chat_and_generate_return_thinking(server: Server) -> None:
 
 
 def test_openai_reasoning(server: Server) -> None:
-    ai = openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=120, max_retries=0)
+    ai = server.openai_client()
     schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": THOUGHT_SCHEMA}}
     kw: dict[str, Any] = {"model": "thinker", "messages": QUESTION, "temperature": 0, "max_tokens": 30,
                           "response_format": schema}
@@ -134,7 +132,7 @@ def test_openai_reasoning(server: Server) -> None:
 
 
 def test_think_on_a_model_that_cannot_think_is_refused(server: Server) -> None:
-    oc = ollama.Client(host=server.url, timeout=120)
+    oc = server.ollama_client()
     assert "thinking" in oc.show("thinker").capabilities and "thinking" not in oc.show("tooly").capabilities
     for path, body in [("/api/chat", {"messages": QUESTION}), ("/api/generate", {"prompt": "Hi"})]:
         r = httpx.post(server.url + path, json={"model": "tooly", "think": True, **body}, timeout=60)

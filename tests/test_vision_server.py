@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import ollama
 import openai
 import pytest
 from image_fixtures import png_header_only
@@ -54,7 +53,7 @@ def test_show_lists_vision(served: Any) -> None:
 
 def test_ollama_client_images_in_chat_and_generate(served: Any) -> None:
     server, image, chat, gen = served
-    client = ollama.Client(host=server.url, timeout=120)
+    client = server.ollama_client()
     r = client.chat(model="tinyvl", messages=[{"role": "user", "content": QUESTION, "images": [str(image)]}])
     assert r.message.content == chat
     parts = client.chat(model="tinyvl", messages=[{"role": "user", "content": QUESTION, "images": [image.read_bytes()]}], stream=True)
@@ -68,7 +67,7 @@ def test_ollama_client_images_in_chat_and_generate(served: Any) -> None:
 
 def test_openai_client_image_url_data(served: Any) -> None:
     server, image, chat, _ = served
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=120, max_retries=0)
+    client = server.openai_client()
     url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
     content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}]
     r = client.chat.completions.create(model="tinyvl", messages=[{"role": "user", "content": content}])  # type: ignore[list-item]

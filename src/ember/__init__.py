@@ -49,7 +49,9 @@ if TYPE_CHECKING:
     from ember.api import Model, ModelInfo, Result, StreamChunk
     from ember.engine import MemoryReport
     from ember.gguf import ModelInfo as FileInfo
-    from ember.registry import ModelDetails, ModelEntry, ResolvedModel
+    from ember.registry.core import ResolvedModel
+    from ember.registry.listing import ModelEntry
+    from ember.registry.show import ModelDetails
 
 PathLike = str | os.PathLike[str]
 
@@ -90,6 +92,10 @@ __all__ = [
     "split",
     "validate",
 ]
+
+
+# Each function below imports its layer when called (``# lazy``): ``import ember``
+# loads neither llama.cpp nor numpy, gguf-py, jinja2 or FastAPI (tests/test_layout.py).
 
 
 def load(
@@ -140,7 +146,7 @@ def load(
         A :class:`Model`; use it as a context manager (or call ``close()``) to
         free its memory.
     """
-    from ember.api import Model
+    from ember.api import Model  # lazy: `import ember` loads no layer
 
     adapters = [(str(p), float(s)) for p, s in lora or []]
     if rpc is not None:
@@ -157,7 +163,7 @@ def convert(
 ) -> Path:
     """Convert a Hugging Face checkpoint (safetensors or .bin) to GGUF; ``outtype``
     is f32, f16, bf16, q8_0, auto, or any llama.cpp quant type (q4_k_m, ...)."""
-    from ember.convert import convert_model
+    from ember.convert import convert_model  # lazy: `import ember` loads no layer
 
     return Path(convert_model(model_dir, outfile, outtype=outtype, progress=progress))
 
@@ -170,7 +176,7 @@ def convert_lora(
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Convert a PEFT LoRA adapter to a GGUF adapter for the given base model."""
-    from ember.convert.lora import convert_lora as _convert_lora
+    from ember.convert.lora import convert_lora as _convert_lora  # lazy: `import ember` loads no layer
 
     return Path(_convert_lora(adapter_dir, base, outfile, progress=progress))
 
@@ -186,7 +192,7 @@ def quantize(
     """Quantize a GGUF to any llama.cpp type (Q4_0, Q4_K_M, Q6_K, Q8_0, IQ4_XS, ...).
     Keyword options: imatrix, output_tensor_type, token_embedding_type,
     tensor_types, pure, allow_requantize, keep_split, nthread."""
-    from ember.quantize import quantize_model
+    from ember.quantize import quantize_model  # lazy: `import ember` loads no layer
 
     return [Path(p) for p in quantize_model(src, dst, qtype, progress=progress, **kwargs)]
 
@@ -200,28 +206,28 @@ def split(
     progress: ProgressCallback | None = None,
 ) -> list[Path]:
     """Split a GGUF into llama.cpp-compatible shards (``PREFIX-00001-of-0000N.gguf``)."""
-    from ember.gguf import split_model
+    from ember.gguf import split_model  # lazy: `import ember` loads no layer
 
     return [Path(p) for p in split_model(src, out_prefix, max_size=max_size, max_tensors=max_tensors, progress=progress)]
 
 
 def merge(first_shard: PathLike, out: PathLike, *, progress: ProgressCallback | None = None) -> Path:
     """Merge the shards of a split GGUF into one file."""
-    from ember.gguf import merge_model
+    from ember.gguf import merge_model  # lazy: `import ember` loads no layer
 
     return Path(merge_model(first_shard, out, progress=progress))
 
 
 def inspect(path: PathLike) -> FileInfo:
     """Describe a GGUF (any shard reports the whole model) without loading it."""
-    from ember.gguf import inspect_model
+    from ember.gguf import inspect_model  # lazy: `import ember` loads no layer
 
     return inspect_model(path)
 
 
 def validate(path: PathLike) -> list[Path]:
     """Check a GGUF's structure (all shards); returns the shard paths in order."""
-    from ember.gguf import validate_model
+    from ember.gguf import validate_model  # lazy: `import ember` loads no layer
 
     return [Path(p) for p in validate_model(path)]
 
@@ -234,7 +240,7 @@ def create(
     progress: ProgressCallback | None = None,
 ) -> ResolvedModel:
     """Create a registry model from a Modelfile: a path to one, or its text."""
-    from ember.registry import create_model
+    from ember.registry.create import create_model  # lazy: `import ember` loads no layer
 
     source: Any = modelfile
     if modelfile is not None and (not isinstance(modelfile, str) or ("\n" not in modelfile and Path(modelfile).is_file())):
@@ -246,14 +252,14 @@ def pull(ref: str, *, progress: ProgressCallback | None = None) -> ResolvedModel
     """Download a model: an Ollama name (``llama3.2``, ``user/model:tag``) from
     Ollama's registry, or ``hf.co/user/repo[:Q4_K_M]`` (GGUF files, or a
     checkpoint converted) from Hugging Face."""
-    from ember.registry import pull_model
+    from ember.registry.pull import pull_model  # lazy: `import ember` loads no layer
 
     return pull_model(ref, progress=progress)
 
 
 def list_models() -> list[ModelEntry]:
     """The models in the registry (``$EMBER_MODELS``)."""
-    from ember.registry import list_models as _list
+    from ember.registry.listing import list_models as _list  # lazy: `import ember` loads no layer
 
     return _list()
 
@@ -261,21 +267,21 @@ def list_models() -> list[ModelEntry]:
 def show(name: str, *, verbose: bool = False) -> ModelDetails:
     """A registry model's Modelfile, parameters, template, system, capabilities
     and metadata (``.to_json()``: Ollama's ``/api/show`` body)."""
-    from ember.registry import show_model
+    from ember.registry.show import show_model  # lazy: `import ember` loads no layer
 
     return show_model(name, verbose=verbose)
 
 
 def copy(src: str, dst: str) -> None:
     """Copy a registry model under a new name."""
-    from ember.registry import copy_model
+    from ember.registry.core import copy_model  # lazy: `import ember` loads no layer
 
     copy_model(src, dst)
 
 
 def delete(name: str) -> None:
     """Remove a registry model (blobs no other model uses are pruned)."""
-    from ember.registry import delete_model
+    from ember.registry.core import delete_model  # lazy: `import ember` loads no layer
 
     delete_model(name)
 
@@ -284,7 +290,7 @@ def __getattr__(name: str) -> Any:
     """The classes load with llama.cpp, on first use: ``import ember`` loads
     neither llama.cpp nor numpy, gguf-py or the converter."""
     if name in ("Model", "Result", "StreamChunk", "ModelInfo", "MemoryReport"):
-        from ember import api, engine
+        from ember import api, engine  # lazy: `import ember` loads no layer
 
         return getattr(engine if name == "MemoryReport" else api, name)
     raise AttributeError(f"module 'ember' has no attribute {name!r}")

@@ -19,6 +19,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, overload
 
+import gguf
+import numpy as np
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
 from ember import options as opts
 from ember.engine import Context, LoadedModel, MemoryReport
 from ember.engine.scheduler import Chunk, Handle, Scheduler
@@ -27,7 +31,7 @@ from ember.errors import ContextOverflowError, OptionError, TemplateError
 from ember.images import Image, ImageInput, load_image
 from ember.models import resolve_model
 from ember.progress import ProgressCallback
-from ember.registry import ResolvedModel
+from ember.registry.core import ResolvedModel
 from ember.request import (
     FALLBACK_NOTE,
     AsyncChunkStream,
@@ -50,7 +54,6 @@ def _grammar_for(format: str | dict[str, Any] | None) -> str | None:
     """GBNF for Ollama's ``format`` ("json" or a JSON schema)."""
     if format is None or format == "":
         return None
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
     if format == "json":
         return str(JSON_GBNF)
@@ -439,8 +442,6 @@ class Model:
         self, texts: str | Sequence[str | Sequence[int]], *, truncate: bool = True, normalize: bool = True
     ) -> tuple[list[list[float]], int]:
         """:meth:`embed`, and the number of tokens embedded (after truncation)."""
-        import numpy as np
-
         items = [texts] if isinstance(texts, str) else list(texts)
         inputs = [
             self.engine.tokenize(x, True, False) if isinstance(x, str) else self._checked_ids(x, "input")
@@ -634,8 +635,6 @@ def _file_type(e: LoadedModel) -> str:
     if ftype is None:
         return "unknown"
     try:
-        import gguf
-
         return str(gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_"))
-    except (ValueError, ImportError):
+    except ValueError:
         return str(ftype)

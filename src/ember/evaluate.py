@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import llama_cpp as lc
 import numpy as np
 
+from ember.engine import load_model
 from ember.errors import InvalidFileError, OptionError
 from ember.progress import ProgressCallback
 
@@ -75,7 +77,6 @@ def _load(model: str | os.PathLike[str] | Any, threads: int | None) -> tuple[Any
     """(loaded model, whether we own it). Accepts a path or an engine model."""
     if hasattr(model, "tokenize") and hasattr(model, "new_context"):
         return model, False
-    from ember.engine import load_model
 
     return load_model(model, {"num_thread": threads} if threads else None), True
 
@@ -108,8 +109,6 @@ class _ChunkRunner:
         self.first = n_ctx // 2
 
     def run(self, chunk: list[int]) -> np.ndarray:
-        import llama_cpp as lc
-
         m = self.model
         toks = list(chunk)
         if m.add_bos:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageOps
 
 from ember import settings
 from ember.errors import ImageError
@@ -155,8 +157,6 @@ def load_images(items: Sequence[ImageInput] | None, *, max_pixels: int | None = 
 
 
 def _pil_module() -> Any:
-    from PIL import Image as PILImage
-
     return PILImage
 
 
@@ -211,8 +211,6 @@ def _from_pil(img: Any, label: str, max_pixels: int | None, fmt: str | None = No
 def _to_rgb(img: Any) -> Any:
     """8-bit RGB, upright: EXIF orientation applied (as transformers' loader
     does), alpha dropped (as stb_image does), 16-bit samples shifted to 8."""
-    from PIL import ImageOps
-
     img = ImageOps.exif_transpose(img) or img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(img, dtype=np.uint32) >> 8

@@ -26,9 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf import GGMLQuantizationType as T
 
 from ember.errors import ConversionError, InvalidFileError, QuantizationError
+from ember.fsutil import atomic_path
+from ember.gguf import validate_model
 from ember.progress import ProgressCallback
+from ember.quantize import QUANT_TYPES, default_mode, quantize_model
 
 _WRITABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"}
 _OUTTYPES = {"auto", "f32", "f16", "bf16", "q8_0"}
@@ -48,8 +53,6 @@ class _Pair:
 
 
 def _reader(path: Path, what: str) -> Any:
-    from gguf import GGUFReader
-
     if not path.is_file():
         raise InvalidFileError(f"{path}: no such {what} file")
     try:
@@ -65,9 +68,6 @@ def _field(reader: Any, key: str) -> Any:
 
 def _as_float(t: Any) -> np.ndarray:
     """A reader tensor as float32 in numpy order (rows = ne[1])."""
-    from gguf import GGMLQuantizationType as T
-    from gguf import quants
-
     if t.tensor_type == T.F32:
         arr = np.asarray(t.data, dtype=np.float32)
     elif t.tensor_type == T.F16:
@@ -134,9 +134,6 @@ def _delta(name: str, pair: _Pair, base_shape: tuple[int, ...], alpha: float, sc
 
 
 def _encode(values: np.ndarray, tname: str) -> tuple[np.ndarray, Any]:
-    from gguf import GGMLQuantizationType as T
-    from gguf import quants
-
     qt = T[tname]
     if qt == T.F32:
         return np.ascontiguousarray(values, dtype=np.float32), qt
@@ -147,9 +144,6 @@ def _encode(values: np.ndarray, tname: str) -> tuple[np.ndarray, Any]:
 
 def _encoded_info(shape: tuple[int, ...], tname: str) -> tuple[tuple[int, ...], Any, int]:
     """(shape to declare, dtype, nbytes) of a tensor encoded as ``tname``."""
-    from gguf import GGML_QUANT_SIZES
-    from gguf import GGMLQuantizationType as T
-
     qt = T[tname]
     n = int(np.prod(shape))
     if qt == T.F32:
@@ -164,8 +158,6 @@ def _encoded_info(shape: tuple[int, ...], tname: str) -> tuple[tuple[int, ...], 
 
 
 def _copy_kv(reader: Any, writer: Any, skip: set[str]) -> None:
-    from gguf import GGUFValueType
-
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key in skip:
             continue
@@ -188,7 +180,6 @@ def merge_lora(
     outtype = outtype.lower()
     if outtype not in _OUTTYPES:
         raise QuantizationError(f"--outtype {outtype!r}: use one of {', '.join(sorted(_OUTTYPES))}")
-    from ember.gguf import validate_model
 
     shards = validate_model(base)
     if len(shards) > 1:
@@ -251,11 +242,8 @@ def _write_merged(
     progress: ProgressCallback | None,
 ) -> None:
     """Stream the merged model to ``output`` (atomically)."""
-    from gguf import GGUFWriter
-
     alignment = _field(br, "general.alignment")
     output.parent.mkdir(parents=True, exist_ok=True)
-    from ember.fsutil import atomic_path
 
     with atomic_path(output) as final_tmp:
         stage = final_tmp
@@ -272,7 +260,6 @@ def _write_merged(
                 if t.name in pairs:
                     shape = tuple(int(x) for x in reversed(t.shape))
                     decl, dtype, nbytes = _encoded_info(shape, plan[t.name])
-                    from gguf import GGMLQuantizationType as T
 
                     writer.add_tensor_info(t.name, decl, np.dtype(dtype), nbytes, raw_dtype=T[plan[t.name]])
                 else:
@@ -294,8 +281,6 @@ def _write_merged(
                     progress("merging", i + 1, total)
             writer.close()
             if restore:
-                from ember.quantize import QUANT_TYPES, quantize_model
-
                 ftype = int(_field(br, "general.file_type") or 1)
                 qname = next((k for k, v in QUANT_TYPES.items() if v[0] == ftype and k != "COPY"), "F16")
                 # One override per tensor: merged ones get their original type
@@ -311,7 +296,6 @@ def _write_merged(
                 else:
                     kinds = sorted(set(restore.values()))
                     notes.append(f"{len(restore)} merged tensors re-quantized by llama.cpp to their original types ({', '.join(kinds)})")
-            from ember.quantize import default_mode
 
             default_mode(final_tmp)
         finally:

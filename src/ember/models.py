@@ -7,18 +7,16 @@ cached F16 GGUF). The server can refuse filesystem paths for remote clients.
 from __future__ import annotations
 
 import hashlib
-import importlib
 from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ember import registry
+from ember.convert import convert_model
 from ember.demo import DEMO_NAME, cache_dir, demo_model_path
 from ember.errors import ModelNotFoundError, OptionError
 from ember.progress import ProgressCallback
-from ember.registry import ResolvedModel
-from ember.registry.core import find_model, from_manifest
+from ember.registry.core import ResolvedModel, find_model, from_manifest, resolve
 
 
 def resolve_model(
@@ -43,10 +41,10 @@ def resolve_model(
         path = Path(text).expanduser()
         if convert and path.is_dir() and (path / "config.json").is_file():
             gguf = converted_gguf(path, progress=progress)
-            r = registry.resolve(str(gguf))
+            r = resolve(str(gguf))
             projector = gguf.with_name("mmproj-" + gguf.name)  # a vision model's companion file
             return replace(r, projector_paths=[projector]) if projector.is_file() else r
-        return registry.resolve(text)
+        return resolve(text)
     except (OSError, ValueError):  # names no file system accepts: too long, NUL bytes
         raise ModelNotFoundError(f"model '{text[:200]}' not found") from None
 
@@ -56,7 +54,7 @@ def _registry_only(name: str) -> ResolvedModel:
     if manifest is not None:
         return from_manifest(manifest)
     if name.lower() in (DEMO_NAME, DEMO_NAME + ":latest"):
-        return replace(registry.resolve(str(demo_model_path())), name=DEMO_NAME + ":latest")
+        return replace(resolve(str(demo_model_path())), name=DEMO_NAME + ":latest")
     raise ModelNotFoundError(f"model '{name[:200]}' not found; see 'ember list', or get it with 'ember pull'")
 
 
@@ -70,8 +68,6 @@ def model_key(r: ResolvedModel) -> str:
 def converted_gguf(model_dir: Path, *, progress: ProgressCallback | None = None) -> Path:
     """A Hugging Face directory converted once to an F16 GGUF in the cache; the
     cache key covers the directory's path, file names, sizes and times."""
-    convert = importlib.import_module("ember.convert")  # heavy (numpy, gguf): only when converting
-
     h = hashlib.sha256(str(model_dir.resolve()).encode())
     for f in sorted(model_dir.iterdir()):
         if f.is_file():
@@ -79,7 +75,7 @@ def converted_gguf(model_dir: Path, *, progress: ProgressCallback | None = None)
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     out = cache_dir() / "converted" / f"{model_dir.name}-{h.hexdigest()[:16]}.gguf"
     if not out.is_file():
-        convert.convert_model(model_dir, out, outtype="f16", progress=progress)
+        convert_model(model_dir, out, outtype="f16", progress=progress)
     return out
 
 

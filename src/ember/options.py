@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,3 +266,43 @@ def merged(*layers: dict[str, Any] | None) -> dict[str, Any]:
         if layer:
             out.update(layer)
     return out
+
+
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Go's time.Duration is an int64 of nanoseconds: about 292 years at most.
+MAX_DURATION = (2**63 - 1) / 1e9
+
+
+def parse_duration(value: Any, where: str) -> float:
+    """Ollama's keep_alive: a Go duration ("5m", "1h30m", "-1s"), a number of
+    seconds, or a numeric string. Negative means forever (``math.inf``)."""
+    if isinstance(value, bool):
+        raise OptionError(f"{where} must be a duration like \"5m\" or a number of seconds, got {value!r}")
+    if isinstance(value, (int, float)):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            seconds = math.inf if value > 0 else -math.inf
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            neg = text.startswith("-")
+            body = text.lstrip("+-")
+            parts = _DURATION.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise OptionError(f"{where}: invalid duration {shown(value)}; use e.g. \"5m\", \"1h\", \"30s\", 0 or -1") from None
+            seconds = sum(float(n) * _UNIT[u] for n, u in parts)
+            if neg:
+                seconds = -seconds
+        if abs(seconds) > MAX_DURATION:  # what Go's ParseDuration refuses, Ollama refuses
+            raise OptionError(f"{where}: invalid duration {shown(value)}: longer than Go's limit of about 292 years")
+    else:
+        raise OptionError(f"{where} must be a duration like \"5m\" or a number of seconds, got {value!r}")
+    if math.isnan(seconds):
+        raise OptionError(f"{where} must be a number, got NaN")
+    # A number beyond Go's range: the longest duration there is, never an
+    # expiry time past what a date can hold.
+    return math.inf if seconds < 0 else min(seconds, MAX_DURATION)

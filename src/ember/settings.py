@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ember.errors import OptionError
-from ember.options import parse_workers
+from ember.options import parse_duration, parse_workers
 
 DEFAULT_HOST = "127.0.0.1:11434"
 DEFAULT_REGISTRY = "https://registry.ollama.ai"
@@ -161,3 +161,44 @@ def header_timeout() -> float:
     if not 0 < value < 1e6:
         raise OptionError(f"EMBER_HEADER_TIMEOUT must be a number of seconds above 0, got {raw!r}")
     return value
+
+
+def api_key() -> str | None:
+    """EMBER_API_KEY: the key the server requires (``Authorization: Bearer``)
+    and the CLI sends to it."""
+    return os.environ.get("EMBER_API_KEY", "").strip() or None
+
+
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise OptionError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def num_parallel() -> int:
+    """EMBER_NUM_PARALLEL: sequences decoded together per loaded model."""
+    return _count("EMBER_NUM_PARALLEL", 4)
+
+
+def max_queue() -> int:
+    """EMBER_MAX_QUEUE: waiting requests before the server answers 503."""
+    return _count("EMBER_MAX_QUEUE", 512)
+
+
+def max_loaded_models() -> int:
+    """EMBER_MAX_LOADED_MODELS: loaded models before the least recently used idle one is unloaded."""
+    return _count("EMBER_MAX_LOADED_MODELS", 3)
+
+
+DEFAULT_KEEP_ALIVE = 300.0
+
+
+def keep_alive() -> float:
+    """EMBER_KEEP_ALIVE: seconds an idle model stays loaded (a Go duration or
+    seconds, as Ollama's ``keep_alive``; ``math.inf``: forever)."""
+    raw = os.environ.get("EMBER_KEEP_ALIVE")
+    return parse_duration(raw, "EMBER_KEEP_ALIVE") if raw else DEFAULT_KEEP_ALIVE

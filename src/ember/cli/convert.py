@@ -5,15 +5,13 @@ plans once (which checks the whole checkpoint), prints the plan, then writes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
 from ember.cli.app import app
-from ember.cli.common import console, format_size, parse_size, progress_bar
-
-if TYPE_CHECKING:  # the converter (numpy, gguf-py) loads when a command runs, not for --help
-    from ember.convert import ConversionPlan
+from ember.cli.common import console, progress_bar
+from ember.cli.sizes import format_size, parse_size
+from ember.convert import ConversionPlan, convert_lora, plan, write
 
 
 @app.command("convert")
@@ -32,8 +30,6 @@ def convert_cmd(
     vision projector, mmproj-NAME.gguf beside the model: F32 with --outtype f32,
     F16 otherwise.
     """
-    from ember.convert import plan, write
-
     split = parse_size(split_max_size) if split_max_size else None
     # everything is checked (config, tensors, tokenizer) before the first byte is written
     p = plan(model_dir, outtype=outtype, split_max_size=split, vocab_only=vocab_only, text_only=text_only)
@@ -77,7 +73,5 @@ def convert_lora_cmd(
     outtype: str = typer.Option("f16", "--outtype", help="f16 or f32."),
 ) -> None:
     """Convert a PEFT LoRA adapter to a GGUF adapter for llama.cpp."""
-    from ember.convert import convert_lora
-
     path = convert_lora(adapter_dir, base, outfile, outtype=outtype)  # adapters are small: no progress bar
     console.print(f"wrote {path}")

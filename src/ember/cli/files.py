@@ -11,10 +11,12 @@ import typer
 from rich.table import Table
 
 from ember.cli.app import app
-from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
+from ember.cli.common import console, err_console, progress_bar
+from ember.cli.sizes import format_size, parse_size
 from ember.errors import OptionError
 from ember.gguf import ModelInfo, inspect_model, merge_model, plan_split, read_model, split_model
 from ember.gguf.inspect import format_params
+from ember.options import LOAD_OPTIONS
 
 
 def _print_info(info: ModelInfo, tensors: bool) -> None:
@@ -108,9 +110,9 @@ def inspect(
 
 def _memory_report(file: Path, params: list[str]) -> dict[str, int]:
     """Load the model with the given load options and measure what llama.cpp allocates."""
+    # lazy: only --memory loads llama.cpp (ember.api); inspect, validate, split and merge do not.
     from ember.api import Model
     from ember.cli.run import parse_params
-    from ember.options import LOAD_OPTIONS
 
     options = parse_params(params)
     unknown = [k for k in options if k not in LOAD_OPTIONS]

@@ -1,5 +1,6 @@
-"""Entry point: registers every command module and turns EmberError into one
-line on stderr with exit code 1 (a traceback shown to a user is a bug)."""
+"""Entry point: the ``ember`` group (its commands load as they run, see
+:mod:`ember.cli.app`); turns EmberError into one line on stderr with exit
+code 1 (a traceback shown to a user is a bug)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,6 @@ import sys
 import typer
 
 from ember.__about__ import __version__
-
-# Each import registers its commands on ``app``.
-from ember.cli import (
-    convert,  # noqa: E402,F401  convert, convert-lora
-    files,  # noqa: E402,F401  inspect, validate, split, merge
-    models,  # noqa: E402,F401  create, list, show, cp, rm, pull
-    quantize,  # noqa: E402,F401  quantize, imatrix, merge-lora, eval
-    run,  # noqa: E402,F401  run
-    serve,  # noqa: E402,F401  serve, ps, stop
-    worker,  # noqa: E402,F401  worker
-)
 from ember.cli.app import app
 from ember.errors import EmberError
 

@@ -6,18 +6,21 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from ember.cli.app import app
-from ember.cli.common import console, err_console, format_size, progress_bar
+from ember.cli.common import console, err_console, progress_bar
+from ember.cli.sizes import format_size
 from ember.errors import ModelfileError
 from ember.progress import ProgressCallback
-from ember.registry import copy_model, create_model, delete_model, list_models, pull_model, show_model
+from ember.registry.core import copy_model, delete_model
+from ember.registry.create import create_model
 from ember.registry.modelfile import Modelfile, parse_modelfile, quote
+from ember.registry.pull import pull_model
+from ember.registry.show import show_model
 
 
 @contextlib.contextmanager
@@ -44,23 +47,6 @@ def _lazy_progress() -> Iterator[ProgressCallback]:
         yield callback
 
 
-def _ago(t: datetime | None) -> str:
-    if t is None:
-        return ""
-    s = (datetime.now(UTC) - t).total_seconds()
-    if s < 1:
-        return "Less than a second ago"
-    for limit, unit, size in ((60, "second", 1), (3600, "minute", 60), (86400, "hour", 3600),
-                              (86400 * 7, "day", 86400), (86400 * 30, "week", 86400 * 7),
-                              (86400 * 365, "month", 86400 * 30), (float("inf"), "year", 86400 * 365)):
-        if s < limit:
-            n = int(s // size)
-            if n == 1:
-                return f"About a{'n' if unit == 'hour' else ''} {unit} ago"
-            return f"{n} {unit}s ago"
-    return ""
-
-
 @app.command()
 def create(
     name: str = typer.Argument(..., help="Model name, e.g. qwen2.5:7b or me/mymodel:v1."),
@@ -80,24 +66,6 @@ def create(
     with _lazy_progress() as progress:
         result = create_model(name, mf, quantize=quantize, progress=progress)
     console.print(f"created '{result.name}'", highlight=False)
-
-
-@app.command("list")
-def list_(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
-    """List the models in the registry (the demo model is there until 'ember rm demo')."""
-    models = list_models()
-    if as_json:
-        print(json.dumps([m.to_json() for m in models], indent=2))
-        return
-    rows = [("NAME", "ID", "SIZE", "MODIFIED")]
-    for m in models:
-        rows.append((m.name, m.digest.removeprefix("sha256:")[:12], format_size(m.size), _ago(m.modified_at)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        line = "    ".join(c.ljust(widths[i]) for i, c in enumerate(r[:3])) + "    " + r[3]
-        typer.echo(line.rstrip())
 
 
 @app.command()

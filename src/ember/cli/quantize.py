@@ -9,10 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
 from ember.cli.app import app
-from ember.cli.common import console, err_console, format_size, parse_size, progress_bar
+from ember.cli.common import console, err_console, progress_bar
+from ember.cli.sizes import format_size, parse_size
 from ember.errors import OptionError, QuantizationError
+from ember.evaluate import kl_divergence, perplexity
+from ember.gguf import validate_model
+from ember.lora_merge import merge_lora
 from ember.models import resolve_model
 from ember.progress import ProgressCallback
 
@@ -103,7 +108,6 @@ def quantize_cmd(
             nthread=threads,
             progress=bar,
         )
-    from ember.gguf import validate_model
 
     size_in = sum(Path(p).stat().st_size for p in validate_model(model))
     size_out = sum(f.stat().st_size for f in files)
@@ -113,8 +117,6 @@ def quantize_cmd(
 
 
 def _list(model: Path | None) -> None:
-    from rich.table import Table
-
     table = Table(title="quantization types" + (f" for {model.name}" if model else ""))
     table.add_column("type")
     table.add_column("ftype", justify="right")
@@ -177,8 +179,6 @@ def merge_lora_cmd(
     ),
 ) -> None:
     """Write a new GGUF with a LoRA adapter merged into the weights."""
-    from ember.lora_merge import merge_lora
-
     with _lazy_bar() as bar:
         result = merge_lora(_model_paths(base)[0], adapter, output, scale=scale, outtype=outtype, progress=bar)
     console.print(f"wrote {output}: {result.n_merged} tensors merged")
@@ -200,8 +200,6 @@ def perplexity_cmd(
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="Flash attention (on: like llama-perplexity's default on CPUs)."),
 ) -> None:
     """Perplexity of MODEL on a text, computed exactly as llama-perplexity does."""
-    from ember.evaluate import perplexity
-
     with _lazy_bar() as bar:
         r = perplexity(_model_paths(model), file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
     console.print(f"perplexity: {r.ppl:.4f} +/- {r.ppl_stderr:.4f} ({r.n_chunks} chunks of {r.n_ctx} tokens, {r.n_scored} tokens scored)")
@@ -219,8 +217,6 @@ def kld_cmd(
 ) -> None:
     """KL divergence of QUANT from BASE and how often their top token agrees
     (like llama-perplexity --kl-divergence)."""
-    from ember.evaluate import kl_divergence
-
     with _lazy_bar() as bar:
         r = kl_divergence(_model_paths(base), _model_paths(quant), file, n_ctx=ctx, max_chunks=chunks or None, threads=threads or None, flash_attn=flash_attn, progress=bar)
     console.print(f"mean KLD:        {r.kld_mean:.6f} +/- {r.kld_stderr:.6f}")

@@ -6,18 +6,17 @@ import contextlib
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
 from ember import options as opts
+from ember.api import Model
 from ember.cli.app import app
-from ember.cli.common import err_console, format_size
+from ember.cli.common import err_console
+from ember.cli.sizes import format_size
 from ember.errors import EmberError, OptionError
 from ember.request import FALLBACK_NOTE, Result
-
-if TYPE_CHECKING:
-    from ember.api import Model
 
 HELP_TEXT = """Available Commands:
   /set parameter NAME VALUE   Set a parameter (e.g. /set parameter temperature 0)
@@ -159,10 +158,6 @@ class _Session:
         self.hide_thinking = False
 
     def _load(self) -> Model:
-        # The engine (llama.cpp) is imported with the first model, not by every
-        # ember command: `ember serve` must never load it in its own process.
-        from ember.api import Model  # noqa: F811
-
         return Model(self.name, num_parallel=1, lora=self.lora, **self.load_params)
 
     def close(self) -> None:
@@ -254,7 +249,7 @@ class _Session:
     # --- the interactive loop --------------------------------------------
     def interactive(self) -> None:
         with contextlib.suppress(ImportError):
-            import readline  # noqa: F401 - line editing and history for input()
+            import readline  # noqa: F401 - optional (not on every platform): line editing and history for input()
         if self.model.template is None and not self.raw and not self.reverse_prompt:
             err_console.print(f"[dim]Note: {FALLBACK_NOTE}.[/dim]")
         prompt = self.reverse_prompt or ">>> "

@@ -16,8 +16,10 @@ from typing import Any
 import typer
 
 from ember.cli.app import app
-from ember.cli.common import console, err_console, format_size
-from ember.errors import EmberError, OptionError
+from ember.cli.common import console, err_console
+from ember.cli.sizes import format_size
+from ember.engine import llama, rpc
+from ember.errors import EmberError, OptionError, WorkerError
 from ember.options import RPC_PORT
 
 SECURITY_WARNING = (
@@ -46,8 +48,6 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 def _choose_devices(names: str | None) -> list[Any]:
     """The devices to offer: those named, else the GPUs, else the CPU (as rpc-server does)."""
-    from ember.engine import llama
-
     found = llama.devices()
     if names:
         by_name = {d.name.lower(): d for d in found}
@@ -79,8 +79,6 @@ def worker(
     device: str = typer.Option(None, "--device", help="Devices to offer, comma-separated (default: the GPUs, else the CPU)."),
 ) -> None:
     """Lend this machine's CPU or GPUs to Ember on another machine (ember run/serve --rpc)."""
-    from ember.engine import llama, rpc
-
     address, port = parse_listen(host)
     endpoint = f"{address}:{port}"
     if threads < 0:
@@ -114,9 +112,6 @@ def worker(
 
 def _wait_ready(server: threading.Thread, address: str, port: int) -> None:
     """Until the server answers a handshake (it starts listening after setting up its devices)."""
-    from ember.engine import rpc
-    from ember.errors import WorkerError
-
     deadline = time.monotonic() + 60
     while server.is_alive():
         try:

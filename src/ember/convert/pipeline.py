@@ -33,6 +33,10 @@ from ember.errors import ConversionError, InvalidFileError
 from ember.progress import ProgressCallback
 from ember.quantize import parse_quant_type
 
+# The package, not the API function ember.quantize(); its parts that load
+# llama.cpp are imported on first use (the server process never loads it).
+_quantize = importlib.import_module("ember.quantize")
+
 _FTYPE = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -191,9 +195,7 @@ def _write_quantized(out: Output, qtype: str, dest: Path, progress: ProgressCall
     tmp = dest.parent / f".{dest.name}.f16-{os.getpid()}.tmp.gguf"
     try:
         write_gguf(out.writer, out.tensors, [tmp], progress, "Converting to F16")
-        # llama.cpp loads with the quantizer, only when a conversion quantizes
-        quantize = importlib.import_module("ember.quantize")
-        files = quantize.quantize_model(tmp, dest, qtype, progress=progress)
+        files = _quantize.quantize_model(tmp, dest, qtype, progress=progress)
         return Path(files[0]) if files else dest
     finally:
         with contextlib.suppress(FileNotFoundError):

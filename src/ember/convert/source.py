@@ -156,7 +156,7 @@ def _reader(path: Path, offset: int, nbytes: int, dtype: np.dtype[Any], shape: t
 
 def read_torch_checkpoint(path: Path) -> dict[str, TensorRef]:
     try:
-        import torch
+        import torch  # optional: the ember[torch] extra, only for .bin checkpoints
     except ImportError:
         raise ConversionError(f"{path}: reading pytorch_model .bin checkpoints needs torch: pip install 'ember[torch]' (or convert the model to safetensors)") from None
     try:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+from sentencepiece import SentencePieceProcessor
+from sentencepiece import sentencepiece_model_pb2 as pb
 
 from ember.errors import ConversionError, InvalidFileError
 
@@ -249,8 +251,6 @@ def hf_spm_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[str], li
 
 
 def spm_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], list[float], list[int], bool]:
-    from sentencepiece import SentencePieceProcessor
-
     path = model_dir / "tokenizer.model"
     sp = SentencePieceProcessor()
     try:
@@ -260,8 +260,6 @@ def spm_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], lis
     add_prefix = True
     user_defined: set[int] = set()  # pieces always matched whole (sentencepiece has no IsUserDefined)
     try:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
         proto = pb.ModelProto()  # type: ignore[attr-defined]
         proto.ParseFromString(path.read_bytes())
         add_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
@@ -349,8 +347,6 @@ def write_vocab(
     kind = tokenizer_kind(model_dir)
     all_tokens: list[str] | list[bytes]
     if kind == "spm":
-        from sentencepiece import SentencePieceProcessor
-
         tokens, scores, types, add_prefix = spm_vocab(model_dir, vocab_size)
         if add_space_prefix is not None:
             add_prefix = add_space_prefix

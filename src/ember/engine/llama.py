@@ -9,10 +9,12 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 
 import llama_cpp as lc
+import psutil
 
 from ember import settings
 
@@ -59,8 +61,6 @@ def system_info() -> str:
 def physical_cores() -> int:
     """llama.cpp's default: the number of physical cores (hyper-threads slow it)."""
     try:
-        import psutil
-
         n = psutil.cpu_count(logical=False)
     except Exception:  # noqa: BLE001 - psutil may fail in odd containers
         n = None
@@ -108,8 +108,6 @@ def last_error(lines: list[str]) -> str:
 def buffer_sizes(lines: list[str]) -> dict[str, int]:
     """Parse llama.cpp's '<buffer> <kind> buffer size = N MiB' lines into bytes
     (buffers: CPU, CPU_Mapped, CUDA0, RPC0[host:port], ...)."""
-    import re
-
     sizes: dict[str, int] = {}
     for m in re.finditer(r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+)\s*MiB", "".join(lines)):
         key = f"{m.group(1).rstrip(':')} {m.group(2)}"

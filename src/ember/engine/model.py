@@ -14,11 +14,14 @@ from typing import Any
 
 import llama_cpp as lc
 import numpy as np
+import psutil
 
 from ember import options as opts
+from ember import settings
 from ember.engine import llama, rpc
 from ember.errors import EngineError, InvalidFileError, OptionError
 from ember.ggml_types import KV_CACHE_TYPES
+from ember.gguf import validate_model
 
 
 @dataclass
@@ -54,10 +57,6 @@ def _validated(paths: list[Path]) -> list[Path]:
             raise InvalidFileError(f"{p}: no such file")
         if p.is_dir():
             raise InvalidFileError(f"{p}: is a directory, not a GGUF file (convert it first: ember convert {p})")
-    try:
-        from ember.gguf import validate_model
-    except ImportError:  # pragma: no cover - the gguf layer is always installed
-        return paths
     return validate_model(paths if len(paths) > 1 else paths[0])
 
 
@@ -147,12 +146,7 @@ class LoadedModel:
         p = Path(path)
         if not p.is_file():
             raise InvalidFileError(f"{p}: no such adapter file")
-        try:
-            from ember.gguf import validate_model
-
-            validate_model(p)
-        except ImportError:  # pragma: no cover
-            pass
+        validate_model(p)
         with llama.capture_log() as lines:
             adapter = lc.llama_adapter_lora_init(self.ptr, str(p).encode())
         if not adapter:
@@ -419,8 +413,6 @@ class Context:
         lc.llama_memory_clear(self.memory, True)
 
     def memory_report(self) -> MemoryReport:
-        import psutil
-
         kv = sum(v for k, v in self.buffers.items() if k.endswith(" KV") or k.endswith(" RS"))
         compute = sum(v for k, v in self.buffers.items() if k.endswith(" compute"))
         output = sum(v for k, v in self.buffers.items() if k.endswith(" output"))
@@ -441,10 +433,6 @@ def _check_memory(model: LoadedModel, n_ctx: int, kv_cache_type: str, num_gpu: i
     """Refuse a context whose KV cache does not fit this model's share of free
     memory (EMBER_KV_BUDGET, a fraction of it: other models and requests need
     the rest; llama.cpp would try to allocate it and the process could be killed)."""
-    import psutil
-
-    from ember import settings
-
     if num_gpu != 0 and llama.supports_gpu_offload():
         return  # the KV cache may live on the GPU; llama.cpp reports failures there
     need = model.kv_bytes_per_token(kv_cache_type) * n_ctx

@@ -33,6 +33,7 @@ from ember import options as opts
 from ember import settings
 from ember.engine import llama
 from ember.errors import OptionError, WorkerError
+from ember.gguf import read_header
 
 log = logging.getLogger("ember.rpc")
 
@@ -274,7 +275,6 @@ def placement_for(paths: Sequence[Path], options: dict[str, Any]) -> Placement |
     shares = opts.parse_tensor_split(options["tensor_split"])
     if not workers and not shares:
         return None
-    from ember.gguf import read_header
 
     header = read_header(paths[0])
     n_layer = int(header.get(f"{header.get('general.architecture')}.block_count") or 0)

@@ -33,6 +33,7 @@ from typing import Any
 
 import llama_cpp as lc
 import numpy as np
+from PIL import Image as PILImage
 
 from ember.engine import llama
 from ember.engine.model import Context, LoadedModel
@@ -48,6 +49,7 @@ def _lib() -> Any:
     log routed through Ember's llama.cpp log handling."""
     global _mtmd
     if _mtmd is None:
+        # lazy: importing mtmd_cpp loads libmtmd, which only vision models use.
         from llama_cpp import mtmd_cpp
 
         llama.ensure_backend()
@@ -216,7 +218,6 @@ class VisionProjector:
         size = target_size(self.meta, img.width, img.height, self._min_tokens, self._max_tokens)
         if size is None or size == (img.width, img.height):
             return img
-        from PIL import Image as PILImage
 
         resample = PILImage.Resampling.BILINEAR if self.projector_type == "gemma3" else PILImage.Resampling.BICUBIC
         resized = PILImage.fromarray(img.array(), "RGB").resize(size, resample)

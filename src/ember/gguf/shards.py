@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ember.errors import InvalidFileError
+from ember.gguf.validate import KEY_SPLIT_NO, read_header
 
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -37,8 +38,6 @@ def find_shards(path: str | os.PathLike[str]) -> list[Path]:
     split but whose name is not llama.cpp's pattern, are errors that name the
     files needed.
     """
-    from ember.gguf.validate import KEY_SPLIT_NO, read_header
-
     p = Path(path)
     if not p.exists():
         raise InvalidFileError(f"{p}: no such file")

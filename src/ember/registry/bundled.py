@@ -26,7 +26,6 @@ from ember.registry import assemble, ggufmeta, store
 from ember.registry.names import ModelName, parse_name
 
 DEMO = parse_name(DEMO_NAME)
-OFFERED_MARKER = ".demo-offered"
 
 
 def is_demo(name: ModelName) -> bool:
@@ -48,7 +47,7 @@ def register() -> store.Manifest:
     with store.writing():
         size = store.add_known_file(path, DEMO_DIGEST)
         assemble.write_model(DEMO, [store.Layer(store.MEDIA_MODEL, DEMO_DIGEST, size)], assemble.model_config([info]))
-    (store.root() / OFFERED_MARKER).touch()
+    (store.root() / store.OFFERED_MARKER).touch()
     found = store.find_manifest_path(DEMO)
     if found is None:  # pragma: no cover - removed by a concurrent rm
         raise EmberError("the demo model was removed while it was being registered; try again")
@@ -59,9 +58,8 @@ def register() -> store.Manifest:
 
 
 def offer() -> None:
-    """Register the demo in a registry that never had it (its first listing).
-    A registry that cannot be written to is listed without it."""
-    if (store.root() / OFFERED_MARKER).exists():
-        return
+    """Register the demo in a registry that never had it (its first listing,
+    :func:`ember.registry.listing.list_models`). A registry that cannot be
+    written to is listed without it."""
     with contextlib.suppress(OSError, EmberError):
         register()

@@ -1,11 +1,11 @@
 """Reading the registry: resolve a name (or a GGUF path) to what the engine
-loads, list, copy and delete models."""
+loads, copy and delete models (listing is :mod:`ember.registry.listing`)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from ember.demo import demo_model_path
 from ember.errors import EmberError, InvalidFileError, InvalidNameError, ModelNotFoundError
 from ember.fsutil import path_kind
 from ember.registry import bundled, ggufmeta, store
+from ember.registry.listing import mtime
 from ember.registry.names import parse_name
 
 
@@ -35,32 +36,9 @@ class ResolvedModel:
     modified_at: datetime | None = None
 
 
-@dataclass
-class ModelEntry:
-    name: str
-    digest: str
-    size: int
-    modified_at: datetime
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """One model of Ollama's ``/api/tags`` (and ``ember list --json``)."""
-        return {"name": self.name, "model": self.name, "modified_at": iso_time(self.modified_at), "size": self.size,
-                "digest": self.digest.removeprefix("sha256:"), "details": self.details}
-
-
-def iso_time(t: datetime) -> str:
-    """A time as Ollama's JSON writes it (UTC, ``Z``)."""
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def shown(text: str, limit: int = 60) -> str:
     """A user's name or path, quoted and cut short for a one-line message."""
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
-
-
-def _mtime(t: float) -> datetime:
-    return datetime.fromtimestamp(t, tz=UTC)
 
 
 def find_model(name: str, *, register_demo: bool = True) -> store.Manifest | None:
@@ -114,7 +92,7 @@ def _from_file(path: Path, name: str | None = None) -> ResolvedModel:
         name=name or path.name,
         model_paths=shards,
         size=sum(p.stat().st_size for p in shards),
-        modified_at=_mtime(path.stat().st_mtime),
+        modified_at=mtime(path.stat().st_mtime),
     )
 
 
@@ -167,42 +145,8 @@ def from_manifest(m: store.Manifest) -> ResolvedModel:
         license=licenses,
         digest=m.digest,
         size=sum(layer.size for layer in m.layers),
-        modified_at=_mtime(m.mtime),
+        modified_at=mtime(m.mtime),
     )
-
-
-def details_of(m: store.Manifest) -> dict[str, Any]:
-    """Ollama's ``details`` of a model, from its config blob."""
-    try:
-        cfg = store.read_blob_json(m.config.digest)
-    except (OSError, ValueError):
-        cfg = {}
-    if not isinstance(cfg, dict):
-        cfg = {}
-    family = cfg.get("model_family") or ""
-    return {
-        "parent_model": cfg.get("parent_model", ""),
-        "format": cfg.get("model_format") or "gguf",
-        "family": family,
-        "families": cfg.get("model_families") or ([family] if family else None),
-        "parameter_size": cfg.get("model_type") or "",
-        "quantization_level": cfg.get("file_type") or "",
-    }
-
-
-def list_models() -> list[ModelEntry]:
-    """Every model in the registry, newest first (a registry's first listing
-    registers the demo model; see :mod:`ember.registry.bundled`)."""
-    bundled.offer()
-    out = []
-    for p in store.iter_manifests():
-        try:
-            m = store.read_manifest(p)
-        except (InvalidFileError, OSError):
-            continue
-        out.append(ModelEntry(m.name.display, m.digest, sum(layer.size for layer in m.layers), _mtime(m.mtime), details_of(m)))
-    out.sort(key=lambda e: e.modified_at, reverse=True)
-    return out
 
 
 def copy_model(src: str, dst: str) -> None:

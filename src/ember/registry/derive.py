@@ -25,6 +25,10 @@ from ember.convert.lora import convert_lora
 from ember.progress import ProgressCallback
 from ember.registry import ggufmeta, store
 
+# The package, not the API function ember.quantize(); its parts that load
+# llama.cpp are imported on first use (the server process never loads it).
+_quantize = importlib.import_module("ember.quantize")
+
 
 @contextlib.contextmanager
 def work_dir() -> Iterator[Path]:
@@ -72,8 +76,7 @@ def named(files: list[Path], work: Path) -> Path:
 
 def quantize_files(files: list[Path], work: Path, qtype: str, progress: ProgressCallback | None) -> list[Path]:
     """Quantize a model (all its shards) to ``qtype``; return the output shards."""
-    quantize = importlib.import_module("ember.quantize")  # llama.cpp loads only to quantize
-    out = quantize.quantize_model(named(files, work), work / "quantized.gguf", qtype, progress=progress)
+    out = _quantize.quantize_model(named(files, work), work / "quantized.gguf", qtype, progress=progress)
     return [Path(p) for p in out]
 
 

@@ -39,6 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
+
 from ember import settings
 from ember.errors import DigestMismatchError, DownloadError, EmberError, InvalidFileError
 from ember.progress import ProgressCallback
@@ -132,9 +137,6 @@ class _HuggingFace(_Source):
         self.token = settings.hf_token()
 
     def list_files(self, repo: str) -> list[RemoteFile]:
-        from huggingface_hub import HfApi
-        from huggingface_hub.hf_api import RepoFile
-
         api = HfApi(endpoint=self.endpoint, token=self.token)
         with _hub_errors(repo, self.endpoint):
             out = []
@@ -148,8 +150,6 @@ class _HuggingFace(_Source):
             return out
 
     def download(self, repo: str, f: RemoteFile, dest_dir: Path, progress: ProgressCallback | None) -> Path:
-        from huggingface_hub import hf_hub_download
-
         with _hub_errors(repo, self.endpoint):
             path = hf_hub_download(
                 repo,
@@ -183,8 +183,6 @@ def _hub_errors(repo: str, endpoint: str) -> Iterator[None]:
 
 
 def _tqdm_class(progress: ProgressCallback, label: str) -> type:
-    from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
-
     class _Bar(hf_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
@@ -210,8 +208,6 @@ class _ModelScope(_Source):
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def list_files(self, repo: str) -> list[RemoteFile]:
-        import httpx
-
         url = f"{self.endpoint}/api/v1/models/{repo}/repo/files"
         try:
             r = httpx.get(url, params={"Revision": "master", "Recursive": "true"}, headers=self.headers,
@@ -233,8 +229,6 @@ class _ModelScope(_Source):
         ]
 
     def download(self, repo: str, f: RemoteFile, dest_dir: Path, progress: ProgressCallback | None) -> Path:
-        import httpx
-
         dest = dest_dir / f.path
         if dest.is_file() and f.size is not None and dest.stat().st_size == f.size:
             return dest

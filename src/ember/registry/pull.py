@@ -24,8 +24,9 @@ from ember.registry.names import is_hub_ref, parse_name
 def pull_model(ref: str, *, insecure: bool = False, progress: ProgressCallback | None = None) -> ResolvedModel:
     """Download ``ref`` (see the module doc) and register it; returns the model.
     ``progress`` gets Ollama's status lines (``success`` is the caller's)."""
-    # The network side loads here, on the first pull: httpx and huggingface_hub
-    # take about half a second to import, which every ember command would pay.
+    # lazy: the network side loads on the first pull: httpx and huggingface_hub
+    # take about half a second to import, which create, show, cp, rm and the
+    # server would pay at start-up.
     from ember.registry import hub, remote
 
     text = ref.strip()

@@ -20,7 +20,8 @@ from ember.errors import InvalidNameError, TemplateError
 from ember.gguf import GGUFHeader, read_array
 from ember.gguf.inspect import format_params
 from ember.registry import ggufmeta
-from ember.registry.core import ResolvedModel, details_of, find_model, from_manifest, iso_time, resolve
+from ember.registry.core import ResolvedModel, find_model, from_manifest, resolve
+from ember.registry.listing import details_of, iso_time
 from ember.registry.modelfile import Modelfile
 from ember.templates import ChatTemplate
 from ember.templates.gotemplate import go_sprintf

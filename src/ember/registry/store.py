@@ -63,6 +63,8 @@ MEDIA_SYSTEM = "application/vnd.ollama.image.system"
 MEDIA_PARAMS = "application/vnd.ollama.image.params"
 MEDIA_MESSAGES = "application/vnd.ollama.image.messages"
 MEDIA_LICENSE = "application/vnd.ollama.image.license"
+# In a registry where the demo model was offered once (ember.registry.bundled).
+OFFERED_MARKER = ".demo-offered"
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 4 << 20

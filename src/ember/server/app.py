@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember import settings
@@ -203,12 +203,10 @@ def create_app(manager: ModelManager | None = None, *, host: str | None = None) 
         return Response(status_code=200, media_type="text/html" if index.is_file() else "text/plain")
 
     if WEB_DIR.is_dir():
-        from fastapi.staticfiles import StaticFiles
-
         app.mount("/web", StaticFiles(directory=WEB_DIR, check_dir=False), name="web")
 
     app.add_middleware(_BodyLimitMiddleware, limit=settings.max_body_size())
-    key = os.environ.get("EMBER_API_KEY", "").strip()
+    key = settings.api_key()
     if key:
         app.add_middleware(_AuthMiddleware, key=key)
     app.add_middleware(RequestGuard, bind_host=host if host is not None else split_host(settings.host())[0])

@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,15 +25,14 @@ from typing import Any
 import psutil  # type: ignore[import-untyped]
 
 from ember import options as opts
+from ember import settings
 from ember.errors import EmberError, EngineError, ModelNotFoundError, OptionError
 from ember.models import model_key, resolve_model
-from ember.registry import ResolvedModel
-from ember.registry.core import shown
+from ember.registry.core import ResolvedModel
 from ember.server.runner import ProcessRunner, Runner, RunnerSpec
 
 log = logging.getLogger("ember.server")
 
-DEFAULT_KEEP_ALIVE = 300.0
 FOREVER_ISO = "2318-01-01T00:00:00Z"  # Ollama shows this far-future time for "forever"
 
 # Options a request may give that never reload (or key) a loaded model: with
@@ -50,63 +47,9 @@ class ServerBusyError(EmberError):
     status = 503
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return max(minimum, int(raw))
-    except ValueError:
-        raise OptionError(f"{name} must be an integer, got {raw!r}") from None
-
-
-_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-# Go's time.Duration is an int64 of nanoseconds: about 292 years at most.
-MAX_DURATION = (2**63 - 1) / 1e9
-
-
 def parse_keep_alive(value: Any, where: str = "keep_alive") -> float:
-    """Ollama's keep_alive: a Go duration ("5m", "1h30m", "-1s"), a number of
-    seconds, or a numeric string. Negative means forever (``math.inf``)."""
-    if value is None:
-        return keep_alive_default()
-    if isinstance(value, bool):
-        raise OptionError(f"{where} must be a duration like \"5m\" or a number of seconds, got {value!r}")
-    if isinstance(value, (int, float)):
-        try:
-            seconds = float(value)
-        except OverflowError:  # an integer with hundreds of digits
-            seconds = math.inf if value > 0 else -math.inf
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            neg = text.startswith("-")
-            body = text.lstrip("+-")
-            parts = _DURATION.findall(body)
-            if not body or "".join(n + u for n, u in parts) != body:
-                raise OptionError(f"{where}: invalid duration {shown(value)}; use e.g. \"5m\", \"1h\", \"30s\", 0 or -1") from None
-            seconds = sum(float(n) * _UNIT[u] for n, u in parts)
-            if neg:
-                seconds = -seconds
-        if abs(seconds) > MAX_DURATION:  # what Go's ParseDuration refuses, Ollama refuses
-            raise OptionError(f"{where}: invalid duration {shown(value)}: longer than Go's limit of about 292 years")
-    else:
-        raise OptionError(f"{where} must be a duration like \"5m\" or a number of seconds, got {value!r}")
-    if math.isnan(seconds):
-        raise OptionError(f"{where} must be a number, got NaN")
-    # A number beyond Go's range: the longest duration there is, never an
-    # expiry time past what a date can hold.
-    return math.inf if seconds < 0 else min(seconds, MAX_DURATION)
-
-
-def keep_alive_default() -> float:
-    raw = os.environ.get("EMBER_KEEP_ALIVE")
-    if not raw:
-        return DEFAULT_KEEP_ALIVE
-    return parse_keep_alive(raw, "EMBER_KEEP_ALIVE")
+    """A request's keep_alive in seconds (``math.inf``: forever); unset is EMBER_KEEP_ALIVE's."""
+    return settings.keep_alive() if value is None else opts.parse_duration(value, where)
 
 
 def check_options(options: Any) -> dict[str, Any]:
@@ -132,7 +75,7 @@ class Entry:
     runner: Runner | None = None  # once loaded
     loading: asyncio.Future[None] | None = None
     refs: int = 0
-    keep_alive: float = DEFAULT_KEEP_ALIVE
+    keep_alive: float = settings.DEFAULT_KEEP_ALIVE
     expires_at: float = math.inf  # time.time() when an idle model unloads
     last_used: float = field(default_factory=time.monotonic)
     size: int = 0
@@ -166,9 +109,9 @@ class ModelManager:
         runner: Callable[[RunnerSpec], Runner] = ProcessRunner,
         allow_paths: bool = False,
     ) -> None:
-        self.num_parallel = num_parallel or _env_int("EMBER_NUM_PARALLEL", 4)
-        self.max_queue = max_queue or _env_int("EMBER_MAX_QUEUE", 512)
-        self.max_loaded = max_loaded or _env_int("EMBER_MAX_LOADED_MODELS", 3)
+        self.num_parallel = num_parallel or settings.num_parallel()
+        self.max_queue = max_queue or settings.max_queue()
+        self.max_loaded = max_loaded or settings.max_loaded_models()
         self.runner = runner
         self.allow_paths = allow_paths
         self._models: dict[str, Entry] = {}

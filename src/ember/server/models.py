@@ -20,21 +20,15 @@ from starlette.requests import ClientDisconnect
 from ember import options as opts
 from ember.__about__ import OLLAMA_API_VERSION, __version__
 from ember.errors import EmberError, InvalidFileError, InvalidNameError, ModelNotFoundError, OptionError
-from ember.registry import (
-    Modelfile,
-    copy_model,
-    create_model,
-    delete_model,
-    format_params,
-    list_models,
-    parse_modelfile,
-    parse_name,
-    pull_model,
-    show_model,
-    store,
-)
-from ember.registry.core import shown
-from ember.registry.create import looks_like_path
+from ember.gguf.inspect import format_params
+from ember.registry import store
+from ember.registry.core import copy_model, delete_model, shown
+from ember.registry.create import create_model, looks_like_path
+from ember.registry.listing import list_models
+from ember.registry.modelfile import Modelfile, parse_modelfile
+from ember.registry.names import parse_name
+from ember.registry.pull import pull_model
+from ember.registry.show import show_model
 from ember.server import schemas as s
 from ember.server.common import manager, ndjson, with_progress
 from ember.server.manager import Entry

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ember.errors import ModelNotFoundError, OptionError
-from ember.registry import list_models
+from ember.registry.listing import list_models
 from ember.request import GenerationRequest, Result
 from ember.server import generation
 from ember.server import schemas as s

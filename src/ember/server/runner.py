@@ -39,10 +39,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ember import errors
+from ember import errors, settings
 from ember.errors import CancelledError, EmberError, RunnerError
 from ember.models import resolved_from_dict, resolved_to_dict
-from ember.registry import ResolvedModel
+from ember.registry.core import ResolvedModel
 from ember.request import AsyncChunkStream, GenerationRequest, ModelInfo, StreamChunk
 
 log = logging.getLogger("ember.runner")
@@ -133,8 +133,8 @@ class LocalRunner(Runner):
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        # The engine is imported where a model is loaded: the server process
-        # itself, which only starts runners, never imports llama.cpp.
+        # lazy: the engine is imported where a model is loaded: the server
+        # process itself, which only starts runners, never imports llama.cpp.
         from ember.api import Model
 
         s = self.spec
@@ -236,7 +236,7 @@ class ProcessRunner(Runner):
 
     async def start(self) -> None:
         env = dict(os.environ)
-        if not env.get("EMBER_DEBUG"):
+        if not settings.debug():
             env.setdefault("GGML_NO_BACKTRACE", "1")  # an abort's message is the last line, not a gdb backtrace
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()

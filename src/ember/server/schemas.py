@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ember.request import MAX_TOP_LOGPROBS
 
 Format = str | dict[str, Any] | None
-# Checked by ember.server.manager.parse_keep_alive (a duration string or seconds;
+# Checked by ember.options.parse_duration (a duration string or seconds;
 # JSON true/false are refused there, not coerced to 1/0).
 KeepAlive = Any
 # How many most likely alternatives per token (OpenAI's bound; a 400 naming the field past it).
