@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_fixtures import THOUGHT_SCHEMA, Server
+from server_fixtures import THINK_TEMPLATE, THOUGHT_SCHEMA, Server
 
 from ember.errors import OptionError
 from ember.templates import ChatTemplate
@@ -139,6 +139,11 @@ def test_think_on_a_model_that_cannot_think_is_refused(server: Server) -> None:
         assert r.status_code == 400 and "does not support thinking" in r.json()["error"], r.text
         r = httpx.post(server.url + path, json={"model": "thinker", "think": "sideways", **body}, timeout=60)
         assert r.status_code == 400 and "invalid think value" in r.json()["error"], r.text
+    # A generate request's own template decides: one that thinks makes "tooly" think.
+    r = httpx.post(server.url + "/api/generate", json={
+        "model": "tooly", "prompt": "Capital of France?", "think": True, "template": THINK_TEMPLATE, "stream": False,
+        "format": THOUGHT_SCHEMA, "options": FORCED}, timeout=60)
+    assert r.status_code == 200 and (r.json()["thinking"], r.json()["response"]) == (THOUGHT, ANSWER), r.text
     # think=false is fine anywhere
     r = httpx.post(server.url + "/api/chat", json={"model": "tooly", "think": False, "messages": QUESTION,
                                                    "stream": False, "options": {"num_predict": 2}}, timeout=60)

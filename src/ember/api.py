@@ -10,6 +10,7 @@ thin wrappers that build one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import threading
@@ -63,6 +64,13 @@ def _grammar_for(format: str | dict[str, Any] | None) -> str | None:
         except Exception as e:  # noqa: BLE001 - the converter raises plain exceptions
             raise OptionError(f"format: unsupported JSON schema ({e})") from None
     raise OptionError(f"format must be \"json\" or a JSON schema object, got {format!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_template(text: str) -> ChatTemplate:
+    """A request's own template, parsed once: rendering, the think check and
+    the reasoning parser of one request (and its retries) each ask for it."""
+    return ChatTemplate.parse(text)
 
 
 def _request(kwargs: dict[str, Any], **what: Any) -> GenerationRequest:
@@ -236,11 +244,16 @@ class Model:
     def _marker(self) -> str:
         return require_projector(self.projector, self.name).marker
 
+    def template_of(self, template: str | None) -> ChatTemplate | None:
+        """The template a request renders with: its own (Ollama's generate
+        ``template``) or the model's."""
+        return _parse_template(template) if template else self.template
+
     def think_of(self, request: GenerationRequest) -> bool | str | None:
         """The request's ``think`` as Ollama settles it: on unless asked
         otherwise for a model that can think; refused for one that cannot."""
         think = check_think(request.think)
-        tmpl = ChatTemplate.parse(request.template) if request.template else self.template
+        tmpl = self.template_of(request.template)
         if tmpl is not None and tmpl.thinking_tags is not None:
             return True if think is None else think
         if think:
@@ -270,7 +283,7 @@ class Model:
         """The prompt text of an Ollama-style generate request."""
         if raw:
             return prompt
-        tmpl = ChatTemplate.parse(template) if template else self.template
+        tmpl = self.template_of(template)
         sys_text = self.resolved.system if system is None else system
         if tmpl is None:
             return f"{sys_text}\n\n{prompt}" if sys_text else prompt
@@ -417,7 +430,7 @@ class Model:
         inside the reasoning when the prompt opened it."""
         if not self.think_of(request):
             return None
-        tmpl = ChatTemplate.parse(request.template) if request.template else self.template
+        tmpl = self.template_of(request.template)
         tags = tmpl.thinking_tags if tmpl is not None else None
         if tags is None:
             return None

@@ -108,7 +108,8 @@ def _check_capabilities(model: str, entry: Entry, request: GenerationRequest) ->
     if request.tools and "tools" not in caps:
         raise OptionError(f"{entry.name} does not support tools")
     think = request.think
-    if think not in (None, False, "", "false") and "thinking" not in caps:
+    # A request's own template is the runner's to judge (api.Model.think_of).
+    if think not in (None, False, "", "false") and "thinking" not in caps and request.template is None:
         raise OptionError(f"{json.dumps(model, ensure_ascii=False)} does not support thinking")
     if request.suffix and request.template is None and "insert" not in caps:
         raise OptionError(f"{entry.name} does not support insert")
