@@ -43,6 +43,20 @@ def test_drafter_proposes_what_followed_the_latest_match():
     for _ in range(6):
         d.record(3, 0)
     assert d.acceptance() < before / 3  # drafts that are not accepted lower the estimate
+    # Not drafting: a one-token trial now and then, soon after an accepted
+    # draft, ever more rarely while trials are rejected.
+    gaps = []
+    for outcome in (1, 0, 0, 0, 0, 0, 1):
+        n = 1
+        while not d.skip():
+            n += 1
+        gaps.append(n)
+        d.record(1, outcome)
+    assert gaps == [64, 4, 8, 16, 32, 64, 64]  # six rejected drafts before: the longest gap
+    n = 1
+    while not d.skip():
+        n += 1
+    assert n == 4
 
 
 def test_draft_ceiling_grows_while_whole_drafts_are_accepted():

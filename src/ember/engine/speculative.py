@@ -40,7 +40,11 @@ ROW_COST = 0.15
 # is tried again later (the text may start quoting its input).
 DECAY = 0.9
 IDLE_DECAY = 0.97
-EXPLORE_EVERY = 64  # steps without drafting between single-token trial drafts
+# Steps without drafting between single-token trial drafts: few after an
+# accepted draft (a sequence in a busy batch learns soon that it copies its
+# input), doubling after each rejected one.
+EXPLORE_MIN = 4
+EXPLORE_MAX = 64
 
 
 class Drafter:
@@ -51,7 +55,8 @@ class Drafter:
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest continuation starts
         self.max_draft = max_draft  # the request's cap (num_draft)
         self.ceiling = min(START_DRAFT, max_draft)
-        self.idle = 0  # steps without drafting
+        self.idle = 0  # steps without drafting since the last trial
+        self.explore = EXPLORE_MIN  # steps between trial drafts
         self.hits = 1.0  # faded counts of accepted / rejected draft tokens (a weak prior of 1/2)
         self.misses = 1.0
         self.extend(tokens)
@@ -93,7 +98,10 @@ class Drafter:
         self.hits = self.hits * IDLE_DECAY + (1 - IDLE_DECAY)
         self.misses = self.misses * IDLE_DECAY + (1 - IDLE_DECAY)
         self.idle += 1
-        return self.idle % EXPLORE_EVERY == 0
+        if self.idle < self.explore:
+            return False
+        self.idle = 0
+        return True
 
     def record(self, drafted: int, accepted: int) -> None:
         """The outcome of verifying a draft: its first ``accepted`` tokens were kept."""
@@ -101,8 +109,11 @@ class Drafter:
         self.misses = self.misses * DECAY + (1 if accepted < drafted else 0)
         if accepted < drafted:
             self.ceiling = max(min(START_DRAFT, self.max_draft), self.ceiling // 2)
-        elif drafted >= self.ceiling:
-            self.ceiling = min(self.max_draft, 2 * self.ceiling)
+            self.explore = min(EXPLORE_MAX, 2 * self.explore)
+        else:
+            self.explore = EXPLORE_MIN
+            if drafted >= self.ceiling:
+                self.ceiling = min(self.max_draft, 2 * self.ceiling)
 
 
 def allocate(offers: list[tuple[float, int]], rows: int, value: float, time: Callable[[int], float],
