@@ -72,7 +72,7 @@ class Server:
         headers = {"Authorization": "Bearer " + self.env["EMBER_API_KEY"]} if self.env.get("EMBER_API_KEY") else {}
         return list(httpx.get(self.url + "/api/ps", headers=headers, timeout=10).json()["models"])
 
-    def wait_running(self, name: str, want: int, timeout: float = 20.0) -> int:
+    def wait_running(self, name: str, want: int, timeout: float = 60.0) -> int:
         """Poll /api/ps until model ``name`` has ``want`` running sequences."""
         deadline = time.monotonic() + timeout
         n = -1

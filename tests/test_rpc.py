@@ -57,7 +57,7 @@ class Worker:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(15)
+        return self.proc.wait(120)
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +373,7 @@ def test_worker_on_a_non_loopback_address_warns(tmp_path):
         assert "SSH tunnel" in warning
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=15)
+        proc.communicate(timeout=120)
 
 
 @pytest.mark.parametrize(

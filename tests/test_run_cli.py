@@ -113,7 +113,7 @@ def test_interactive_ctrl_c_stops_the_reply_and_chat_continues():
     child.expect(r"\w+", timeout=60)  # streaming has started
     time.sleep(1.0)
     child.sendintr()
-    child.expect_exact(">>> ", timeout=30)
+    child.expect_exact(">>> ", timeout=120)
     child.sendline("/set parameter num_predict 2")
     child.expect_exact("Set parameter")
     child.expect_exact(">>> ")

@@ -286,13 +286,13 @@ def test_load_unload_keep_alive_ps_and_cli(server: Server, oc: ollama.Client) ->
     assert out.returncode == 0, out.stderr
     import time
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while any(m.model == "viamf:latest" for m in oc.ps().models) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(m.model == "viamf:latest" for m in oc.ps().models)
     # keep_alive 0 on a normal request: unloaded right after it
     oc.generate(model="viamf", prompt="Hi", options={"num_predict": 1}, keep_alive=0)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while any(m.model == "viamf:latest" for m in oc.ps().models) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(m.model == "viamf:latest" for m in oc.ps().models)
@@ -416,7 +416,7 @@ def test_max_loaded_models_evicts_idle_and_keep_alive_expires(tmp_path: Path) ->
         c.generate(model="two", prompt="Hi", options={"num_predict": 1})
         assert [m.model for m in c.ps().models] == ["two:latest"]
         # EMBER_KEEP_ALIVE=2s: gone a little after its last request
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while c.ps().models and time.monotonic() < deadline:
             time.sleep(0.2)
         assert c.ps().models == []
