@@ -7,6 +7,7 @@ server_fixtures (a real ``ember serve``), convert_fixtures and quantize_fixtures
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ from cli_fixtures import run_ember
 from server_fixtures import Server, create_chat_models
 
 from ember.demo import demo_model_path
+
+# A shell without job control starts background commands with SIGINT ignored,
+# and every process the suite starts would inherit that: Ctrl+C tests of
+# `ember run` and `ember worker` would then wait forever. A handler of our own
+# here is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
