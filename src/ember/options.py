@@ -62,7 +62,7 @@ _SPECS = [
     OptionSpec("mirostat_eta", float, 0.1, False, "Mirostat learning rate"),
     OptionSpec("penalize_newline", bool, True, False, "accepted for compatibility; no effect"),
     OptionSpec("stop", list, [], False, "stop sequences (repeatable)"),
-    OptionSpec("num_draft", int, 64, False, "most tokens drafted a step for speculative decoding from n-grams of the prompt and output (0: off); drafts start at up to 8 tokens, grow while whole drafts are accepted, and are sized by acceptance and the batch's cost"),
+    OptionSpec("num_draft", int, 8, False, "most tokens drafted a step for speculative decoding from n-grams of the prompt and output (0: off); the length adapts to what is accepted"),
 ]
 
 SPECS: dict[str, OptionSpec] = {s.name: s for s in _SPECS}
@@ -155,7 +155,7 @@ def coerce(name: str, value: Any) -> Any:
 
 # Integers reach llama.cpp as C ints: keep them where a typo cannot ask for a
 # billion threads or a terabyte context.
-INT_RANGES = {
+_INT_RANGES = {
     "num_ctx": (0, 1 << 20),
     "num_batch": (0, 1 << 16),
     "num_thread": (0, 1024),
@@ -171,7 +171,7 @@ def _check(name: str, value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise OptionError(f"parameter {name!r} must be a finite number, got {value}")
     if isinstance(value, int) and not isinstance(value, bool):
-        lo, hi = INT_RANGES.get(name, _INT32)
+        lo, hi = _INT_RANGES.get(name, _INT32)
         if not lo <= value <= hi:
             raise OptionError(f"parameter {name!r} must be between {lo} and {hi}, got {value}")
     if name == "kv_cache_type" and value not in KV_CACHE_TYPES:

@@ -37,14 +37,14 @@ from typing import Any
 from ember.engine.logprobs import token_logprob
 from ember.engine.model import Context, LoadedModel, MemoryReport
 from ember.engine.sampling import Sampler
-from ember.engine.speculative import START_DRAFT, Drafter, RowCost, allocate, exact_rows
+from ember.engine.speculative import Drafter, RowCost, exact_rows
 from ember.engine.vision import ImageChunk, Piece, VisionProjector, VisionPrompt, decode_image
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
-from ember.options import INT_RANGES
+from ember.options import SPECS
 
 # batch_invariant prompts are evaluated in chunks aligned to this many tokens.
 INVARIANT_CHUNK = 64
-MAX_DRAFT = INT_RANGES["num_draft"][1]  # the longest draft a request can ask for
+DEFAULT_DRAFT = SPECS["num_draft"].default  # probe exact batch shapes at least this far
 
 
 @dataclass
@@ -400,10 +400,7 @@ class Scheduler:
             return None
         if invariant:
             if self._exact_rows is None:
-                # Probe a short draft first; the longest ones only where it was exact all through.
-                self._exact_rows = exact_rows(self.model, self.ctx_options, START_DRAFT + 1)
-                if self._exact_rows > START_DRAFT:
-                    self._exact_rows = exact_rows(self.model, self.ctx_options, MAX_DRAFT + 1)
+                self._exact_rows = exact_rows(self.model, self.ctx_options, max(max_draft, DEFAULT_DRAFT) + 1)
             max_draft = min(max_draft, self._exact_rows - 1)
             if max_draft <= 0:
                 return None
@@ -436,33 +433,33 @@ class Scheduler:
     def _decode_group(self, active: list[_Slot]) -> None:
         entries: list[tuple[int, int, int, bool]] = []
         generating = [s for s in active if s.next_token is not None]
-        # Prefill in arrival order so the oldest prompt finishes first; drafts
-        # take only the rows prefill leaves.
-        budget = self.n_batch - len(generating)
-        takes: list[tuple[_Slot, list[int]]] = []
+        spare = self.n_batch - len(generating)  # rows left for drafts (prefill waits a step at worst)
+        row_cost = self.row_cost.relative(len(generating)) if self.draft_cost is None else self.draft_cost
+        for s in active:
+            s.batch_row = -1
+            s.taken = 0
+            if s.next_token is not None:
+                entries.append((s.next_token, s.n_past, s.seq, True))
+                s.batch_row = len(entries) - 1
+                if s.drafter is not None and spare > 0:
+                    s.draft = s.drafter.propose(min(spare, self._draft_room(s)), row_cost)
+                    spare -= len(s.draft)
+                    entries.extend((t, s.n_past + 1 + j, s.seq, True) for j, t in enumerate(s.draft))
+        budget = self.n_batch - len(entries)
+        # Prefill in arrival order so the oldest prompt finishes first.
         for s in sorted((s for s in active if s.pending), key=lambda s: s.req.submitted):  # type: ignore[union-attr]
             if budget <= 0:
                 break
             take = s.pending[:budget]
             if self._invariant(s.req):  # type: ignore[arg-type]
                 take = take[: INVARIANT_CHUNK - len(s.cached) % INVARIANT_CHUNK]
-            takes.append((s, take))
-            budget -= len(take)
-        self._plan_drafts(generating, budget)
-        for s in active:
-            s.batch_row = -1
-            s.taken = 0
-        for s in generating:
-            entries.append((s.next_token, s.n_past, s.seq, True))  # type: ignore[arg-type]
-            s.batch_row = len(entries) - 1
-            entries.extend((t, s.n_past + 1 + j, s.seq, True) for j, t in enumerate(s.draft))
-        for s, take in takes:
             finishes = len(take) == len(s.pending) and not s.later  # the prompt's end: its logits
             for j, tok in enumerate(take):
                 entries.append((tok, s.n_past + j, s.seq, finishes and j == len(take) - 1))
             if finishes:
                 s.batch_row = len(entries) - 1
             s.taken = len(take)
+            budget -= len(take)
         if not entries:
             return
         t0 = time.perf_counter()
@@ -483,32 +480,6 @@ class Scheduler:
         for s in active:
             if s.batch_row >= 0 and not s.pending:
                 self._sample(s)
-
-    def _plan_drafts(self, generating: list[_Slot], room: int) -> None:
-        """Set each generating sequence's drafted tokens for this decode, in at
-        most ``room`` rows: speculative.allocate over the whole batch, with the
-        decode time measured at its size (or ``draft_cost``)."""
-        looked: list[tuple[_Slot, list[int]]] = []
-        for s in generating:
-            s.draft = []
-            if s.drafter is not None and room > 0:
-                toks = s.drafter.lookup(min(room, self._draft_room(s)))
-                if toks:
-                    looked.append((s, toks))
-        if not looked:
-            return
-        rows = len(generating)
-        if self.draft_cost is None:
-            base, slope = self.row_cost.line(rows)
-        else:
-            base, slope = 1.0 - self.draft_cost * rows, self.draft_cost
-        offers = [(s.drafter.acceptance(), len(toks)) for s, toks in looked]  # type: ignore[union-attr]
-        counts = allocate(offers, rows, float(rows), lambda n: base + slope * n, room)
-        for (s, toks), k in zip(looked, counts):
-            assert s.drafter is not None
-            if k == 0 and s.drafter.skip() and room > sum(counts):
-                k = 1  # a trial draft now and then: the text may have started quoting its input
-            s.draft = toks[:k]
 
     def _advance(self, s: _Slot) -> bool:
         """Bring the slot's next text run into ``pending``, decoding the image
