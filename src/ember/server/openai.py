@@ -159,18 +159,19 @@ def _chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | Non
     return {"content": openai_logprobs(entries), "refusal": None}
 
 
-def _completion_logprobs(entries: list[dict[str, Any]] | None, offset: int) -> dict[str, Any] | None:
+def _completion_logprobs(entries: list[dict[str, Any]] | None, offset: int) -> tuple[dict[str, Any] | None, int]:
     """A choice's ``logprobs`` in (legacy) completions: parallel lists, the
-    alternatives as token -> logprob, each token's offset in the choice's text."""
+    alternatives as token -> logprob, each token's offset in the choice's
+    text (from ``offset``); and the offset after these tokens."""
     if entries is None:
-        return None
+        return None, offset
     offsets = []
     for e in entries:
         offsets.append(offset)
         offset += len(e["token"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
-            "text_offset": offsets}
+            "text_offset": offsets}, offset
 
 
 def _usage(results: list[Result], n: int) -> dict[str, int]:
@@ -193,8 +194,7 @@ async def _complete(http: Request, body: s._Sampling, requests: list[GenerationR
     def choice(i: int, text: str, finish: str | None, calls: list[dict[str, Any]], *, delta: bool,
                reasoning: str = "", logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if not chat:
-            lp = _completion_logprobs(logprobs, offsets[i])
-            offsets[i] += sum(len(e["token"]) for e in logprobs or [])
+            lp, offsets[i] = _completion_logprobs(logprobs, offsets[i])
             return {"text": text, "index": i, "logprobs": lp, "finish_reason": finish}
         thought = {"reasoning": reasoning} if reasoning else {}  # Ollama's name for the thinking
         lp = _chat_logprobs(logprobs)
