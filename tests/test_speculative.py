@@ -1,6 +1,7 @@
-"""Speculative decoding from n-grams (prompt lookup): exact at temperature 0
-with batch_invariant on the demo model, and the target distribution kept with
-sampling (chi-square on a tiny random Llama with a small vocabulary)."""
+"""Speculative decoding from n-grams (prompt lookup) or a draft model: exact
+at temperature 0 with batch_invariant on the demo model, and the target
+distribution kept with sampling (chi-square on a tiny random Llama with a
+small vocabulary)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,22 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import numpy as np
+import ollama
 import pytest
 import torch
 import transformers
 from engine_fixtures import GREEDY
+from server_fixtures import Server, create
 
+import ember
 from ember import options as O
 from ember.demo import demo_model_path
 from ember.engine import load_model
 from ember.engine.scheduler import Scheduler
 from ember.engine.speculative import Drafter
+from ember.errors import OptionError
 
 SOURCE = (
     "The committee met on Tuesday to review the budget for the new library. After a long discussion, "
@@ -78,6 +84,49 @@ def test_greedy_invariant_output_is_identical_with_speculation():
     finally:
         sched.close()
         m.close()
+
+
+@pytest.fixture(scope="module")
+def demo_q4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model requantized to Q4_0: a draft model of the same family
+    whose numbers differ, so some of its drafts are rejected."""
+    path = tmp_path_factory.mktemp("draft") / "demo-q4_0.gguf"
+    ember.quantize(demo_model_path(), path, "Q4_0", allow_requantize=True)
+    return path
+
+
+def test_greedy_invariant_output_is_identical_with_a_draft_model(demo_q4):
+    m = load_model(demo_model_path(), {"batch_invariant": True})
+    draft = load_model(demo_q4)
+    plain = Scheduler(m, num_ctx=1024)
+    spec = Scheduler(m, num_ctx=1024, draft_model=draft, draft_cost=0.0)  # drafts at any cost
+    try:
+        drafted = accepted = 0
+        for prompt in PROMPTS:
+            toks = m.tokenize(prompt, True, True)
+            a = list(plain.generate(toks, O.merged(GREEDY, {"num_predict": 32, "num_draft": 0})))[-1]
+            b = list(spec.generate(toks, O.merged(GREEDY, {"num_predict": 32})))[-1]
+            assert b.tokens == a.tokens, prompt
+            drafted, accepted = drafted + b.draft_count, accepted + b.draft_accepted
+        assert 0 < accepted < drafted  # drafts were verified, and some were rejected
+    finally:
+        spec.close()
+        plain.close()
+        draft.close()
+        m.close()
+
+
+def test_draft_model_must_share_the_vocabulary(tiny):
+    m = load_model(demo_model_path())
+    other = load_model(tiny)
+    try:
+        with pytest.raises(OptionError, match="cannot draft for .*vocabularies have"):
+            Scheduler(m, num_ctx=256, draft_model=other)
+    finally:
+        other.close()
+        m.close()
+    with pytest.raises(OptionError, match="^draft: model .* not found"):
+        ember.load("demo", num_ctx=256, draft="no-such-model")
 
 
 def test_python_result_reports_drafts():
@@ -172,8 +221,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_model(d, d / "tiny.gguf", outtype="f32")
 
 
-def test_speculative_sampling_keeps_the_target_distribution(tiny):
+@pytest.mark.parametrize("source", ["ngrams", "draft model"])
+def test_speculative_sampling_keeps_the_target_distribution(tiny, source):
     m = load_model(tiny)
+    # The model drafts for itself: its greedy token, accepted with the target's probability of it.
+    draft = load_model(tiny) if source == "draft model" else None
     try:
         # A prompt that holds "L x y_x" for every token x after its last token L:
         # whatever is sampled first, the n-gram "L x" drafts y_x for the second
@@ -202,7 +254,7 @@ def test_speculative_sampling_keeps_the_target_distribution(tiny):
 
         # Drafts at any cost: this model is so small that extra rows do not pay,
         # and every second token is to be a verified draft.
-        sched = Scheduler(m, num_ctx=len(prompt) + 16, draft_cost=0.0)
+        sched = Scheduler(m, num_ctx=len(prompt) + 16, draft_cost=0.0, draft_model=draft)
         try:
             n = 3000
             observed: Counter = Counter()
@@ -221,4 +273,29 @@ def test_speculative_sampling_keeps_the_target_distribution(tiny):
         assert 0.05 * drafted < accepted < 0.95 * drafted
         assert _chi2_p(observed, expected, n) > 1e-3
     finally:
+        if draft is not None:
+            draft.close()
         m.close()
+
+
+def test_server_drafts_with_a_registry_model_only(tmp_path, demo_q4):
+    srv = Server(tmp_path)
+    try:
+        create(srv.url, "demo-q4", f"FROM {demo_q4}")
+        create(srv.url, "drafty", f"FROM {demo_model_path()}\nPARAMETER draft demo-q4\nPARAMETER num_ctx 512")
+        oc = srv.ollama_client()
+        # A draft model as large as the target does not pay: after 64 steps
+        # without drafts, one token is drafted anyway, to measure again.
+        r = httpx.post(srv.url + "/api/generate", json={"model": "drafty", "prompt": "Once upon a time", "stream": False,
+                                                         "options": {**GREEDY, "num_predict": 80}}, timeout=120).json()
+        assert r["eval_count"] == 80 and 1 <= r["draft_count"] and r["draft_accepted"] <= r["draft_count"], r
+        # Over HTTP a draft is a registry model, never a file of the server's.
+        for bad, why in ((str(demo_q4), "invalid model name"), ("no-such-model", "not found")):
+            with pytest.raises(ollama.ResponseError, match=f"^draft: .*{why}") as e:
+                oc.generate(model="demo", prompt="Hi", options={"num_predict": 1, "draft": bad})
+            assert e.value.status_code == 400
+        create(srv.url, "pathy", f"FROM {demo_model_path()}\nPARAMETER draft {demo_q4}")
+        with pytest.raises(ollama.ResponseError, match="^draft: invalid model name"):
+            oc.generate(model="pathy", prompt="Hi", options={"num_predict": 1})
+    finally:
+        srv.stop()

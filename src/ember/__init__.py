@@ -134,7 +134,9 @@ def load(
             CPU-only build), ``main_gpu``, ``num_thread`` (default: physical
             cores), ``num_batch``, ``use_mmap``, ``use_mlock``, ``flash_attn``,
             ``kv_cache_type`` (f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0,
-            q5_1), ``batch_invariant``,
+            q5_1), ``batch_invariant``, ``draft`` (a smaller model of the
+            same family, registry name or GGUF file, that drafts tokens for
+            speculative decoding; default: n-grams of the prompt and output),
             ``tensor_split`` (shares of the layers: this machine, then each
             worker; default by free memory), ``use_repack`` (False: the
             kernels RPC workers run, for identical numbers). Any other

@@ -28,7 +28,7 @@ from ember import options as opts
 from ember.engine import Context, LoadedModel, MemoryReport
 from ember.engine.scheduler import Chunk, Handle, Scheduler
 from ember.engine.vision import VisionProjector, VisionPrompt, require_projector
-from ember.errors import ContextOverflowError, OptionError, TemplateError
+from ember.errors import ContextOverflowError, EmberError, OptionError, TemplateError
 from ember.images import Image, ImageInput, load_image
 from ember.models import resolve_model
 from ember.progress import ProgressCallback
@@ -73,6 +73,16 @@ def _parse_template(text: str) -> ChatTemplate:
     return ChatTemplate.parse(text)
 
 
+def _load_draft(ref: str, load_opts: dict[str, Any]) -> LoadedModel:
+    """The ``draft`` model (a registry name or a GGUF file), loaded as the
+    model is but always on this machine alone."""
+    try:
+        resolved = resolve_model(ref)
+    except EmberError as e:  # not found, or not a model name
+        raise OptionError(f"draft: {e}") from None
+    return LoadedModel(resolved.model_paths, {**load_opts, "draft": "", "rpc": "none", "tensor_split": ""})
+
+
 def _request(kwargs: dict[str, Any], **what: Any) -> GenerationRequest:
     """A request from a wrapper's keywords: request fields by name (system,
     format, truncate, ...), everything else an Ollama option."""
@@ -110,7 +120,10 @@ class Model:
         adapters: list[tuple[str | os.PathLike[str], float]] = [(p, 1.0) for p in self.resolved.adapter_paths]
         self.engine = LoadedModel(self.resolved.model_paths, load_opts, lora=adapters + list(lora or []))
         self.projector: VisionProjector | None = None
+        self.draft: LoadedModel | None = None
         try:
+            if self.defaults["draft"]:
+                self.draft = _load_draft(self.defaults["draft"], load_opts)
             proj_path = projector or (self.resolved.projector_paths[0] if self.resolved.projector_paths else None)
             if proj_path is not None:
                 self.projector = VisionProjector(self.engine, proj_path)
@@ -118,12 +131,14 @@ class Model:
             self.defaults["num_ctx"] = num_ctx
             self.scheduler = Scheduler(
                 self.engine, num_ctx=num_ctx, num_parallel=max(1, num_parallel), max_queue=max_queue, options=load_opts,
-                projector=self.projector,
+                projector=self.projector, draft_model=self.draft,
             )
             self.template = self._load_template()
         except BaseException:
             if self.projector is not None:
                 self.projector.close()
+            if self.draft is not None:
+                self.draft.close()
             self.engine.close()
             raise
         self.load_duration = int((time.perf_counter() - t0) * 1e9)
@@ -144,6 +159,8 @@ class Model:
             self._embed_ctx.close()
         if self.projector is not None:
             self.projector.close()
+        if self.draft is not None:
+            self.draft.close()
         self.engine.close()
 
     def __enter__(self) -> Model:

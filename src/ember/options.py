@@ -42,6 +42,7 @@ _SPECS = [
     OptionSpec("batch_invariant", bool, False, True, "never batch sequences together, so each gets exactly the numbers it would get alone (lower throughput under load)"),
     OptionSpec("rpc", str, "", True, "RPC workers (ember worker) to split the model across: HOST:PORT,HOST:PORT (empty: EMBER_RPC; none: this machine only)"),
     OptionSpec("tensor_split", str, "", True, "share of the layers per device, e.g. 2,1,1: this machine (its CPU, or each GPU) first, then each worker's devices in rpc order (default: by free memory)"),
+    OptionSpec("draft", str, "", True, "a small model of the same family (registry name; a GGUF file too outside the server) whose greedy tokens are the speculative drafts, up to num_draft a step (empty: n-grams of the prompt and output)"),
     OptionSpec("use_repack", bool, True, True, "repack weights for the CPU's fastest matmul kernels (false: the kernels RPC workers run, so local and split runs give the same numbers)"),
     # Per-request options (Ollama's Options).
     OptionSpec("num_keep", int, 4, False, "tokens of the prompt kept when the context is shifted"),

@@ -369,8 +369,12 @@ class Context:
             raise EngineError(f"llama_decode failed ({rc}): " + ("the context is full" if rc == 1 else "see EMBER_DEBUG=1"))
 
     def logits_row(self, i: int) -> np.ndarray:
+        return self.logits_view(i).copy()
+
+    def logits_view(self, i: int) -> np.ndarray:
+        """Row ``i`` of the last decode's logits, in llama.cpp's buffer (valid until the next decode)."""
         ptr = lc.llama_get_logits_ith(self.ptr, i)
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     def eval_all_logits(self, tokens: list[int], seq: int = 0) -> np.ndarray:
         out = np.empty((len(tokens), self.model.n_vocab), dtype=np.float32)

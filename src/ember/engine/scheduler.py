@@ -16,9 +16,9 @@ batch again. The prefix cache compares one key per KV cell: token ids, and
 the image's hash for its cells, so only the same image is reused.
 
 Speculative decoding: a generating sequence may carry drafted tokens (from
-n-grams of its prompt and output, engine/speculative.py) after its next token;
-all of them are verified in the same ``llama_decode``, and the KV entries of
-rejected drafts are removed.
+n-grams of its prompt and output, or from a draft model: engine/speculative.py)
+after its next token; all of them are verified in the same ``llama_decode``,
+and the KV entries of rejected drafts are removed.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 from ember.engine.logprobs import token_logprob
 from ember.engine.model import Context, LoadedModel, MemoryReport
 from ember.engine.sampling import Sampler
-from ember.engine.speculative import Drafter, RowCost, exact_rows
+from ember.engine.speculative import Drafter, DraftModel, RowCost, exact_rows
 from ember.engine.vision import ImageChunk, Piece, VisionProjector, VisionPrompt, decode_image
 from ember.errors import CancelledError, ContextOverflowError, EmberError, EngineError, QueueFullError
 from ember.options import SPECS
@@ -214,10 +214,13 @@ class Scheduler:
         max_queue: int = 512,
         options: dict[str, Any] | None = None,
         projector: VisionProjector | None = None,
+        draft_model: LoadedModel | None = None,
         draft_cost: float | None = None,
     ) -> None:
-        """``draft_cost``: a fixed cost of a drafted row against a decode (0: drafts
-        are free), for measurements; None: measured on this machine's decodes."""
+        """``draft_model``: drafts come from it (sharing the model's vocabulary)
+        instead of n-grams, for text-only prompts. ``draft_cost``: a fixed cost
+        of a drafted token against a decode (0: drafts are free), for
+        measurements; None: measured on this machine's decodes."""
         self.model = model
         self.projector = projector
         # The vision tower runs here, beside the decoding loop (one encode at a time per projector).
@@ -228,6 +231,13 @@ class Scheduler:
         self.max_queue = max_queue
         self.ctx: Context = model.new_context(num_ctx * num_parallel, n_seq_max=num_parallel, options=options)
         self.ctx_options = options
+        self.drafts: DraftModel | None = None
+        if draft_model is not None:
+            try:
+                self.drafts = DraftModel(draft_model, model, num_ctx * num_parallel, num_parallel, options)
+            except BaseException:
+                self.ctx.close()
+                raise
         self._exact_rows: int | None = None  # see speculative.exact_rows; probed when first needed
         self.row_cost = RowCost()
         self.batch_invariant = bool((options or {}).get("batch_invariant", model.options.get("batch_invariant")))
@@ -298,6 +308,8 @@ class Scheduler:
         self._thread.join(timeout=30)
         if self._encoder is not None:
             self._encoder.shutdown(wait=True, cancel_futures=True)
+        if self.drafts is not None:
+            self.drafts.close()
         self.ctx.close()
 
     def _wake(self) -> None:
@@ -382,6 +394,8 @@ class Scheduler:
                 self.ctx.seq_rm(slot.seq)
                 n_keep = 0
             slot.cached = slot.cached[:n_keep]
+        if self.drafts is not None:
+            self.drafts.keep(slot.seq, req.tokens)
         sampler = Sampler(self.model, req.options, req.grammar)
         sampler.accept_prompt(req.tokens)
         stops = [s for s in req.options.get("stop") or [] if s]
@@ -404,7 +418,8 @@ class Scheduler:
             max_draft = min(max_draft, self._exact_rows - 1)
             if max_draft <= 0:
                 return None
-        return Drafter(req.tokens, max_draft)
+        text_only = all(isinstance(p, list) for p in req.pieces)
+        return Drafter(req.tokens, max_draft, ngrams=self.drafts is None or not text_only)
 
     def _step(self) -> None:
         active = [s for s in self.slots if s.req is not None]
@@ -433,18 +448,14 @@ class Scheduler:
     def _decode_group(self, active: list[_Slot]) -> None:
         entries: list[tuple[int, int, int, bool]] = []
         generating = [s for s in active if s.next_token is not None]
-        spare = self.n_batch - len(generating)  # rows left for drafts (prefill waits a step at worst)
-        row_cost = self.row_cost.relative(len(generating)) if self.draft_cost is None else self.draft_cost
+        self._draft(generating)
         for s in active:
             s.batch_row = -1
             s.taken = 0
             if s.next_token is not None:
                 entries.append((s.next_token, s.n_past, s.seq, True))
                 s.batch_row = len(entries) - 1
-                if s.drafter is not None and spare > 0:
-                    s.draft = s.drafter.propose(min(spare, self._draft_room(s)), row_cost)
-                    spare -= len(s.draft)
-                    entries.extend((t, s.n_past + 1 + j, s.seq, True) for j, t in enumerate(s.draft))
+                entries.extend((t, s.n_past + 1 + j, s.seq, True) for j, t in enumerate(s.draft))
         budget = self.n_batch - len(entries)
         # Prefill in arrival order so the oldest prompt finishes first.
         for s in sorted((s for s in active if s.pending), key=lambda s: s.req.submitted):  # type: ignore[union-attr]
@@ -481,6 +492,32 @@ class Scheduler:
             if s.batch_row >= 0 and not s.pending:
                 self._sample(s)
 
+    def _draft(self, generating: list[_Slot]) -> None:
+        """Set the drafted tokens of each generating sequence for this step."""
+        spare = self.n_batch - len(generating)  # rows left for drafts (prefill waits a step at worst)
+        row_cost = self.row_cost.relative(len(generating)) if self.draft_cost is None else self.draft_cost
+        by_model: list[_Slot] = []
+        wants: list[tuple[int, list[int], int]] = []
+        for s in generating:
+            if s.drafter is None or spare <= 0:
+                continue
+            limit = min(spare, self._draft_room(s))
+            if s.drafter.ngrams:
+                s.draft = s.drafter.propose(limit, row_cost)
+                spare -= len(s.draft)
+                continue
+            assert self.drafts is not None and s.next_token is not None
+            cost = row_cost if self.draft_cost is not None else row_cost + self.drafts.cost
+            k = s.drafter.want(limit, cost)
+            if k > 0:
+                by_model.append(s)
+                wants.append((s.seq, [*s.cached, s.next_token], k))  # type: ignore[list-item]
+                spare -= k
+        if wants:
+            assert self.drafts is not None
+            for s, draft in zip(by_model, self.drafts.propose(wants)):
+                s.draft = draft
+
     def _advance(self, s: _Slot) -> bool:
         """Bring the slot's next text run into ``pending``, decoding the image
         chunks before it whose embeddings are ready (each for this sequence
@@ -506,6 +543,8 @@ class Scheduler:
                 self._free(s)
                 self.ctx.seq_rm(s.seq)
                 s.cached = []
+                if self.drafts is not None:
+                    self.drafts.trim(s.seq, 0)
                 return True
             n = len(s.cached)
             s.cached.extend(s.req.keys[n : n + piece.n_tokens])
@@ -559,6 +598,8 @@ class Scheduler:
                 s.drafter.record(len(draft), accepted)
             if accepted < len(draft) or s.req is None:
                 self.ctx.seq_rm(s.seq, s.n_past, -1)  # the rejected drafts' KV entries
+                if self.drafts is not None:
+                    self.drafts.trim(s.seq, len(s.cached))
 
     def _take(self, s: _Slot, tok: int, row: Any) -> bool:
         """Add a chosen token (from logits ``row`` when logprobs are asked
@@ -665,3 +706,5 @@ class Scheduler:
                 self._free(s)
                 self.ctx.seq_rm(s.seq)
                 s.cached = []
+                if self.drafts is not None:
+                    self.drafts.trim(s.seq, 0)

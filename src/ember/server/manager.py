@@ -163,6 +163,15 @@ class ModelManager:
         except ModelNotFoundError:  # Ollama's words: its clients match them
             raise ModelNotFoundError(f"model '{name[:200]}' not found") from None
 
+    async def _draft_file(self, draft: str) -> str:
+        """The file of a ``draft`` model (a request's option or a Modelfile's
+        PARAMETER), resolved as model names are: no server path over HTTP."""
+        try:
+            resolved = await asyncio.to_thread(resolve_model, draft, allow_paths=self.allow_paths)
+        except EmberError as e:  # not found, or not a model name
+            raise OptionError(f"draft: {e}") from None
+        return str(resolved.model_paths[0])
+
     @contextlib.asynccontextmanager
     async def use(self, name: str, options: dict[str, Any] | None = None, keep_alive: Any = None) -> AsyncIterator[Entry]:
         """Hold model ``name`` for one request (loading it if needed); on exit
@@ -178,6 +187,9 @@ class ModelManager:
         resolved = await self.resolve(name)
         key = model_key(resolved)
         wanted = {k: v for k, v in options.items() if k in opts.LOAD_OPTIONS and k not in NEVER_RELOADS}
+        draft = wanted.get("draft", resolved.parameters.get("draft"))
+        if draft:
+            wanted["draft"] = await self._draft_file(draft)
         while True:
             async with self._lock:
                 entry = self._models.get(key)
