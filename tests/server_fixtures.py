@@ -135,7 +135,9 @@ def create(url: str, name: str, modelfile: str, headers: dict[str, str] | None =
 # Chat templates over the demo model for the API translator tests. TOOLS_TEMPLATE
 # lists tools in the system turn and writes calls as Qwen does; THINK_TEMPLATE
 # keeps reasoning in <think> tags and opens one in the prompt when thinking is
-# on, as Qwen3's and DeepSeek-R1's templates do.
+# on, as Qwen3's and DeepSeek-R1's templates do. Its first turn is an example
+# that the 270M model copies at temperature 0, so asked "Capital of France?"
+# it reasons THOUGHT and answers ANSWER (then "<|im_end|>": THINK_STOP).
 TOOLS_TEMPLATE = (
     "{{- if .Tools }}<|im_start|>system\nTools:{{ range .Tools }}\n{{ .Function.Name }}{{ end }}<|im_end|>\n{{ end }}"
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}"
@@ -143,7 +145,8 @@ TOOLS_TEMPLATE = (
     "<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
 THINK_TEMPLATE = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
+    "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n<think>\nFrance's capital</think>\nParis<|im_end|>\n"
+    "{{ range .Messages }}<|im_start|>{{ .Role }}\n"
     "{{ if .Thinking }}<think>{{ .Thinking }}</think>\n{{ end }}{{ .Content }}<|im_end|>\n{{ end }}"
     "<|im_start|>assistant\n{{ if .Think }}<think>\n{{ end }}"
 )
@@ -159,12 +162,14 @@ CALL_SCHEMA = {
     },
     "required": ["name", "arguments"],
 }
-# Forces a thinking model's reply: reasoning, the closing tag, the answer (quoted: it is a JSON string).
-THOUGHT_SCHEMA = {"type": "string", "enum": ["France's capital</think>Paris"]}
+THOUGHT, ANSWER = "France's capital", "Paris"
+THINK_STOP = "<|im_end|>"
+# A format for the answer: the reasoning stays free, so THOUGHT, then this JSON string.
+ANSWER_SCHEMA = {"type": "string", "enum": ["Paris", "Lyon"]}
 
 
 def create_chat_models(url: str, demo_path: str) -> None:
     """``tooly`` (takes tools) and ``thinker`` (thinks) over the demo model."""
     common = "PARAMETER num_ctx 512\nPARAMETER batch_invariant true\n"
     create(url, "tooly", f'FROM {demo_path}\nTEMPLATE """{TOOLS_TEMPLATE}"""\n{common}')
-    create(url, "thinker", f'FROM {demo_path}\nTEMPLATE """{THINK_TEMPLATE}"""\n{common}')
+    create(url, "thinker", f'FROM {demo_path}\nTEMPLATE """{THINK_TEMPLATE}"""\nPARAMETER stop {THINK_STOP}\n{common}')

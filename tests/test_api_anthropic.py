@@ -11,7 +11,7 @@ import anthropic
 import httpx
 import ollama
 import pytest
-from server_fixtures import CALL_SCHEMA, THOUGHT_SCHEMA, WEATHER_SCHEMA, Server
+from server_fixtures import ANSWER, ANSWER_SCHEMA, CALL_SCHEMA, THOUGHT, WEATHER_SCHEMA, Server
 
 GREEDY = {"temperature": 0, "num_predict": 8}
 TOOL = {"name": "get_weather", "description": "Current weather of a city", "input_schema": WEATHER_SCHEMA}
@@ -118,11 +118,10 @@ def test_tool_use_and_tool_result(ac: anthropic.Anthropic, oc: ollama.Client) ->
 
 def test_thinking_blocks(ac: anthropic.Anthropic) -> None:
     kw: dict[str, Any] = {"model": "thinker", "max_tokens": 30, "extra_body": T0,
-                          "messages": [{"role": "user", "content": "Capital of France?"}],
-                          "output_config": {"format": {"type": "json_schema", "schema": THOUGHT_SCHEMA}}}
+                          "messages": [{"role": "user", "content": "Capital of France?"}]}
     m = ac.messages.create(**kw)
     assert [b.type for b in m.content] == ["thinking", "text"]
-    assert m.content[0].thinking == "\"France's capital" and m.content[1].text == 'Paris"'
+    assert m.content[0].thinking == THOUGHT and m.content[1].text == ANSWER
     with ac.messages.stream(**kw) as stream:
         events = list(stream)
         final = stream.get_final_message()
@@ -130,10 +129,14 @@ def test_thinking_blocks(ac: anthropic.Anthropic) -> None:
     assert "thinking_delta" in kinds and "text_delta" in kinds
     assert kinds.index("text_delta") > max(i for i, k in enumerate(kinds) if k == "thinking_delta")
     assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == [
-        ("thinking", "\"France's capital"), ("text", 'Paris"')]
+        ("thinking", THOUGHT), ("text", ANSWER)]
+    # A format constrains the answer, after the reasoning.
+    fmt = ac.messages.create(**kw, output_config={"format": {"type": "json_schema", "schema": ANSWER_SCHEMA}})
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in fmt.content] == [
+        ("thinking", THOUGHT), ("text", f'"{ANSWER}"')]
     # Thinking off: the template does not open <think>, and nothing is parsed as reasoning.
     off = ac.messages.create(**{**kw, "thinking": {"type": "disabled"}})
-    assert [b.type for b in off.content] == ["text"] and off.content[0].text == "\"France's capital</think>Paris\""
+    assert [b.type for b in off.content] == ["text"] and off.content[0].text == f"<think>\n{THOUGHT}</think>\n{ANSWER}"
     # Asked of a model that cannot think, "enabled" is relaxed (as Ollama does), not refused.
     plain = ac.messages.create(model="tooly", max_tokens=4, messages=kw["messages"],
                                thinking={"type": "enabled", "budget_tokens": 1024})

@@ -12,7 +12,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_fixtures import CALL_SCHEMA, THOUGHT_SCHEMA, WEATHER_SCHEMA, Server
+from server_fixtures import ANSWER, ANSWER_SCHEMA, CALL_SCHEMA, THOUGHT, WEATHER_SCHEMA, Server
 
 GREEDY = {"temperature": 0, "num_predict": 8}
 TOOL = {"type": "function", "name": "get_weather", "description": "Current weather of a city",
@@ -99,19 +99,21 @@ def test_function_calls(ai: openai.OpenAI, oc: ollama.Client) -> None:
 
 
 def test_reasoning_items(ai: openai.OpenAI) -> None:
-    kw: dict[str, Any] = {"model": "thinker", "input": "Capital of France?", "temperature": 0, "max_output_tokens": 30,
-                          "text": {"format": {"type": "json_schema", "name": "a", "schema": THOUGHT_SCHEMA}}}
+    kw: dict[str, Any] = {"model": "thinker", "input": "Capital of France?", "temperature": 0, "max_output_tokens": 30}
     r = ai.responses.create(**kw)
     assert [o.type for o in r.output] == ["reasoning", "message"]
-    assert r.output[0].summary[0].text == "\"France's capital" and r.output_text == 'Paris"'
+    assert r.output[0].summary[0].text == THOUGHT and r.output_text == ANSWER
     with ai.responses.stream(**kw) as stream:
         kinds = [e.type for e in stream]
         final = stream.get_final_response()
     assert "response.reasoning_summary_text.delta" in kinds
     assert kinds.index("response.output_text.delta") > kinds.index("response.reasoning_summary_text.done")
-    assert [o.type for o in final.output] == ["reasoning", "message"] and final.output_text == 'Paris"'
+    assert [o.type for o in final.output] == ["reasoning", "message"] and final.output_text == ANSWER
+    # A format constrains the answer, after the reasoning.
+    fmt = ai.responses.create(**kw, text={"format": {"type": "json_schema", "name": "a", "schema": ANSWER_SCHEMA}})
+    assert fmt.output[0].summary[0].text == THOUGHT and fmt.output_text == f'"{ANSWER}"'
     off = ai.responses.create(**kw, reasoning={"effort": "none"})
-    assert [o.type for o in off.output] == ["message"] and off.output_text == "\"France's capital</think>Paris\""
+    assert [o.type for o in off.output] == ["message"] and off.output_text == f"<think>\n{THOUGHT}</think>\n{ANSWER}"
 
 
 def test_bad_requests(ai: openai.OpenAI, server: Server) -> None:

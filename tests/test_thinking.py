@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_fixtures import THINK_TEMPLATE, THOUGHT_SCHEMA, Server
+from server_fixtures import ANSWER, ANSWER_SCHEMA, THINK_STOP, THINK_TEMPLATE, THOUGHT, Server
 
 from ember.errors import OptionError
 from ember.templates import ChatTemplate
@@ -88,24 +88,27 @@ def server(chat_server: Server) -> Server:
 
 
 FORCED = {"temperature": 0, "num_predict": 30}
-THOUGHT, ANSWER = "\"France's capital", 'Paris"'
 QUESTION = [{"role": "user", "content": "Capital of France?"}]
+# THINK_TEMPLATE without the opened <think> in the prompt: the model writes the tag itself (Qwen3's way).
+OPEN_TEMPLATE = THINK_TEMPLATE.replace("{{ if .Think }}<think>\n{{ end }}", "")
+# ... and with an example that does not reason: the model answers at once.
+PLAIN_TEMPLATE = OPEN_TEMPLATE.replace("<think>\nFrance's capital</think>\n", "", 1)
 
 
 def test_ollama_chat_and_generate_return_thinking(server: Server) -> None:
     oc = server.ollama_client()
-    r = oc.chat(model="thinker", messages=QUESTION, format=THOUGHT_SCHEMA, options=FORCED)
+    r = oc.chat(model="thinker", messages=QUESTION, options=FORCED)
     assert (r.message.thinking, r.message.content) == (THOUGHT, ANSWER)
-    parts = list(oc.chat(model="thinker", messages=QUESTION, format=THOUGHT_SCHEMA, options=FORCED, stream=True))
+    parts = list(oc.chat(model="thinker", messages=QUESTION, options=FORCED, stream=True))
     assert "".join(p.message.thinking or "" for p in parts) == THOUGHT
     assert "".join(p.message.content for p in parts) == ANSWER
     assert any(p.message.thinking for p in parts[:-1]) and parts[-1].done
-    # think=false: the template opens no <think>, so the tag comes out as content
-    r = oc.chat(model="thinker", messages=QUESTION, format=THOUGHT_SCHEMA, options=FORCED, think=False)
-    assert not r.message.thinking and r.message.content == "\"France's capital</think>Paris\""
-    g = oc.generate(model="thinker", prompt="Capital of France?", format=THOUGHT_SCHEMA, options=FORCED)
+    # think=false: the template opens no <think>, so the tags the model copies come out as content
+    r = oc.chat(model="thinker", messages=QUESTION, options=FORCED, think=False)
+    assert not r.message.thinking and r.message.content == f"<think>\n{THOUGHT}</think>\n{ANSWER}"
+    g = oc.generate(model="thinker", prompt="Capital of France?", options=FORCED)
     assert (g.thinking, g.response) == (THOUGHT, ANSWER)
-    parts = list(oc.generate(model="thinker", prompt="Capital of France?", format=THOUGHT_SCHEMA, options=FORCED,
+    parts = list(oc.generate(model="thinker", prompt="Capital of France?", options=FORCED,
                              think="high", stream=True))
     assert "".join(p.thinking or "" for p in parts) == THOUGHT and "".join(p.response for p in parts) == ANSWER
     # The reasoning goes back into the template with the history.
@@ -115,11 +118,37 @@ def test_ollama_chat_and_generate_return_thinking(server: Server) -> None:
     assert "<think>It is Paris.</think>\nParis." in text["_debug_info"]["rendered_template"]
 
 
+def test_format_constrains_the_answer_not_the_reasoning(server: Server) -> None:
+    """As Ollama's: ``format`` applies once the reasoning is over."""
+    oc = server.ollama_client()
+    quoted = f'"{ANSWER}"'
+    r = oc.chat(model="thinker", messages=QUESTION, options=FORCED, format=ANSWER_SCHEMA)
+    assert (r.message.thinking, r.message.content) == (THOUGHT, quoted)
+    parts = list(oc.chat(model="thinker", messages=QUESTION, options=FORCED, format=ANSWER_SCHEMA, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == THOUGHT
+    assert "".join(p.message.content for p in parts) == quoted
+    # Not thinking: the format applies from the first token.
+    r = oc.chat(model="thinker", messages=QUESTION, options=FORCED, format=ANSWER_SCHEMA, think=False)
+    assert not r.message.thinking and r.message.content == quoted
+    # A prompt that leaves the opening tag to the model: it reasons, then answers in the format ...
+    g = oc.generate(model="thinker", prompt="Capital of France?", options=FORCED, format=ANSWER_SCHEMA,
+                    template=OPEN_TEMPLATE)
+    assert (g.thinking, g.response) == (THOUGHT, quoted)
+    # ... or answers at once: its first token, not an opening tag, is chosen again under the format.
+    g = oc.generate(model="thinker", prompt="Capital of France?", options=FORCED, template=PLAIN_TEMPLATE)
+    assert not g.thinking and g.response == ANSWER
+    g = oc.generate(model="thinker", prompt="Capital of France?", options=FORCED, format=ANSWER_SCHEMA,
+                    template=PLAIN_TEMPLATE)
+    assert not g.thinking and g.response == quoted
+    # Speculative drafts stop at the format's grammar, which cannot verify them; the text is the same without them.
+    g = oc.generate(model="thinker", prompt="Capital of France?", options={**FORCED, "num_draft": 0},
+                    format=ANSWER_SCHEMA)
+    assert (g.thinking, g.response) == (THOUGHT, quoted)
+
+
 def test_openai_reasoning(server: Server) -> None:
     ai = server.openai_client()
-    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": THOUGHT_SCHEMA}}
-    kw: dict[str, Any] = {"model": "thinker", "messages": QUESTION, "temperature": 0, "max_tokens": 30,
-                          "response_format": schema}
+    kw: dict[str, Any] = {"model": "thinker", "messages": QUESTION, "temperature": 0, "max_tokens": 30}
     c = ai.chat.completions.create(**kw)
     msg = c.choices[0].message
     assert (msg.model_extra["reasoning"], msg.content) == (THOUGHT, ANSWER)
@@ -127,6 +156,9 @@ def test_openai_reasoning(server: Server) -> None:
     deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
     assert "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) == THOUGHT
     assert "".join(d.content or "" for d in deltas) == ANSWER
+    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}}
+    msg = ai.chat.completions.create(**kw, response_format=schema).choices[0].message
+    assert (msg.model_extra["reasoning"], msg.content) == (THOUGHT, f'"{ANSWER}"')
     off = ai.chat.completions.create(**kw, reasoning_effort="none")
     assert "reasoning" not in (off.choices[0].message.model_extra or {})
 
@@ -142,7 +174,7 @@ def test_think_on_a_model_that_cannot_think_is_refused(server: Server) -> None:
     # A generate request's own template decides: one that thinks makes "tooly" think.
     r = httpx.post(server.url + "/api/generate", json={
         "model": "tooly", "prompt": "Capital of France?", "think": True, "template": THINK_TEMPLATE, "stream": False,
-        "format": THOUGHT_SCHEMA, "options": FORCED}, timeout=60)
+        "options": {**FORCED, "stop": [THINK_STOP]}}, timeout=60)
     assert r.status_code == 200 and (r.json()["thinking"], r.json()["response"]) == (THOUGHT, ANSWER), r.text
     # think=false is fine anywhere
     r = httpx.post(server.url + "/api/chat", json={"model": "tooly", "think": False, "messages": QUESTION,

@@ -401,8 +401,10 @@ class Model:
             tokens = [t for p in prompt.pieces if isinstance(p, list) for t in p]
         else:
             prompt = tokens = self._tokens_for(text, request.truncate, options["num_keep"])
+        grammar = _grammar_for(request.format)
         handle = self.scheduler.submit(
-            prompt, options, grammar=_grammar_for(request.format), loop=loop, logprobs=top_logprobs
+            prompt, options, grammar=grammar, loop=loop, logprobs=top_logprobs,
+            reasoning=self._thinking_parser(request, text) if grammar else None,  # the format is the answer's
         )
         shaper = _Shaper(self, request, tokens, t0, self._thinking_parser(request, text))
         if loop is None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ember.engine.logprobs import token_logprob
 from ember.engine.model import Context, LoadedModel, MemoryReport
@@ -118,6 +118,18 @@ class Handle:
             self.cancel()
 
 
+class Reasoning(Protocol):
+    """Follows a reply's reasoning (templates.thinking.ThinkingParser)."""
+
+    @property
+    def undecided(self) -> bool: ...  # nothing shows yet whether the reply reasons
+
+    @property
+    def answering(self) -> bool: ...  # the reasoning is over (or there was none)
+
+    def add(self, text: str) -> Any: ...
+
+
 @dataclass
 class _Request:
     tokens: list[int]  # the prompt's text tokens
@@ -127,6 +139,7 @@ class _Request:
     keys: list[int | str]  # one per KV cell: token ids, image cell keys (prefix matching)
     pieces: list[Piece]  # text token runs and image chunks, in order
     logprobs: int | None = None  # None: not asked for; else how many top alternatives
+    reasoning: Reasoning | None = None  # the grammar constrains only what follows the reasoning
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -169,10 +182,12 @@ class _Slot:
         self.encoded: dict[int, Future[Any]] = {}
         self.drafter: Drafter | None = None
         self.draft: list[int] = []  # drafted tokens after next_token, in this step's batch
+        self.reasoning: Reasoning | None = None
+        self.answer_sampler: Sampler | None = None  # the grammar's, once the reasoning is over
 
     def start(
         self, req: _Request, n_keep: int, sampler: Sampler, stops: list[str], encoded: dict[int, Future[Any]],
-        drafter: Drafter | None,
+        drafter: Drafter | None, answer_sampler: Sampler | None = None,
     ) -> None:
         self.req = req
         self.n_past, self.later = _split(req.pieces, n_keep)  # n_past: the next position
@@ -183,6 +198,8 @@ class _Slot:
         self.draft_count = 0
         self.draft_accepted = 0
         self.sampler = sampler
+        self.answer_sampler = answer_sampler
+        self.reasoning = req.reasoning if answer_sampler is not None else None
         self.stops = stops
         self.max_stop = max((len(s) for s in stops), default=0)
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -258,11 +275,14 @@ class Scheduler:
         grammar: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         logprobs: int | None = None,
+        reasoning: Reasoning | None = None,
     ) -> Handle:
         """Queue a prompt (token ids, or a VisionPrompt of text and images);
         ``options`` is a complete options dict (see ember.options.merged).
         ``logprobs``: the chunks carry each token's log probability and that
-        many most likely alternatives (None: not computed)."""
+        many most likely alternatives (None: not computed). ``reasoning``: a
+        fresh parser of the reply's reasoning, which ``grammar`` then leaves
+        free: it constrains the answer after it, as Ollama's ``format`` does."""
         if isinstance(tokens, VisionPrompt):
             if tokens.chunks and self.projector is None:
                 raise EmberError("this model has no vision projector for the prompt's images")
@@ -287,7 +307,7 @@ class Scheduler:
             free = sum(1 for slot in self.slots if slot.req is None)
             if len(self._queue) - free >= self.max_queue:
                 raise QueueFullError("the server is busy (request queue full); retry later")
-            self._queue.append(_Request(list(tokens), options, grammar, handle, keys, pieces, logprobs))
+            self._queue.append(_Request(list(tokens), options, grammar, handle, keys, pieces, logprobs, reasoning))
             self._cond.notify()
         return handle
 
@@ -396,10 +416,14 @@ class Scheduler:
             slot.cached = slot.cached[:n_keep]
         if self.drafts is not None:
             self.drafts.keep(slot.seq, req.tokens)
-        sampler = Sampler(self.model, req.options, req.grammar)
+        sampler = Sampler(self.model, req.options, req.grammar)  # a bad grammar fails here, before anything runs
         sampler.accept_prompt(req.tokens)
+        answer_sampler = None
+        if req.grammar and req.reasoning is not None:
+            answer_sampler, sampler = sampler, Sampler(self.model, req.options)
+            sampler.accept_prompt(req.tokens)
         stops = [s for s in req.options.get("stop") or [] if s]
-        slot.start(req, n_keep, sampler, stops, {}, self._drafter(req, sampler, invariant))
+        slot.start(req, n_keep, sampler, stops, {}, self._drafter(req, sampler, invariant), answer_sampler)
         for piece in slot.later:
             if isinstance(piece, ImageChunk):
                 assert self._encoder is not None and self.projector is not None
@@ -499,7 +523,7 @@ class Scheduler:
         by_model: list[_Slot] = []
         wants: list[tuple[int, list[int], int]] = []
         for s in generating:
-            if s.drafter is None or spare <= 0:
+            if s.drafter is None or spare <= 0 or (s.reasoning is not None and s.reasoning.undecided):
                 continue
             limit = min(spare, self._draft_room(s))
             if s.drafter.ngrams:
@@ -577,12 +601,18 @@ class Scheduler:
         s.draft_count += len(draft)
         accepted = 0
         for j in range(len(draft) + 1):
+            index = s.batch_row + j
             # The row as llama.cpp returned it: the sampler penalizes it in place.
-            row = self.ctx.logits_row(s.batch_row + j) if req.logprobs is not None else None
-            if j < len(draft):
-                tok, hit = s.sampler.verify(self.ctx.ptr, s.batch_row + j, draft[j])
+            row = self.ctx.logits_row(index) if req.logprobs is not None else None
+            undecided = s.reasoning is not None and s.reasoning.undecided
+            if undecided and row is None:
+                row = self.ctx.logits_row(index)  # kept: the token may have to be chosen again
+            if j < len(draft) and s.sampler.can_verify:
+                tok, hit = s.sampler.verify(self.ctx.ptr, index, draft[j])
             else:
-                tok, hit = s.sampler.sample(self.ctx.ptr, s.batch_row + j), False
+                tok, hit = s.sampler.sample(self.ctx.ptr, index), False
+            if s.reasoning is not None:
+                tok, hit = self._follow_reasoning(s, tok, hit, index, row if undecided else None)
             if hit:
                 accepted += 1
                 s.draft_accepted += 1
@@ -600,6 +630,24 @@ class Scheduler:
                 self.ctx.seq_rm(s.seq, s.n_past, -1)  # the rejected drafts' KV entries
                 if self.drafts is not None:
                     self.drafts.trim(s.seq, len(s.cached))
+
+    def _follow_reasoning(self, s: _Slot, tok: int, hit: bool, index: int, row: Any) -> tuple[int, bool]:
+        """The grammar of a reasoning reply waits for the reasoning to end; then
+        its sampler takes over (and drafts stop: a grammar cannot verify them).
+        A token that shows the reply does not reason at all is chosen again, under
+        the grammar, from ``row`` (the logits before the sampler penalized them)."""
+        assert s.reasoning is not None and s.answer_sampler is not None
+        undecided = s.reasoning.undecided
+        s.reasoning.add(self.model.token_bytes(tok).decode("utf-8", "replace"))
+        if not s.reasoning.answering:
+            return tok, hit
+        s.answer_sampler.accept_prompt(s.generated)  # the penalties count the reply so far
+        s.sampler.close()
+        s.sampler, s.answer_sampler, s.reasoning, s.drafter = s.answer_sampler, None, None, None
+        if not undecided:
+            return tok, hit
+        self.ctx.logits_view(index)[:] = row
+        return s.sampler.sample(self.ctx.ptr, index), False
 
     def _take(self, s: _Slot, tok: int, row: Any) -> bool:
         """Add a chosen token (from logits ``row`` when logprobs are asked
@@ -688,6 +736,10 @@ class Scheduler:
 
     def _free(self, s: _Slot) -> None:
         s.sampler.close()
+        if s.answer_sampler is not None:
+            s.answer_sampler.close()
+            s.answer_sampler = None
+        s.reasoning = None
         s.req = None
         s.pending = []
         s.later = []

@@ -100,6 +100,16 @@ class ThinkingParser:
         self._state = "think" if started else "open"
         self._eat_space = started
 
+    @property
+    def undecided(self) -> bool:
+        """Whether the reply has not yet shown if it reasons (only space or part of the opening tag so far)."""
+        return self._state == "open"
+
+    @property
+    def answering(self) -> bool:
+        """Whether the reasoning is over, or the reply did not reason: what follows is the answer."""
+        return self._state == "done"
+
     def add(self, text: str) -> tuple[str, str]:
         """(thinking, content) that ``text`` makes certain."""
         self._buf += text
