@@ -110,7 +110,9 @@ def test_attach_paste_and_drop_images(setup: Any) -> None:
         page.set_input_files("#file", str(images[0]))
         page.wait_for_selector("#attachments .thumb")
         page.set_input_files("#file", str(images[1]))
-        page.wait_for_function("document.querySelectorAll('#attachments .thumb').length === 2")
+        # A function, not an expression: Playwright evals an expression on each poll, which
+        # the page's CSP refuses once the first check (run where CSP does not apply) fails.
+        page.wait_for_function("() => document.querySelectorAll('#attachments .thumb').length === 2")
         page.click("#attachments .attachment-remove >> nth=1")
         assert page.locator("#attachments .thumb").count() == 1
         page.fill("#prompt", QUESTION)
