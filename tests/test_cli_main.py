@@ -94,3 +94,10 @@ def test_a_deferred_command_runs_and_shows_its_own_help(ember_cli: Any, models_d
     assert "--json" in ember_cli("list", "--help", check=True).stdout
     bad = ember_cli("lst")
     assert bad.returncode == 2 and "Did you mean 'list'" in bad.stderr
+
+
+def test_serve_refuses_malformed_settings_before_listening(ember_cli: Any, models_dir: Path) -> None:
+    for name, value in (("EMBER_KEEP_ALIVE", "soon"), ("EMBER_NUM_PARALLEL", "many")):
+        r = ember_cli("serve", "--host", "127.0.0.1:0", env={name: value}, timeout=60)
+        assert r.returncode == 1 and name in r.stderr, (name, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -112,6 +112,7 @@ class ModelManager:
         self.num_parallel = num_parallel or settings.num_parallel()
         self.max_queue = max_queue or settings.max_queue()
         self.max_loaded = max_loaded or settings.max_loaded_models()
+        settings.keep_alive()  # a malformed EMBER_KEEP_ALIVE fails at start, not at the first request
         self.runner = runner
         self.allow_paths = allow_paths
         self._models: dict[str, Entry] = {}
