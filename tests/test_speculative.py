@@ -109,6 +109,8 @@ def test_greedy_invariant_output_is_identical_with_a_draft_model(demo_q4):
             assert b.tokens == a.tokens, prompt
             drafted, accepted = drafted + b.draft_count, accepted + b.draft_accepted
         assert 0 < accepted < drafted  # drafts were verified, and some were rejected
+        mem, alone = spec.memory_report(), plain.memory_report()  # the draft model's memory counts too
+        assert mem.model_bytes == m.size_bytes + draft.size_bytes and mem.kv_cache_bytes > alone.kv_cache_bytes
     finally:
         spec.close()
         plain.close()

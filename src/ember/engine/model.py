@@ -39,6 +39,23 @@ class MemoryReport:
     # "output": n}, "RPC0[10.0.0.2:50052]": {...}}: what went where.
     devices: dict[str, dict[str, int]] = field(default_factory=dict)
 
+    def plus(self, other: MemoryReport) -> MemoryReport:
+        """Both reports' memory (two contexts of one process: a model and its draft model)."""
+        devices = {d: dict(kinds) for d, kinds in self.devices.items()}
+        for d, kinds in other.devices.items():
+            for kind, n in kinds.items():
+                devices.setdefault(d, {})[kind] = devices.get(d, {}).get(kind, 0) + n
+        return MemoryReport(
+            model_bytes=self.model_bytes + other.model_bytes,
+            kv_cache_bytes=self.kv_cache_bytes + other.kv_cache_bytes,
+            compute_bytes=self.compute_bytes + other.compute_bytes,
+            output_bytes=self.output_bytes + other.output_bytes,
+            rss_bytes=max(self.rss_bytes, other.rss_bytes),
+            gpu_bytes=self.gpu_bytes + other.gpu_bytes,
+            details={**{f"draft {k}": v for k, v in other.details.items()}, **self.details},
+            devices=devices,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model_bytes": self.model_bytes,

@@ -319,7 +319,8 @@ class Scheduler:
         return sum(1 for s in self.slots if s.req is not None) + len(self._queue)
 
     def memory_report(self) -> MemoryReport:
-        return self.ctx.memory_report()
+        report = self.ctx.memory_report()
+        return report if self.drafts is None else report.plus(self.drafts.ctx.memory_report())
 
     def close(self) -> None:
         with self._cond:
