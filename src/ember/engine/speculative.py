@@ -126,8 +126,9 @@ class DraftModel:
 
     Its cache follows each sequence's tokens lazily: what a sequence has
     gained since it last drafted (its prompt, accepted drafts, the token to
-    be verified) is evaluated before it drafts again, and what was rejected
-    is dropped (:meth:`keep`).
+    be verified) is evaluated before it drafts again; what was rejected is
+    dropped (:meth:`trim`), and a new request keeps the prefix it shares with
+    the sequence's last one (:meth:`keep`).
     """
 
     def __init__(self, model: LoadedModel, target: LoadedModel, n_ctx: int, n_seq: int,
