@@ -43,8 +43,9 @@ class MemoryReport:
         """Both reports' memory (two contexts of one process: a model and its draft model)."""
         devices = {d: dict(kinds) for d, kinds in self.devices.items()}
         for d, kinds in other.devices.items():
+            totals = devices.setdefault(d, {})
             for kind, n in kinds.items():
-                devices.setdefault(d, {})[kind] = devices.get(d, {}).get(kind, 0) + n
+                totals[kind] = totals.get(kind, 0) + n
         return MemoryReport(
             model_bytes=self.model_bytes + other.model_bytes,
             kv_cache_bytes=self.kv_cache_bytes + other.kv_cache_bytes,

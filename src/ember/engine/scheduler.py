@@ -566,10 +566,7 @@ class Scheduler:
                 err = e if isinstance(e, EmberError) else EngineError(f"the image could not be evaluated: {e}")
                 s.req.handle._put(err)
                 self._free(s)
-                self.ctx.seq_rm(s.seq)
-                s.cached = []
-                if self.drafts is not None:
-                    self.drafts.trim(s.seq, 0)
+                self._forget(s)
                 return True
             n = len(s.cached)
             s.cached.extend(s.req.keys[n : n + piece.n_tokens])
@@ -757,7 +754,11 @@ class Scheduler:
             if s.req is not None:
                 s.req.handle._put(error)
                 self._free(s)
-                self.ctx.seq_rm(s.seq)
-                s.cached = []
-                if self.drafts is not None:
-                    self.drafts.trim(s.seq, 0)
+                self._forget(s)
+
+    def _forget(self, s: _Slot) -> None:
+        """Empty the sequence's cache (and its draft model's): after a failure its KV is not trusted."""
+        self.ctx.seq_rm(s.seq)
+        s.cached = []
+        if self.drafts is not None:
+            self.drafts.trim(s.seq, 0)
